@@ -1,0 +1,228 @@
+"""Value types shared by both backends: registers, exits, file status, address labels.
+
+Both ``guestmem.kvm`` and ``guestmem.model`` take and return these frozen, slotted
+dataclasses; ctypes never crosses this line (the kvm backend converts each struct in one
+place, at its ioctl call). Field names keep the uapi names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NewType
+
+from .uapi import PAGE_SHIFT, PAGE_SIZE
+
+Gpa = NewType("Gpa", int)
+"""A guest physical address."""
+Gfn = NewType("Gfn", int)
+"""A guest frame number (gpa >> 12)."""
+Offset = NewType("Offset", int)
+"""A byte offset into a guest_memfd."""
+
+
+def page_aligned(value: int) -> bool:
+    """True if ``value`` is a multiple of the 4 KiB page size."""
+    return value & (PAGE_SIZE - 1) == 0
+
+
+def gpa_to_gfn(gpa: int) -> Gfn:
+    return Gfn(gpa >> PAGE_SHIFT)
+
+
+def gfn_to_gpa(gfn: int) -> Gpa:
+    return Gpa(gfn << PAGE_SHIFT)
+
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+# --- registers ---------------------------------------------------------------------------------
+
+
+@_frozen
+class Regs:
+    """struct kvm_regs."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+    def replace(self, **changes: int) -> "Regs":
+        return dataclasses.replace(self, **changes)
+
+
+@_frozen
+class Segment:
+    """struct kvm_segment."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 3
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 - the uapi field name
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+    def replace(self, **changes: int) -> "Segment":
+        return dataclasses.replace(self, **changes)
+
+
+@_frozen
+class DTable:
+    """struct kvm_dtable."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+
+
+@_frozen
+class Sregs:
+    """struct kvm_sregs (interrupt_bitmap as a 4-tuple of u64)."""
+
+    cs: Segment = Segment(type=11)
+    ds: Segment = Segment()
+    es: Segment = Segment()
+    fs: Segment = Segment()
+    gs: Segment = Segment()
+    ss: Segment = Segment()
+    tr: Segment = Segment(type=11, s=0)
+    ldt: Segment = Segment(type=2, s=0)
+    gdt: DTable = DTable()
+    idt: DTable = DTable()
+    cr0: int = 0x60000010
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0xFEE00900
+    interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def replace(self, **changes: object) -> "Sregs":
+        return dataclasses.replace(self, **changes)
+
+
+# --- file status --------------------------------------------------------------------------------
+
+
+@_frozen
+class FileStat:
+    """The fstat(2) fields guest_memfd defines (spec section 2.1)."""
+
+    st_mode: int
+    st_ino: int
+    st_size: int
+    st_blksize: int
+    st_blocks: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+# --- vCPU exits ---------------------------------------------------------------------------------
+
+
+@_frozen
+class IoExit:
+    """KVM_EXIT_IO. ``data`` holds size*count bytes written by OUT; answer IN with complete_io."""
+
+    direction: int
+    size: int
+    port: int
+    count: int
+    data: bytes
+
+
+@_frozen
+class MmioExit:
+    """KVM_EXIT_MMIO. Answer a read with complete_mmio(data)."""
+
+    phys_addr: int
+    data: bytes
+    len: int
+    is_write: bool
+
+
+@_frozen
+class HltExit:
+    """KVM_EXIT_HLT."""
+
+
+@_frozen
+class HypercallExit:
+    """KVM_EXIT_HYPERCALL. ``args`` are the six hypercall arguments; answer with set_hypercall_ret."""
+
+    nr: int
+    args: tuple[int, ...]
+    ret: int
+    flags: int
+
+
+@_frozen
+class MemoryFaultExit:
+    """KVM_EXIT_MEMORY_FAULT; KVM_RUN failed with ``errno`` (EFAULT or EHWPOISON)."""
+
+    flags: int
+    gpa: int
+    size: int
+    errno: int
+
+
+@_frozen
+class ShutdownExit:
+    """KVM_EXIT_SHUTDOWN (triple fault)."""
+
+
+@_frozen
+class InternalErrorExit:
+    """KVM_EXIT_INTERNAL_ERROR."""
+
+    suberror: int
+    data: tuple[int, ...]
+
+
+@_frozen
+class FailEntryExit:
+    """KVM_EXIT_FAIL_ENTRY."""
+
+    hardware_entry_failure_reason: int
+    cpu: int
+
+
+@_frozen
+class IntrExit:
+    """KVM_RUN returned EINTR (a signal, a kick, or immediate_exit): KVM_EXIT_INTR."""
+
+
+@_frozen
+class UnknownExit:
+    """Any exit reason guestmem does not decode."""
+
+    reason: int
+
+
+Exit = (
+    IoExit | MmioExit | HltExit | HypercallExit | MemoryFaultExit | ShutdownExit
+    | InternalErrorExit | FailEntryExit | IntrExit | UnknownExit
+)

@@ -1,0 +1,426 @@
+"""The KVM userspace ABI as data: constants, flags, struct layouts and ioctl numbers.
+
+Everything here mirrors ``include/uapi/linux/kvm.h`` (x86-64) and the values listed in
+section 1 of the guest_memfd spec. This module holds data only: no logic beyond the
+``_IOC`` arithmetic and no I/O. Struct layouts are pinned by ``tests/test_uapi.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+KVM_API_VERSION = 12
+
+# ---------------------------------------------------------------------------------------------
+# Enumerations and flags
+
+
+class Cap(enum.IntEnum):
+    """KVM_CAP_* numbers relevant to guest-first memory."""
+
+    USER_MEMORY = 3
+    NR_MEMSLOTS = 10
+    READONLY_MEM = 81
+    MULTI_ADDRESS_SPACE = 118
+    EXIT_HYPERCALL = 201
+    USER_MEMORY2 = 231
+    MEMORY_FAULT_INFO = 232
+    MEMORY_ATTRIBUTES = 233
+    GUEST_MEMFD = 234
+    VM_TYPES = 235
+    PRE_FAULT_MEMORY = 236
+    GUEST_MEMFD_FLAGS = 244
+
+
+class VmType(enum.IntEnum):
+    """KVM_X86_*_VM types accepted by KVM_CREATE_VM."""
+
+    DEFAULT = 0
+    SW_PROTECTED = 1
+    SEV = 2
+    SEV_ES = 3
+    SNP = 4
+    TDX = 5
+
+
+class MemFlag(enum.IntFlag):
+    """kvm_userspace_memory_region{,2}.flags (KVM_MEM_*)."""
+
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+    GUEST_MEMFD = 1 << 2
+
+
+class GuestMemfdFlag(enum.IntFlag):
+    """kvm_create_guest_memfd.flags (GUEST_MEMFD_FLAG_*, 6.18+)."""
+
+    MMAP = 1 << 0
+    INIT_SHARED = 1 << 1
+
+
+class MemoryAttribute(enum.IntFlag):
+    """KVM_MEMORY_ATTRIBUTE_*; only PRIVATE exists, bits 0..2 are reserved for RWX."""
+
+    PRIVATE = 1 << 3
+
+
+class MemoryExitFlag(enum.IntFlag):
+    """kvm_run.memory_fault.flags (KVM_MEMORY_EXIT_FLAG_*)."""
+
+    PRIVATE = 1 << 3
+
+
+class HypercallExitFlag(enum.IntFlag):
+    """kvm_run.hypercall.flags (KVM_EXIT_HYPERCALL_*)."""
+
+    LONG_MODE = 1 << 0
+
+
+class ExitReason(enum.IntEnum):
+    """KVM_EXIT_* values of kvm_run.exit_reason."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+    MEMORY_FAULT = 39
+
+
+class IoDirection(enum.IntEnum):
+    """kvm_run.io.direction (KVM_EXIT_IO_*)."""
+
+    IN = 0
+    OUT = 1
+
+
+class Hypercall(enum.IntEnum):
+    """KVM_HC_* hypercall numbers (guest RAX)."""
+
+    MAP_GPA_RANGE = 12
+
+
+class MapGpaRangeAttr(enum.IntFlag):
+    """KVM_MAP_GPA_RANGE_* attribute bits of the MAP_GPA_RANGE hypercall (RDX)."""
+
+    PAGE_SZ_4K = 0
+    PAGE_SZ_2M = 1 << 0
+    PAGE_SZ_1G = 1 << 1
+    DECRYPTED = 0
+    ENCRYPTED = 1 << 4
+
+
+class KvmHypercallError(enum.IntEnum):
+    """Guest-visible KVM_E* codes; the hypercall returns their negation in RAX."""
+
+    EPERM = 1
+    EFAULT = 14
+    EINVAL = 22
+    EOPNOTSUPP = 95
+    ENOSYS = 1000
+
+
+class Falloc(enum.IntFlag):
+    """fallocate(2) mode bits (FALLOC_FL_*)."""
+
+    ALLOCATE = 0
+    KEEP_SIZE = 0x01
+    PUNCH_HOLE = 0x02
+    NO_HIDE_STALE = 0x04
+    COLLAPSE_RANGE = 0x08
+    ZERO_RANGE = 0x10
+    INSERT_RANGE = 0x20
+    UNSHARE_RANGE = 0x40
+    WRITE_ZEROES = 0x80
+
+
+class Errno(enum.IntEnum):
+    """x86-64 errno values the guest_memfd ABI uses (spec section 1.3)."""
+
+    EPERM = 1
+    ENOENT = 2
+    EINTR = 4
+    EIO = 5
+    EBADF = 9
+    EAGAIN = 11
+    ENOMEM = 12
+    EFAULT = 14
+    EEXIST = 17
+    ENODEV = 19
+    EINVAL = 22
+    ENOTTY = 25
+    EFBIG = 27
+    ESPIPE = 29
+    EOPNOTSUPP = 95
+    EHWPOISON = 133
+
+
+# Limits (x86-64)
+KVM_MEM_SLOTS_NUM = 32767
+KVM_INTERNAL_MEM_SLOTS = 3
+KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS  # 32764
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+KVM_ADDRESS_SPACE_NUM = 2  # x86 with SMM; VMs with private memory have 1
+TASK_SIZE_MAX = 0x7FFF_FFFF_F000  # 4-level paging user address space limit
+KVM_VCPU_MMAP_PAGES = 3
+
+# Filesystem magic of the anon-inode fs hosting guest_memfd in 6.8..6.18 (inferred).
+ANON_INODE_FS_MAGIC = 0x09041934
+GUEST_MEMFD_MAGIC = 0x474D454D
+
+# ---------------------------------------------------------------------------------------------
+# Struct layouts
+
+
+class kvm_create_guest_memfd(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 6)]
+
+
+class kvm_userspace_memory_region(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+    ]
+
+
+class kvm_userspace_memory_region2(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+        ("guest_memfd_offset", ctypes.c_uint64),
+        ("guest_memfd", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint64 * 14),
+    ]
+
+
+class kvm_memory_attributes(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("attributes", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class kvm_pre_fault_memory(ctypes.Structure):
+    _fields_ = [
+        ("gpa", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("padding", ctypes.c_uint64 * 5),
+    ]
+
+
+class kvm_enable_cap(ctypes.Structure):
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class kvm_regs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    ]
+
+
+class kvm_segment(ctypes.Structure):
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+
+
+KVM_NR_INTERRUPTS = 256
+
+
+class kvm_sregs(ctypes.Structure):
+    _fields_ = [
+        ("cs", kvm_segment), ("ds", kvm_segment), ("es", kvm_segment), ("fs", kvm_segment),
+        ("gs", kvm_segment), ("ss", kvm_segment), ("tr", kvm_segment), ("ldt", kvm_segment),
+        ("gdt", kvm_dtable), ("idt", kvm_dtable),
+        ("cr0", ctypes.c_uint64), ("cr2", ctypes.c_uint64), ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64), ("cr8", ctypes.c_uint64), ("efer", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("interrupt_bitmap", ctypes.c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = [
+        ("function", ctypes.c_uint32), ("index", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32), ("ebx", ctypes.c_uint32), ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32), ("padding", ctypes.c_uint32 * 3),
+    ]
+
+
+class kvm_cpuid2(ctypes.Structure):
+    """Header of the variable-length struct; entries follow it in memory."""
+
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+# kvm_run and its exit union members ------------------------------------------------------------
+
+
+class kvm_run_io(ctypes.Structure):
+    _fields_ = [
+        ("direction", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("count", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint64),
+    ]
+
+
+class kvm_run_mmio(ctypes.Structure):
+    _fields_ = [
+        ("phys_addr", ctypes.c_uint64),
+        ("data", ctypes.c_uint8 * 8),
+        ("len", ctypes.c_uint32),
+        ("is_write", ctypes.c_uint8),
+    ]
+
+
+class kvm_run_hypercall_flags(ctypes.Union):
+    _fields_ = [("longmode", ctypes.c_uint32), ("flags", ctypes.c_uint64)]
+
+
+class kvm_run_hypercall(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [
+        ("nr", ctypes.c_uint64),
+        ("args", ctypes.c_uint64 * 6),
+        ("ret", ctypes.c_uint64),
+        ("u", kvm_run_hypercall_flags),
+    ]
+
+
+class kvm_run_memory_fault(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("gpa", ctypes.c_uint64), ("size", ctypes.c_uint64)]
+
+
+class kvm_run_internal(ctypes.Structure):
+    _fields_ = [("suberror", ctypes.c_uint32), ("ndata", ctypes.c_uint32), ("data", ctypes.c_uint64 * 16)]
+
+
+class kvm_run_fail_entry(ctypes.Structure):
+    _fields_ = [("hardware_entry_failure_reason", ctypes.c_uint64), ("cpu", ctypes.c_uint32)]
+
+
+class kvm_run_exit(ctypes.Union):
+    _fields_ = [
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("hypercall", kvm_run_hypercall),
+        ("memory_fault", kvm_run_memory_fault),
+        ("internal", kvm_run_internal),
+        ("fail_entry", kvm_run_fail_entry),
+        ("padding", ctypes.c_char * 256),
+    ]
+
+
+class kvm_run(ctypes.Structure):
+    _fields_ = [
+        ("request_interrupt_window", ctypes.c_uint8),
+        ("immediate_exit", ctypes.c_uint8),
+        ("padding1", ctypes.c_uint8 * 6),
+        ("exit_reason", ctypes.c_uint32),
+        ("ready_for_interrupt_injection", ctypes.c_uint8),
+        ("if_flag", ctypes.c_uint8),
+        ("flags", ctypes.c_uint16),
+        ("cr8", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("exit", kvm_run_exit),
+        ("kvm_valid_regs", ctypes.c_uint64),
+        ("kvm_dirty_regs", ctypes.c_uint64),
+        ("s", ctypes.c_char * 2048),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# ioctl numbers (asm-generic/ioctl.h encoding)
+
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+KVMIO = 0xAE
+
+
+def _IOC(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _IO(nr: int) -> int:
+    return _IOC(_IOC_NONE, nr, 0)
+
+
+def _IOW(nr: int, struct: type) -> int:
+    return _IOC(_IOC_WRITE, nr, ctypes.sizeof(struct))
+
+
+def _IOR(nr: int, struct: type) -> int:
+    return _IOC(_IOC_READ, nr, ctypes.sizeof(struct))
+
+
+def _IOWR(nr: int, struct: type) -> int:
+    return _IOC(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct))
+
+
+KVM_GET_API_VERSION = _IO(0x00)
+KVM_CREATE_VM = _IO(0x01)
+KVM_CHECK_EXTENSION = _IO(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(0x04)
+KVM_GET_SUPPORTED_CPUID = _IOWR(0x05, kvm_cpuid2)
+KVM_CREATE_VCPU = _IO(0x41)
+KVM_SET_USER_MEMORY_REGION = _IOW(0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = _IO(0x47)
+KVM_SET_USER_MEMORY_REGION2 = _IOW(0x49, kvm_userspace_memory_region2)
+KVM_RUN = _IO(0x80)
+KVM_GET_REGS = _IOR(0x81, kvm_regs)
+KVM_SET_REGS = _IOW(0x82, kvm_regs)
+KVM_GET_SREGS = _IOR(0x83, kvm_sregs)
+KVM_SET_SREGS = _IOW(0x84, kvm_sregs)
+KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
+KVM_ENABLE_CAP = _IOW(0xA3, kvm_enable_cap)
+KVM_SET_MEMORY_ATTRIBUTES = _IOW(0xD2, kvm_memory_attributes)
+KVM_CREATE_GUEST_MEMFD = _IOWR(0xD4, kvm_create_guest_memfd)
+KVM_PRE_FAULT_MEMORY = _IOWR(0xD5, kvm_pre_fault_memory)

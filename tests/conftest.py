@@ -1,0 +1,60 @@
+"""Test fixtures: the ``backend`` fixture runs a test on every backend.
+
+The kvm parameter skips with a stated reason when /dev/kvm (or ``$GUESTMEM_KVM_DEVICE``)
+cannot be opened; the model parameter skips only until the model backend exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import guestmem
+
+BACKENDS = ["kvm", "model"]
+
+
+def backend_skip_reason(name: str) -> str | None:
+    if name == "kvm":
+        ok, why = guestmem.kvm_available()
+        return None if ok else f"kvm backend unavailable: {why}"
+    if importlib.util.find_spec("guestmem.model") is None:
+        return "model backend not built yet"
+    return None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend name; a test using it runs once per backend."""
+    reason = backend_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture
+def system(backend: str):
+    """An open System on the backend under test."""
+    with guestmem.open_system(backend) as sys_:
+        yield sys_
+
+
+@pytest.fixture
+def kvm_system():
+    """An open System on the real kernel (skips without /dev/kvm)."""
+    reason = backend_skip_reason("kvm")
+    if reason:
+        pytest.skip(reason)
+    with guestmem.open_system("kvm") as sys_:
+        yield sys_
+
+
+@pytest.fixture
+def model_system():
+    """An open System on the model (default profile)."""
+    reason = backend_skip_reason("model")
+    if reason:
+        pytest.skip(reason)
+    with guestmem.open_system("model") as sys_:
+        yield sys_

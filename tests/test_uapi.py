@@ -1,0 +1,128 @@
+"""Pin the ABI: struct sizes, field offsets and ioctl numbers against include/uapi/linux/kvm.h.
+
+These tests need no /dev/kvm; every expected value is the literal from the header or spec §1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from guestmem import uapi
+
+SIZES = {
+    "kvm_create_guest_memfd": 64,
+    "kvm_userspace_memory_region": 32,
+    "kvm_userspace_memory_region2": 160,
+    "kvm_memory_attributes": 32,
+    "kvm_pre_fault_memory": 64,
+    "kvm_enable_cap": 104,
+    "kvm_regs": 144,
+    "kvm_segment": 24,
+    "kvm_dtable": 16,
+    "kvm_sregs": 312,
+    "kvm_cpuid2": 8,
+    "kvm_cpuid_entry2": 40,
+    "kvm_run_exit": 256,
+    "kvm_run": 2352,
+}
+
+
+@pytest.mark.parametrize("name,size", sorted(SIZES.items()))
+def test_struct_size(name: str, size: int) -> None:
+    assert ctypes.sizeof(getattr(uapi, name)) == size
+
+
+OFFSETS = {
+    "kvm_create_guest_memfd": {"size": 0, "flags": 8, "reserved": 16},
+    "kvm_userspace_memory_region": {"slot": 0, "flags": 4, "guest_phys_addr": 8, "memory_size": 16, "userspace_addr": 24},
+    "kvm_userspace_memory_region2": {
+        "slot": 0, "flags": 4, "guest_phys_addr": 8, "memory_size": 16, "userspace_addr": 24,
+        "guest_memfd_offset": 32, "guest_memfd": 40, "pad1": 44, "pad2": 48,
+    },
+    "kvm_memory_attributes": {"address": 0, "size": 8, "attributes": 16, "flags": 24},
+    "kvm_pre_fault_memory": {"gpa": 0, "size": 8, "flags": 16, "padding": 24},
+    "kvm_enable_cap": {"cap": 0, "flags": 4, "args": 8, "pad": 40},
+    "kvm_regs": {"rax": 0, "rbx": 8, "rsp": 48, "r8": 64, "r15": 120, "rip": 128, "rflags": 136},
+    "kvm_segment": {"base": 0, "limit": 8, "selector": 12, "type": 14, "present": 15, "dpl": 16, "db": 17,
+                    "s": 18, "l": 19, "g": 20, "avl": 21, "unusable": 22, "padding": 23},
+    "kvm_dtable": {"base": 0, "limit": 8, "padding": 10},
+    "kvm_sregs": {"cs": 0, "ds": 24, "ss": 120, "tr": 144, "ldt": 168, "gdt": 192, "idt": 208, "cr0": 224,
+                  "cr2": 232, "cr3": 240, "cr4": 248, "cr8": 256, "efer": 264, "apic_base": 272,
+                  "interrupt_bitmap": 280},
+    "kvm_cpuid_entry2": {"function": 0, "index": 4, "flags": 8, "eax": 12, "ebx": 16, "ecx": 20, "edx": 24, "padding": 28},
+    "kvm_run": {"request_interrupt_window": 0, "immediate_exit": 1, "padding1": 2, "exit_reason": 8,
+                "ready_for_interrupt_injection": 12, "if_flag": 13, "flags": 14, "cr8": 16, "apic_base": 24,
+                "exit": 32, "kvm_valid_regs": 288, "kvm_dirty_regs": 296, "s": 304},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFSETS))
+def test_field_offsets(name: str) -> None:
+    struct = getattr(uapi, name)
+    assert {f: getattr(struct, f).offset for f in OFFSETS[name]} == OFFSETS[name]
+
+
+# Offsets inside kvm_run of the exit-union members (spec §1.4), i.e. 32 + member offset.
+RUN_EXIT_OFFSETS = {
+    ("io", "direction"): 32, ("io", "size"): 33, ("io", "port"): 34, ("io", "count"): 36, ("io", "data_offset"): 40,
+    ("mmio", "phys_addr"): 32, ("mmio", "data"): 40, ("mmio", "len"): 48, ("mmio", "is_write"): 52,
+    ("hypercall", "nr"): 32, ("hypercall", "args"): 40, ("hypercall", "ret"): 88, ("hypercall", "flags"): 96,
+    ("hypercall", "longmode"): 96,
+    ("memory_fault", "flags"): 32, ("memory_fault", "gpa"): 40, ("memory_fault", "size"): 48,
+    ("internal", "suberror"): 32, ("internal", "ndata"): 36, ("internal", "data"): 40,
+    ("fail_entry", "hardware_entry_failure_reason"): 32, ("fail_entry", "cpu"): 40,
+}
+
+
+@pytest.mark.parametrize("member,field", sorted(RUN_EXIT_OFFSETS))
+def test_run_exit_member_offsets(member: str, field: str) -> None:
+    run = uapi.kvm_run()
+    base = ctypes.addressof(run)
+    member_obj = getattr(run.exit, member)
+    field_addr = ctypes.addressof(member_obj) + getattr(type(member_obj), field).offset
+    assert field_addr - base == RUN_EXIT_OFFSETS[(member, field)]
+
+
+IOCTLS = {
+    "KVM_GET_API_VERSION": 0xAE00,
+    "KVM_CREATE_VM": 0xAE01,
+    "KVM_CHECK_EXTENSION": 0xAE03,
+    "KVM_GET_VCPU_MMAP_SIZE": 0xAE04,
+    "KVM_GET_SUPPORTED_CPUID": 0xC008AE05,
+    "KVM_CREATE_VCPU": 0xAE41,
+    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,
+    "KVM_SET_TSS_ADDR": 0xAE47,
+    "KVM_SET_USER_MEMORY_REGION2": 0x40A0AE49,
+    "KVM_RUN": 0xAE80,
+    "KVM_GET_REGS": 0x8090AE81,
+    "KVM_SET_REGS": 0x4090AE82,
+    "KVM_GET_SREGS": 0x8138AE83,
+    "KVM_SET_SREGS": 0x4138AE84,
+    "KVM_SET_CPUID2": 0x4008AE90,
+    "KVM_ENABLE_CAP": 0x4068AEA3,
+    "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2,
+    "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
+    "KVM_PRE_FAULT_MEMORY": 0xC040AED5,
+}
+
+
+@pytest.mark.parametrize("name,value", sorted(IOCTLS.items()))
+def test_ioctl_number(name: str, value: int) -> None:
+    assert getattr(uapi, name) == value
+
+
+def test_constants_match_spec() -> None:
+    assert (uapi.Cap.USER_MEMORY2, uapi.Cap.MEMORY_FAULT_INFO, uapi.Cap.MEMORY_ATTRIBUTES) == (231, 232, 233)
+    assert (uapi.Cap.GUEST_MEMFD, uapi.Cap.VM_TYPES, uapi.Cap.PRE_FAULT_MEMORY, uapi.Cap.GUEST_MEMFD_FLAGS) == (234, 235, 236, 244)
+    assert (uapi.Cap.NR_MEMSLOTS, uapi.Cap.EXIT_HYPERCALL, uapi.Cap.MULTI_ADDRESS_SPACE) == (10, 201, 118)
+    assert uapi.MemFlag.GUEST_MEMFD == 4 and uapi.MemFlag.READONLY == 2 and uapi.MemFlag.LOG_DIRTY_PAGES == 1
+    assert uapi.GuestMemfdFlag.MMAP == 1 and uapi.GuestMemfdFlag.INIT_SHARED == 2
+    assert uapi.MemoryAttribute.PRIVATE == 8 and uapi.MemoryExitFlag.PRIVATE == 8
+    assert uapi.ExitReason.MEMORY_FAULT == 39 and uapi.ExitReason.HYPERCALL == 3 and uapi.ExitReason.SHUTDOWN == 8
+    assert uapi.VmType.SW_PROTECTED == 1 and uapi.VmType.TDX == 5
+    assert uapi.Hypercall.MAP_GPA_RANGE == 12 and uapi.KvmHypercallError.ENOSYS == 1000
+    assert uapi.Falloc.PUNCH_HOLE | uapi.Falloc.KEEP_SIZE == 3 and uapi.Falloc.WRITE_ZEROES == 0x80
+    assert uapi.Errno.EHWPOISON == 133 and uapi.Errno.ENOTTY == 25 and uapi.Errno.ESPIPE == 29
+    assert uapi.KVM_USER_MEM_SLOTS == 32764 and uapi.KVM_MEM_MAX_NR_PAGES == 2**31 - 1
