@@ -7,6 +7,7 @@ cannot be opened; the model parameter skips only until the model backend exists.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -16,6 +17,9 @@ BACKENDS = ["kvm", "model"]
 
 
 def backend_skip_reason(name: str) -> str | None:
+    wanted = os.environ.get("GUESTMEM_BACKENDS")
+    if wanted and name not in wanted.split(","):
+        return f"backend {name} not selected by GUESTMEM_BACKENDS={wanted}"
     if name == "kvm":
         ok, why = guestmem.kvm_available()
         return None if ok else f"kvm backend unavailable: {why}"
