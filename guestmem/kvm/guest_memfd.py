@@ -1,0 +1,173 @@
+"""``GuestMemfd``: a guest_memfd file (fallocate, fstat, mmap, and the syscalls it refuses).
+
+The fd comes from KVM_CREATE_GUEST_MEMFD and is not close-on-exec (the kernel allocates it
+with flags 0). Every method is one syscall; its errors are the kernel's, re-raised through
+``oserror`` with the call and arguments. The file pins the VM: closing the Vm leaves every
+method here working. A mapping holds the file too, so it outlives ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .. import hostmem
+from ..errors import oserror
+from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
+from ..types import FileStat
+from ..uapi import Falloc
+from ._ioctl import closed_error
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+
+class GuestMemfd:
+    """An open guest_memfd of ``size`` bytes created with ``flags`` by ``vm``."""
+
+    def __init__(self, vm: "Vm", fd: int, size: int, flags: int) -> None:
+        self.vm = vm
+        self.size = size
+        self.flags = flags
+        self._fd = fd
+
+    def __repr__(self) -> str:
+        return f"<kvm.GuestMemfd size={self.size:#x} flags={self.flags:#x} fd={self._fd}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _check(self) -> int:
+        if self._fd < 0:
+            raise closed_error("GuestMemfd")
+        return self._fd
+
+    def fileno(self) -> int:
+        """The guest_memfd file descriptor.
+
+        :raises OSError: EBADF if closed.
+        """
+        return self._check()
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) (api.rst 4.141, spec §2.2).
+
+        :raises OSError: EBADF if closed; VFS: EINVAL (offset < 0, length <= 0), EOPNOTSUPP
+            (unknown or invalid mode combination), EFBIG (overflow); guest_memfd: EOPNOTSUPP
+            (no KEEP_SIZE, or a bit other than KEEP_SIZE|PUNCH_HOLE), EINVAL (unaligned), then
+            allocate only: EINVAL (past EOF), EINTR, ENOMEM. Punching never fails past EOF.
+        """
+        hostmem.fallocate(self._check(), mode, offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """fallocate(FALLOC_FL_KEEP_SIZE): allocate [offset, offset+length); errors as ``fallocate``."""
+        self.fallocate(Falloc.KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(PUNCH_HOLE|KEEP_SIZE): free [offset, offset+length); errors as ``fallocate``."""
+        self.fallocate(Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, offset, length)
+
+    def fstat(self) -> FileStat:
+        """fstat(2): size, mode S_IFREG|0600, blksize 4096, blocks always 0.
+
+        :raises OSError: EBADF if closed.
+        """
+        try:
+            st = os.fstat(self._check())
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise oserror(exc.errno, "fstat(guest_memfd)") from None
+        return FileStat(st_mode=st.st_mode, st_ino=st.st_ino, st_size=st.st_size, st_blksize=st.st_blksize,
+                        st_blocks=st.st_blocks, st_nlink=st.st_nlink, st_uid=st.st_uid, st_gid=st.st_gid,
+                        st_mtime_ns=st.st_mtime_ns, st_ctime_ns=st.st_ctime_ns)
+
+    def mmap(self, length: int | None = None, offset: int = 0, prot: int = PROT_READ | PROT_WRITE,
+             flags: int = MAP_SHARED) -> Mapping:
+        """mmap(2) of the file (6.18+, GUEST_MEMFD_FLAG_MMAP); ``length`` defaults to ``size``.
+
+        The mapping may extend past EOF; touching there raises SIGBUS, as does touching any
+        page of a file without INIT_SHARED. The mapping holds the file (and the VM) until
+        it is closed.
+
+        :raises OSError: EBADF if closed; ENODEV without MMAP; EINVAL for MAP_PRIVATE or a
+            bad length/offset; EPERM for PROT_EXEC (noexec mount).
+        """
+        fd = self._check()
+        if length is None:
+            length = self.size
+        address = hostmem.mmap(length, prot, flags, fd, offset)
+        return Mapping(address, length)
+
+    def _syscall(self, name: str, func, *args):  # type: ignore[no-untyped-def]
+        fd = self._check()
+        try:
+            return func(fd, *args)
+        except OSError as exc:
+            raise oserror(exc.errno, f"{name} on guest_memfd") from None
+
+    def read(self, n: int) -> bytes:
+        """read(2): guest_memfd has no read method.
+
+        :raises OSError: EBADF if closed; EINVAL.
+        """
+        return self._syscall("read", os.read, n)
+
+    def write(self, data: bytes) -> int:
+        """write(2): guest_memfd has no write method.
+
+        :raises OSError: EBADF if closed; EINVAL.
+        """
+        return self._syscall("write", os.write, data)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """pread(2): the file is not positional.
+
+        :raises OSError: EBADF if closed; ESPIPE.
+        """
+        return self._syscall("pread", os.pread, n, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """pwrite(2): the file is not positional.
+
+        :raises OSError: EBADF if closed; ESPIPE.
+        """
+        return self._syscall("pwrite", os.pwrite, data, offset)
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """lseek(2): the file is not seekable.
+
+        :raises OSError: EBADF if closed; ESPIPE.
+        """
+        return self._syscall("lseek", os.lseek, offset, whence)
+
+    def truncate(self, length: int) -> None:
+        """ftruncate(2): the size is immutable.
+
+        :raises OSError: EBADF if closed; EINVAL for any length.
+        """
+        self._syscall("ftruncate", os.ftruncate, length)
+
+    def close(self) -> None:
+        """close(2) the fd; a second close is a no-op.
+
+        The file is released when its last reference (fds and mappings) goes: then its
+        memslots stay but lose their binding, and its VM reference is dropped.
+        """
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "GuestMemfd":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

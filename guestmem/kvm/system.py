@@ -1,0 +1,110 @@
+"""``System``: the /dev/kvm fd (KVM_GET_API_VERSION, KVM_CHECK_EXTENSION, KVM_CREATE_VM).
+
+The system fd is opened O_RDWR|O_CLOEXEC. A closed System fails every method with EBADF;
+closing twice is a no-op. VMs created from it are independent fds: closing the System does
+not close them (the kernel's VM object does not need /dev/kvm to stay open).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import uapi
+from ..errors import oserror
+from ._ioctl import closed_error, int_arg, ioctl
+from .vm import Vm
+
+
+def open_system(device: str | None = None) -> "System":
+    """Open ``device`` (default ``$GUESTMEM_KVM_DEVICE`` or /dev/kvm) O_RDWR|O_CLOEXEC.
+
+    :raises OSError: the open(2) errno (ENOENT, EACCES, ...), with the device path.
+    """
+    if device is None:
+        device = os.environ.get("GUESTMEM_KVM_DEVICE", "/dev/kvm")
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise oserror(exc.errno, f"cannot open KVM device {device}") from None
+    return System(fd, device)
+
+
+class System:
+    """An open KVM device (``/dev/kvm``)."""
+
+    backend = "kvm"
+
+    def __init__(self, fd: int, device: str = "/dev/kvm") -> None:
+        self._fd = fd
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"<kvm.System {self.device} fd={self._fd}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _check(self) -> int:
+        if self._fd < 0:
+            raise closed_error("System")
+        return self._fd
+
+    def fileno(self) -> int:
+        """The /dev/kvm file descriptor.
+
+        :raises OSError: EBADF if closed.
+        """
+        return self._check()
+
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION (api.rst 4.1); 12 on every kernel since 2.6.22.
+
+        :raises OSError: EBADF if closed.
+        """
+        return ioctl(self._check(), uapi.KVM_GET_API_VERSION, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm (api.rst 4.4): the cap's value, 0 if unknown.
+
+        :raises OSError: EBADF if closed.
+        """
+        fd = self._check()
+        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int_arg(cap, "cap"), f"cap={int(cap)}")
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE (api.rst 4.5): bytes to mmap on a vCPU fd for kvm_run.
+
+        :raises OSError: EBADF if closed.
+        """
+        return ioctl(self._check(), uapi.KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def create_vm(self, type: int = 0) -> "Vm":  # noqa: A002 - the uapi argument name
+        """KVM_CREATE_VM (api.rst 4.2): a new VM of ``type`` (``uapi.VmType``).
+
+        :raises OSError: EBADF if closed; EINVAL if ``type`` is not in KVM_CAP_VM_TYPES;
+            ENOMEM/EMFILE on resource exhaustion.
+        """
+        fd = self._check()
+        vm_fd = ioctl(fd, uapi.KVM_CREATE_VM, "KVM_CREATE_VM", int_arg(type, "type"), f"type={type}")
+        return Vm(self, vm_fd, int(type))
+
+    def close(self) -> None:
+        """close(2) the /dev/kvm fd; a second close is a no-op."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> "System":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
