@@ -1,0 +1,409 @@
+"""``Vcpu``: a KVM vCPU fd, its mmapped ``kvm_run`` page, and exit decoding.
+
+A Vcpu owns two things: the fd from KVM_CREATE_VCPU and a MAP_SHARED mapping of the fd's
+first ``KVM_GET_VCPU_MMAP_SIZE`` bytes, which is ``struct kvm_run``. ``run()`` issues
+KVM_RUN and reads the exit out of that page; answers to IN, MMIO reads and hypercalls are
+written back into the same page and consumed by the next KVM_RUN (api.rst 5, "The kvm_run
+structure").
+
+At creation the vCPU's CPUID is set to KVM_GET_SUPPORTED_CPUID of the system fd, as the
+selftests' ``vm_vcpu_add`` does: without CPUID entries KVM refuses long mode (EFER.LME).
+
+Kicks. ``kick()`` sets ``kvm_run.immediate_exit`` and sends SIGUSR1 to the thread inside
+KVM_RUN, so KVM_RUN returns EINTR (``IntrExit``). A signal only interrupts KVM_RUN if it has
+a handler; CPython installs handlers only from the main thread, so the first Vcpu created
+in the main thread installs a no-op SIGUSR1 handler when SIGUSR1 is still SIG_DFL (a handler
+the application installed is left alone). If no handler could be installed, ``kick()`` only
+sets immediate_exit: a run in progress then returns at its next exit, and the run after it
+returns ``IntrExit`` at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import struct
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .. import hostmem, uapi
+from ..errors import oserror
+from ..types import (
+    DTable, Exit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
+    MemoryFaultExit, MmioExit, Regs, Segment, ShutdownExit, Sregs, UnknownExit,
+)
+from ._ioctl import closed_error, encode_unsigned, int_arg, ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+KICK_SIGNAL = signal.SIGUSR1
+
+# Offsets into the kvm_run page, taken from the uapi layout so it stays the one source.
+_EXIT = uapi.kvm_run.exit.offset
+_OFF_IMMEDIATE_EXIT = uapi.kvm_run.immediate_exit.offset
+_OFF_REASON = uapi.kvm_run.exit_reason.offset
+_OFF_IO = _EXIT + uapi.kvm_run_exit.io.offset
+_OFF_MMIO = _EXIT + uapi.kvm_run_exit.mmio.offset
+_OFF_MMIO_DATA = _OFF_MMIO + uapi.kvm_run_mmio.data.offset
+_OFF_HC = _EXIT + uapi.kvm_run_exit.hypercall.offset
+_OFF_HC_RET = _OFF_HC + uapi.kvm_run_hypercall.ret.offset
+_OFF_MF = _EXIT + uapi.kvm_run_exit.memory_fault.offset
+_OFF_INTERNAL = _EXIT + uapi.kvm_run_exit.internal.offset
+_OFF_FAIL = _EXIT + uapi.kvm_run_exit.fail_entry.offset
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_IO = struct.Struct("<BBHIQ")        # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")      # phys_addr, data, len, is_write
+_HC = struct.Struct("<Q6QQQ")        # nr, args[6], ret, flags (E1: u32 longmode + garbage)
+_MF = struct.Struct("<QQQ")          # flags, gpa, size
+_INTERNAL = struct.Struct("<II16Q")  # suberror, ndata, data[16]
+_FAIL = struct.Struct("<QI")         # hardware_entry_failure_reason, cpu
+
+_R = uapi.ExitReason
+_IO_OUT = uapi.IoDirection.OUT
+
+_kick_handler_lock = threading.Lock()
+
+
+def _noop_signal_handler(signum: int, frame: Any) -> None:
+    """SIGUSR1 handler whose only job is to exist, so the signal interrupts KVM_RUN."""
+
+
+def _ensure_kick_handler() -> bool:
+    """Install the no-op kick handler if SIGUSR1 is SIG_DFL and we are the main thread.
+
+    Returns whether SIGUSR1 has a handler (ours or the application's), i.e. whether sending
+    it interrupts a blocking ioctl instead of killing the process or being discarded.
+    """
+    with _kick_handler_lock:
+        current = signal.getsignal(KICK_SIGNAL)
+        if current in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, _noop_signal_handler)
+            current = _noop_signal_handler
+        return current not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+def _supported_cpuid(system_fd: int) -> ctypes.Array:
+    """KVM_GET_SUPPORTED_CPUID on /dev/kvm as a kvm_cpuid2 buffer (header + entries).
+
+    The entry count is unknown up front: the kernel fails with E2BIG when nent is too small,
+    so grow and retry.
+    """
+    nent = 128
+    while True:
+        class _Cpuid(ctypes.Structure):
+            _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
+                        ("entries", uapi.kvm_cpuid_entry2 * nent)]
+        buf = _Cpuid(nent=nent)
+        try:
+            ioctl(system_fd, uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID", buf, f"nent={nent}")
+            return buf
+        except OSError as exc:
+            if exc.errno != errno.E2BIG or nent >= 4096:
+                raise
+            nent *= 2
+
+
+# --- the one conversion of each struct ----------------------------------------------------------
+
+_REG_NAMES = tuple(name for name, _ in uapi.kvm_regs._fields_)
+_SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_SEG_FIELDS = tuple(name for name, _ in uapi.kvm_segment._fields_ if name != "padding")
+
+
+def _regs_from_struct(s: uapi.kvm_regs) -> Regs:
+    return Regs(**{name: getattr(s, name) for name in _REG_NAMES})
+
+
+def _regs_to_struct(regs: Regs) -> uapi.kvm_regs:
+    s = uapi.kvm_regs()
+    for name in _REG_NAMES:
+        setattr(s, name, encode_unsigned(getattr(regs, name), 64, name))
+    return s
+
+
+def _sregs_from_struct(s: uapi.kvm_sregs) -> Sregs:
+    segs = {n: Segment(**{f: getattr(getattr(s, n), f) for f in _SEG_FIELDS}) for n in _SEG_NAMES}
+    return Sregs(
+        **segs,
+        gdt=DTable(base=s.gdt.base, limit=s.gdt.limit),
+        idt=DTable(base=s.idt.base, limit=s.idt.limit),
+        cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
+        interrupt_bitmap=tuple(s.interrupt_bitmap),
+    )
+
+
+def _sregs_to_struct(sregs: Sregs) -> uapi.kvm_sregs:
+    s = uapi.kvm_sregs()
+    for n in _SEG_NAMES:
+        seg, out = getattr(sregs, n), getattr(s, n)
+        for f, ctype in uapi.kvm_segment._fields_:
+            if f != "padding":
+                setattr(out, f, encode_unsigned(getattr(seg, f), ctypes.sizeof(ctype) * 8, f"{n}.{f}"))
+    for n in ("gdt", "idt"):
+        table, out = getattr(sregs, n), getattr(s, n)
+        out.base = encode_unsigned(table.base, 64, f"{n}.base")
+        out.limit = encode_unsigned(table.limit, 16, f"{n}.limit")
+    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, n, encode_unsigned(getattr(sregs, n), 64, n))
+    if len(sregs.interrupt_bitmap) != len(s.interrupt_bitmap):
+        raise oserror(errno.EINVAL, f"interrupt_bitmap needs {len(s.interrupt_bitmap)} words")
+    for i, word in enumerate(sregs.interrupt_bitmap):
+        s.interrupt_bitmap[i] = encode_unsigned(word, 64, f"interrupt_bitmap[{i}]")
+    return s
+
+
+class Vcpu:
+    """An open KVM vCPU ``vcpu_id`` of ``vm``, with its kvm_run page mapped."""
+
+    def __init__(self, vm: "Vm", vcpu_id: int) -> None:
+        """KVM_CREATE_VCPU (api.rst 4.7), mmap of kvm_run, KVM_SET_CPUID2 with the supported CPUID.
+
+        :raises OSError: EBADF if ``vm`` is closed; EINVAL for an id >= KVM_MAX_VCPU_IDS;
+            EEXIST for a duplicate id; the mmap or KVM_SET_CPUID2 errno otherwise.
+        """
+        vm_fd = vm.fileno()
+        fd = ioctl(vm_fd, uapi.KVM_CREATE_VCPU, "KVM_CREATE_VCPU", int_arg(vcpu_id, "vcpu_id"),
+                   f"vcpu_id={vcpu_id}")
+        try:
+            size = vm.system.vcpu_mmap_size()
+            address = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
+            self._map = hostmem.Mapping(address, size)
+            cpuid = _supported_cpuid(vm.system.fileno())
+            ioctl(fd, uapi.KVM_SET_CPUID2, "KVM_SET_CPUID2", cpuid, f"nent={cpuid.nent}")
+        except BaseException:
+            if getattr(self, "_map", None) is not None:
+                self._map.close()
+            os.close(fd)
+            raise
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self._fd = fd
+        self._page = self._map.buffer()
+        self._runner: int | None = None  # pthread id of the thread inside KVM_RUN
+        self._runner_lock = threading.Lock()
+        self._can_signal = _ensure_kick_handler()
+
+    def __repr__(self) -> str:
+        return f"<kvm.Vcpu id={getattr(self, 'vcpu_id', '?')} fd={getattr(self, '_fd', -1)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _check(self) -> int:
+        if self._fd < 0:
+            raise closed_error(f"Vcpu {self.vcpu_id}")
+        return self._fd
+
+    def fileno(self) -> int:
+        """The vCPU file descriptor.
+
+        :raises OSError: EBADF if closed.
+        """
+        return self._check()
+
+    # --- registers ---------------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        """KVM_GET_REGS (api.rst 4.11): the general-purpose registers.
+
+        :raises OSError: EBADF if closed.
+        """
+        s = uapi.kvm_regs()
+        ioctl(self._check(), uapi.KVM_GET_REGS, "KVM_GET_REGS", s)
+        return _regs_from_struct(s)
+
+    def set_regs(self, regs: Regs) -> None:
+        """KVM_SET_REGS (api.rst 4.12).
+
+        :raises OSError: EBADF if closed; EINVAL for a value that does not fit in a u64.
+        """
+        fd = self._check()
+        ioctl(fd, uapi.KVM_SET_REGS, "KVM_SET_REGS", _regs_to_struct(regs))
+
+    def get_sregs(self) -> Sregs:
+        """KVM_GET_SREGS (api.rst 4.13): segments, descriptor tables, control registers, EFER.
+
+        :raises OSError: EBADF if closed.
+        """
+        s = uapi.kvm_sregs()
+        ioctl(self._check(), uapi.KVM_GET_SREGS, "KVM_GET_SREGS", s)
+        return _sregs_from_struct(s)
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        """KVM_SET_SREGS (api.rst 4.14).
+
+        :raises OSError: EBADF if closed; EINVAL for an inconsistent state the kernel refuses
+            (e.g. CR0.PG without PE, EFER.LME|CR0.PG without CR4.PAE, reserved bits) or a value
+            that does not fit its field.
+        """
+        fd = self._check()
+        ioctl(fd, uapi.KVM_SET_SREGS, "KVM_SET_SREGS", _sregs_to_struct(sregs))
+
+    # --- running -----------------------------------------------------------------------------
+
+    def run(self) -> Exit:
+        """KVM_RUN (api.rst 4.10): run the guest until it exits; return the decoded exit.
+
+        KVM_RUN failing with EFAULT or EHWPOISON while exit_reason is KVM_EXIT_MEMORY_FAULT is
+        an exit (``MemoryFaultExit`` carrying the errno), not an error. EINTR (a signal, a
+        ``kick()`` or immediate_exit) is ``IntrExit``; immediate_exit is cleared afterwards.
+        Unknown exit reasons are ``UnknownExit``.
+
+        :raises OSError: EBADF if closed; any other KVM_RUN errno (EFAULT without a memory
+            fault exit, ENOEXEC for a vCPU state KVM cannot run, EIO for a dead VM, ...).
+        """
+        fd = self._check()
+        page = self._page
+        self._runner = threading.get_ident()
+        try:
+            fcntl.ioctl(fd, uapi.KVM_RUN)
+        except OSError as exc:
+            reason = _U32.unpack_from(page, _OFF_REASON)[0]
+            if exc.errno in (errno.EFAULT, errno.EHWPOISON) and reason == _R.MEMORY_FAULT:
+                flags, gpa, size = _MF.unpack_from(page, _OFF_MF)
+                return MemoryFaultExit(flags=flags, gpa=gpa, size=size, errno=exc.errno)
+            if exc.errno == errno.EINTR:
+                page[_OFF_IMMEDIATE_EXIT] = 0
+                return IntrExit()
+            raise oserror(exc.errno, f"KVM_RUN(vcpu {self.vcpu_id})") from None
+        finally:
+            self._runner = None
+        reason = _U32.unpack_from(page, _OFF_REASON)[0]
+        if reason == _R.IO:
+            direction, size, port, count, data_offset = _IO.unpack_from(page, _OFF_IO)
+            data = bytes(page[data_offset:data_offset + size * count]) if direction == _IO_OUT else b""
+            return IoExit(direction=direction, size=size, port=port, count=count, data=data)
+        if reason == _R.MMIO:
+            phys_addr, data, length, is_write = _MMIO.unpack_from(page, _OFF_MMIO)
+            return MmioExit(phys_addr=phys_addr, data=data[:length] if is_write else b"", len=length,
+                            is_write=bool(is_write))
+        if reason == _R.HLT:
+            return HltExit()
+        if reason == _R.HYPERCALL:
+            nr, *args, ret, flags = _HC.unpack_from(page, _OFF_HC)
+            return HypercallExit(nr=nr, args=tuple(args), ret=ret, flags=flags)
+        if reason == _R.SHUTDOWN:
+            return ShutdownExit()
+        if reason == _R.INTR:
+            page[_OFF_IMMEDIATE_EXIT] = 0
+            return IntrExit()
+        if reason == _R.INTERNAL_ERROR:
+            suberror, ndata, *data = _INTERNAL.unpack_from(page, _OFF_INTERNAL)
+            return InternalErrorExit(suberror=suberror, data=tuple(data[:min(ndata, 16)]))
+        if reason == _R.FAIL_ENTRY:
+            hw_reason, cpu = _FAIL.unpack_from(page, _OFF_FAIL)
+            return FailEntryExit(hardware_entry_failure_reason=hw_reason, cpu=cpu)
+        return UnknownExit(reason=reason)
+
+    def _pending(self, reason: int, what: str) -> None:
+        if _U32.unpack_from(self._page, _OFF_REASON)[0] != reason:
+            raise oserror(errno.EINVAL, f"{what}: the last exit was not KVM_EXIT_{_R(reason).name}")
+
+    def complete_io(self, data: bytes) -> None:
+        """Answer a KVM_EXIT_IO IN: write ``data`` at io.data_offset in kvm_run for the next KVM_RUN.
+
+        ``data`` is ``size * count`` bytes (shorter data fills the front).
+
+        :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_IO or
+            ``data`` is longer than size*count.
+        """
+        self._check()
+        self._pending(_R.IO, "complete_io")
+        _, size, _, count, data_offset = _IO.unpack_from(self._page, _OFF_IO)
+        if len(data) > size * count:
+            raise oserror(errno.EINVAL, f"complete_io: {len(data)} bytes for a {size}x{count}-byte IN")
+        self._page[data_offset:data_offset + len(data)] = bytes(data)
+
+    def complete_mmio(self, data: bytes) -> None:
+        """Answer a KVM_EXIT_MMIO read: write ``data`` into mmio.data for the next KVM_RUN.
+
+        :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_MMIO or
+            ``data`` is longer than mmio.len.
+        """
+        self._check()
+        self._pending(_R.MMIO, "complete_mmio")
+        length = _MMIO.unpack_from(self._page, _OFF_MMIO)[2]
+        if len(data) > length:
+            raise oserror(errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {length}-byte access")
+        self._page[_OFF_MMIO_DATA:_OFF_MMIO_DATA + len(data)] = bytes(data)
+
+    def set_hypercall_ret(self, value: int) -> None:
+        """Answer a KVM_EXIT_HYPERCALL: set hypercall.ret, which the next KVM_RUN puts in RAX.
+
+        :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_HYPERCALL or
+            ``value`` does not fit in a u64 (negative values wrap, as -KVM_EINVAL does).
+        """
+        self._check()
+        self._pending(_R.HYPERCALL, "set_hypercall_ret")
+        _U64.pack_into(self._page, _OFF_HC_RET, encode_unsigned(value, 64, "ret"))
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY (api.rst 4.143): map [gpa, gpa+size) ahead of guest access.
+
+        Returns the (gpa, size) the kernel wrote back: the unprocessed remainder, (gpa+size, 0)
+        when everything was mapped. Success may be partial (spec §11.17).
+
+        :raises OSError: EBADF if closed; ENOTTY if the kernel lacks the ioctl; EINVAL for
+            flags != 0, unaligned gpa/size or an empty/overflowing range; EOPNOTSUPP without
+            TDP or before a CoCo launch; ENOENT for a GPA with no memslot; EFAULT for a private
+            GPA without gmem; EAGAIN while the memslot is being deleted; EINTR on a signal;
+            EIO for a dead VM.
+        """
+        fd = self._check()
+        s = uapi.kvm_pre_fault_memory()
+        s.gpa = encode_unsigned(gpa, 64, "gpa")
+        s.size = encode_unsigned(size, 64, "size")
+        s.flags = encode_unsigned(flags, 64, "flags")
+        ioctl(fd, uapi.KVM_PRE_FAULT_MEMORY, "KVM_PRE_FAULT_MEMORY", s,
+              f"gpa={s.gpa:#x}, size={s.size:#x}, flags={s.flags:#x}")
+        return s.gpa, s.size
+
+    def kick(self) -> None:
+        """Make the KVM_RUN in progress, or else the next one, return ``IntrExit``.
+
+        Sets kvm_run.immediate_exit and sends SIGUSR1 to the thread inside KVM_RUN (see the
+        module docstring for when a handler is available to make that signal harmless).
+
+        :raises OSError: EBADF if closed.
+        """
+        self._check()
+        self._page[_OFF_IMMEDIATE_EXIT] = 1
+        if not self._can_signal:
+            self._can_signal = _ensure_kick_handler()
+        if self._can_signal:
+            # The lock keeps two kicks from racing; the runner itself never takes it, so a
+            # signal may land just after KVM_RUN returned, where the no-op handler is harmless.
+            with self._runner_lock:
+                runner = self._runner
+                if runner is not None and runner != threading.get_ident():
+                    try:
+                        signal.pthread_kill(runner, KICK_SIGNAL)
+                    except ProcessLookupError:
+                        pass
+
+    def close(self) -> None:
+        """Unmap kvm_run and close(2) the vCPU fd; a second close is a no-op."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self._page.release()
+            self._map.close()
+            os.close(fd)
+
+    def __enter__(self) -> "Vcpu":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
