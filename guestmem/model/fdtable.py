@@ -1,0 +1,92 @@
+"""The model's file-descriptor table: integer fds for model objects, like a process's.
+
+Data model
+----------
+Every model object that the kernel would expose as a file (the /dev/kvm handle, VMs,
+vCPUs, guest_memfds) reserves a real descriptor of this process (``/dev/null``) and uses
+its number as its fd. So model fd numbers never collide with real files, and an fd that
+is open in the process but not in the table is a real, non-model file.
+
+``_table`` maps fd number -> object for every reserved descriptor still open. Invariant:
+an fd is in the table iff the model holds the reserved descriptor with that number open.
+Removal happens before the real close, so a number is never reused while still mapped.
+
+Resolution mirrors fdget() followed by an f_op check (kvm_gmem_bind):
+
+* not in the table and not open in the process (or negative / > INT_MAX) -> EBADF;
+* open in the process but not a model object, or a model object of another kind -> the
+  caller's "wrong file" errno (EINVAL for guest_memfd).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from typing import Any, TypeVar
+
+from ..errors import oserror
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_table: dict[int, Any] = {}
+
+_INT_MAX = (1 << 31) - 1
+
+
+def fd_install(obj: Any, *, cloexec: bool = True) -> int:
+    """Reserve a real descriptor and map its number to ``obj``; returns the fd."""
+    fd = os.open("/dev/null", os.O_RDWR | (os.O_CLOEXEC if cloexec else 0))
+    if not cloexec:
+        os.set_inheritable(fd, True)  # guest_memfd fds are not close-on-exec
+    with _lock:
+        assert fd not in _table, f"fd {fd} reserved twice"
+        _table[fd] = obj
+    return fd
+
+
+def fd_close(fd: int) -> None:
+    """Drop ``fd`` from the table, then close the reserved descriptor."""
+    with _lock:
+        _table.pop(fd, None)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _open_in_process(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
+def fdget(fd: int) -> Any:
+    """The model object for ``fd``, or None for a real non-model file; EBADF if not open."""
+    if fd < 0 or fd > _INT_MAX:
+        raise oserror(errno.EBADF, f"fd {fd} is not an open file descriptor")
+    with _lock:
+        obj = _table.get(fd)
+    if obj is not None:
+        return obj
+    if not _open_in_process(fd):
+        raise oserror(errno.EBADF, f"fd {fd} is not an open file descriptor")
+    return None
+
+
+def fdget_typed(fd: int, kind: type[T], wrong: int, what: str) -> T:
+    """fdget plus an f_op check: ``wrong`` errno unless the file is a ``kind``."""
+    obj = fdget(fd)
+    if not isinstance(obj, kind):
+        raise oserror(wrong, f"fd {fd} is not a {what}")
+    return obj
+
+
+def lookup(fd: int) -> Any:
+    """The table entry for ``fd`` or None (no errors; for tests and diagnostics)."""
+    with _lock:
+        return _table.get(fd)

@@ -1,0 +1,382 @@
+"""The model's guest_memfd: a VM-owned file of guest-private memory (virt/kvm/guest_memfd.c).
+
+Data model
+----------
+* ``GuestMemfd`` is both the kernel's gmem inode (size, flags, pages) and its one file
+  (``struct kvm_gmem``: the owning VM, the bindings). The fd is a reserved descriptor from
+  ``fdtable`` (not close-on-exec, like the kernel's).
+* **Memory belongs to the inode.** Each file's pages live in a real memfd (``_memfd``) of
+  exactly ``size`` bytes: allocate = fallocate on the memfd, punch = PUNCH_HOLE on it, so
+  zeroing and cost are the kernel's. ``_host_address`` is a model-owned MAP_SHARED |
+  MAP_NORESERVE view of the whole memfd for the model's vCPUs; it is never handed to users
+  (0 if the file is larger than the address space can map).
+* ``_bindings`` maps file page -> Memslot (a RangeMap; absent = unbound). Invariant: bound
+  ranges never overlap, and each slot's range is ``[slot.pgoff, slot.pgoff + npages)``.
+* ``_poisoned`` holds the byte offsets (page aligned) of hwpoisoned pages; a punch clears
+  them. Host mappings show poisoned pages as SIGBUS.
+* **Lifetimes.** The file pins the VM (``vm._get_kvm`` at create, ``_put_kvm`` at release).
+  The file itself is referenced by its fd and by every live user Mapping (a Mapping's
+  ``_owner`` is a pin whose finalizer drops the reference, like a VMA's file reference).
+  When the last reference goes, ``_gmem_release`` nulls ``gmem`` in every bound memslot
+  (the slots stay), notifies the VM's invalidation listeners for each bound range, drops
+  the bindings, frees the memory and drops the VM reference. A memslot never pins the file.
+* All state is guarded by the owning VM's ``_lock``.
+
+Private memory is never readable by the host: read/pread are refused with the kernel's
+errno, and a file that can be mmap'd without INIT_SHARED (the only kind a VM with private
+memory may create) SIGBUSes on every touch.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from .. import hostmem
+from ..errors import oserror
+from ..hostmem import MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
+from ..rangemap import RangeMap
+from ..types import FileStat
+from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag
+from . import fdtable
+
+if TYPE_CHECKING:
+    from .memslot import Memslot
+    from .vm import Vm
+
+_S_IFREG = 0o100000
+_ino_counter = itertools.count(0x6D6F0000)  # st_ino values unique per guest_memfd
+_U64 = (1 << 64) - 1
+_S64_MAX = (1 << 63) - 1
+_MAP_TYPE = 0x0F
+_MAP_SHARED_VALIDATE = 0x03
+
+# 6.11+ VFS: FALLOC_FL_MODE_MASK (6.17 added WRITE_ZEROES); 6.8 VFS: FALLOC_FL_SUPPORTED_MASK.
+_MODE_MASK_E2 = (Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE
+                 | Falloc.UNSHARE_RANGE | Falloc.WRITE_ZEROES)
+_SUPPORTED_MASK_E1 = (Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE | Falloc.NO_HIDE_STALE | Falloc.COLLAPSE_RANGE
+                      | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE | Falloc.UNSHARE_RANGE)
+
+
+def _s64(value: int) -> int:
+    value &= _U64
+    return value - (1 << 64) if value > _S64_MAX else value
+
+
+class _FilePin:
+    """What a user Mapping holds on its file (a VMA's ``vm_file`` reference)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class GuestMemfd:
+    """A model guest_memfd, returned by ``Vm.create_guest_memfd`` (KVM_CREATE_GUEST_MEMFD)."""
+
+    def __init__(self, vm: "Vm", size: int, flags: int) -> None:
+        self.vm = vm
+        self.size = size
+        self.flags = flags
+        self._memfd = hostmem.memfd("guestmem-gmem", size)
+        try:
+            self._host_address = hostmem.mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED | hostmem.MAP_NORESERVE,
+                                              self._memfd, 0)
+        except OSError:
+            self._host_address = 0  # larger than the address space (sizes up to 2**63 are legal)
+        self._bindings: RangeMap["Memslot | None"] = RangeMap(default=None)
+        self._poisoned: set[int] = set()
+        self._released = False
+        self._mappings: "weakref.WeakKeyDictionary[Mapping, int]" = weakref.WeakKeyDictionary()  # -> file offset
+        self._ino = next(_ino_counter)
+        self._uid, self._gid = os.geteuid(), os.getegid()
+        self._mtime_ns = self._ctime_ns = time.time_ns()
+        self._refs = 1  # the fd; each live user mapping adds one
+        self._fd: int | None = fdtable.fd_install(self, cloexec=False)
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else f"fd={self._fd}"
+        return f"<model GuestMemfd size={self.size:#x} flags={self.flags:#x} {state}>"
+
+    # --- fd ---------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The guest_memfd's file descriptor. :raises OSError: EBADF once closed."""
+        return self._check_open()
+
+    def _check_open(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise oserror(errno.EBADF, "guest_memfd is closed")
+        return fd
+
+    def close(self) -> None:
+        """close(2): drop the fd's file reference; release runs once no mapping remains either.
+
+        Idempotent. Mirrors kvm_gmem_release when the last reference goes.
+        """
+        with self.vm._lock:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            fdtable.fd_close(fd)
+            self._fput()
+
+    def _fput(self) -> None:
+        with self.vm._lock:
+            self._refs -= 1
+            assert self._refs >= 0, "guest_memfd reference underflow"
+            if self._refs == 0:
+                self._gmem_release()
+
+    def _gmem_release(self) -> None:
+        """Last reference gone: null bindings, invalidate, free memory, unpin the VM (kvm_gmem_release)."""
+        vm = self.vm
+        with vm._lock:
+            bound = list(self._bindings)
+            for _, _, slot in bound:
+                slot.gmem = None
+            self._bindings.clear()
+            self._released = True
+            for pg_start, pg_end, slot in bound:
+                gfn = slot.base_gfn + (pg_start - slot.pgoff)
+                vm._invalidate_range(gfn, gfn + (pg_end - pg_start))
+            if self._host_address:
+                hostmem.munmap(self._host_address, self.size)
+                self._host_address = 0
+            os.close(self._memfd)
+            self._memfd = -1
+            vm._gmems.discard(self)
+        vm._put_kvm()
+
+    # --- fallocate --------------------------------------------------------------------------
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the guest_memfd: VFS checks, then kvm_gmem_fallocate's.
+
+        Errors, in order (6.11+ VFS; profile 6.8 uses the 6.8 VFS errnos, spec 2.2):
+
+        * EBADF: the fd is closed.
+        * EINVAL: offset < 0 or length <= 0.
+        * EOPNOTSUPP: unknown mode bits; PUNCH_HOLE without KEEP_SIZE; COLLAPSE/INSERT/
+          WRITE_ZEROES with KEEP_SIZE; several mode bits.
+        * EFBIG: offset + length overflows loff_t.
+        * EOPNOTSUPP: KEEP_SIZE not set; any bit besides KEEP_SIZE and PUNCH_HOLE.
+        * EINVAL: offset or length not page aligned; allocation past the end of the file.
+
+        Mirrors kvm_gmem_fallocate (punch: kvm_gmem_punch_hole; allocate: kvm_gmem_allocate).
+        """
+        with self.vm._lock:
+            self._check_open()
+            mode &= 0xFFFFFFFF
+            offset, length = _s64(offset), _s64(length)
+            self._vfs_fallocate_checks(mode, offset, length)
+            if not mode & Falloc.KEEP_SIZE:
+                raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: guest_memfd requires KEEP_SIZE")
+            if mode & ~(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE):
+                raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: only KEEP_SIZE and PUNCH_HOLE")
+            if offset % PAGE_SIZE or length % PAGE_SIZE:
+                raise oserror(errno.EINVAL, f"offset {offset:#x} / len {length:#x} not page aligned")
+            if mode & Falloc.PUNCH_HOLE:
+                self._gmem_punch_hole(offset, length)
+            else:
+                if offset + length > self.size:
+                    raise oserror(errno.EINVAL,
+                                  f"allocate [{offset:#x}, {offset + length:#x}) beyond size {self.size:#x}")
+                self._gmem_allocate(offset, length)
+            self._mtime_ns = self._ctime_ns = time.time_ns()  # file_modified()
+
+    def _vfs_fallocate_checks(self, mode: int, offset: int, length: int) -> None:
+        """vfs_fallocate's generic checks, in the order of the profile's kernel."""
+        if offset < 0 or length <= 0:
+            raise oserror(errno.EINVAL, f"fallocate offset {offset} / len {length} out of range")
+        keep = Falloc.KEEP_SIZE
+        if self.vm._profile.era >= 2:
+            if mode & ~(_MODE_MASK_E2 | keep):
+                raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
+            op = mode & _MODE_MASK_E2
+            if op == Falloc.PUNCH_HOLE:
+                if not mode & keep:
+                    raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE requires KEEP_SIZE")
+            elif op in (Falloc.COLLAPSE_RANGE, Falloc.INSERT_RANGE, Falloc.WRITE_ZEROES):
+                if mode & keep:
+                    raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} does not take KEEP_SIZE")
+            elif op not in (0, Falloc.UNSHARE_RANGE, Falloc.ZERO_RANGE):
+                raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} combines several operations")
+        else:
+            if mode & ~_SUPPORTED_MASK_E1:
+                raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
+            if mode & (Falloc.PUNCH_HOLE | Falloc.ZERO_RANGE) == Falloc.PUNCH_HOLE | Falloc.ZERO_RANGE:
+                raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE and ZERO_RANGE are exclusive")
+            if mode & Falloc.PUNCH_HOLE and not mode & keep:
+                raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE requires KEEP_SIZE")
+            for op in (Falloc.COLLAPSE_RANGE, Falloc.INSERT_RANGE):
+                if mode & op and mode & ~op:
+                    raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: {op.name} must be used alone")
+            if mode & Falloc.UNSHARE_RANGE and mode & ~(Falloc.UNSHARE_RANGE | keep):
+                raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: UNSHARE_RANGE only with KEEP_SIZE")
+        if offset + length > _S64_MAX:
+            raise oserror(errno.EFBIG, f"fallocate range [{offset:#x}, +{length:#x}) exceeds the maximum file size")
+
+    def allocate(self, offset: int, length: int) -> None:
+        """fallocate(KEEP_SIZE): allocate pages of [offset, offset+length); errors as ``fallocate``."""
+        self.fallocate(Falloc.KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """fallocate(PUNCH_HOLE|KEEP_SIZE): free pages; never fails past EOF. Errors as ``fallocate``."""
+        self.fallocate(Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, offset, length)
+
+    def _gmem_allocate(self, offset: int, length: int) -> None:
+        """Allocate missing pages (kvm_gmem_allocate); E1 zeroes here, E2 at first use: both read zero."""
+        try:
+            hostmem.fallocate(self._memfd, 0, offset, length)
+        except OSError as exc:
+            err = errno.ENOMEM if exc.errno == errno.ENOSPC else exc.errno
+            raise oserror(err, f"allocating [{offset:#x}, {offset + length:#x})") from None
+
+    def _gmem_punch_hole(self, offset: int, length: int) -> None:
+        """Free [offset, offset+length), clear hwpoison there, then invalidate bound GFNs (kvm_gmem_punch_hole)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return  # entirely past EOF: success, nothing to do
+        hostmem.fallocate(self._memfd, Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, offset, end - offset)
+        healed = sorted(p for p in self._poisoned if offset <= p < end)
+        for page in healed:
+            self._poisoned.discard(page)
+            self._remap_user_page(page, poisoned=False)
+        self._invalidate_file_range(offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
+
+    def _invalidate_file_range(self, pg_start: int, pg_end: int) -> None:
+        """Notify the VM for every bound part of file pages [pg_start, pg_end) (kvm_gmem_invalidate_begin)."""
+        for s, e, slot in self._bindings.stored(pg_start, pg_end):
+            gfn = slot.base_gfn + (s - slot.pgoff)
+            self.vm._invalidate_range(gfn, gfn + (e - s))
+
+    # --- hwpoison (model only) --------------------------------------------------------------
+
+    def inject_hwpoison(self, offset: int) -> None:
+        """Model-only: mark the page at ``offset`` as hit by a memory error (kvm_gmem_error_folio).
+
+        The page stays in the file; bound GFNs are invalidated, guest access then exits with
+        EHWPOISON and host mappings SIGBUS until the page is punched.
+
+        :raises OSError: EBADF if closed; EINVAL if ``offset`` is unaligned or past the end.
+        """
+        with self.vm._lock:
+            self._check_open()
+            if offset < 0 or offset % PAGE_SIZE or offset >= self.size:
+                raise oserror(errno.EINVAL, f"hwpoison offset {offset:#x} is not a page of the file")
+            if offset in self._poisoned:
+                return
+            self._poisoned.add(offset)
+            self._remap_user_page(offset, poisoned=True)
+            self._invalidate_file_range(offset >> PAGE_SHIFT, (offset >> PAGE_SHIFT) + 1)
+
+    def _remap_user_page(self, offset: int, poisoned: bool) -> None:
+        """Make every live user mapping of ``offset`` SIGBUS (poisoned) or show the page again."""
+        if not self.flags & GuestMemfdFlag.INIT_SHARED:
+            return  # such mappings SIGBUS everywhere anyway
+        for m, base in list(self._mappings.items()):
+            if m.closed or not base <= offset < base + m.length:
+                continue
+            self._map_page_at(m.address + (offset - base), offset, poisoned)
+
+    def _map_page_at(self, address: int, offset: int, poisoned: bool) -> None:
+        fixed = MAP_SHARED | hostmem.MAP_FIXED
+        if poisoned:
+            empty = hostmem.memfd("guestmem-hwpoison")
+            try:
+                hostmem.mmap(PAGE_SIZE, PROT_READ | PROT_WRITE, fixed, empty, 0, address)
+            finally:
+                os.close(empty)
+        else:
+            hostmem.mmap(PAGE_SIZE, PROT_READ | PROT_WRITE, fixed, self._memfd, offset, address)
+
+    # --- mmap -------------------------------------------------------------------------------
+
+    def mmap(self, length: int | None = None, offset: int = 0, prot: int = PROT_READ | PROT_WRITE,
+             flags: int = MAP_SHARED) -> Mapping:
+        """mmap(2) of the guest_memfd (kvm_gmem_mmap); the Mapping keeps the file alive.
+
+        Errors, in order: EBADF closed; EINVAL length 0 or offset unaligned; EPERM PROT_EXEC
+        (noexec mount); ENODEV without GUEST_MEMFD_FLAG_MMAP (always in 6.8); EINVAL not
+        MAP_SHARED. Touching past EOF, any page without INIT_SHARED, or a hwpoisoned page
+        raises SIGBUS.
+        """
+        with self.vm._lock:
+            self._check_open()
+            length = self.size if length is None else length
+            if length <= 0 or offset < 0 or offset % PAGE_SIZE:
+                raise oserror(errno.EINVAL, f"mmap length {length:#x} / offset {offset:#x} invalid")
+            if prot & PROT_EXEC:
+                raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
+            if self.vm._profile.era < 2 or not self.flags & GuestMemfdFlag.MMAP:
+                raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+            if flags & _MAP_TYPE not in (MAP_SHARED, _MAP_SHARED_VALIDATE):
+                raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
+            if self.flags & GuestMemfdFlag.INIT_SHARED:
+                address = hostmem.mmap(length, prot, MAP_SHARED, self._memfd, offset)
+            else:
+                # No shared pages exist until in-place conversion: an empty file SIGBUSes every touch.
+                empty = hostmem.memfd("guestmem-gmem-private")
+                try:
+                    address = hostmem.mmap(length, prot, MAP_SHARED, empty, 0)
+                finally:
+                    os.close(empty)
+            pin = _FilePin()
+            mapping = Mapping(address, length, owner=pin)
+            self._refs += 1
+            fin = weakref.finalize(pin, self._fput)  # munmap (or GC of the Mapping) drops the file reference
+            fin.atexit = False
+            self._mappings[mapping] = offset
+            for page in self._poisoned:
+                if offset <= page < offset + length:
+                    self._map_page_at(address + (page - offset), page, poisoned=True)
+            return mapping
+
+    # --- refused file operations ------------------------------------------------------------
+
+    def read(self, n: int) -> bytes:
+        """read(2): EBADF if closed, else EINVAL (guest_memfd has no read method)."""
+        self._check_open()
+        raise oserror(errno.EINVAL, "guest_memfd does not support read")
+
+    def write(self, data: bytes) -> int:
+        """write(2): EBADF if closed, else EINVAL (guest_memfd has no write method)."""
+        self._check_open()
+        raise oserror(errno.EINVAL, "guest_memfd does not support write")
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """pread(2): EBADF if closed, else ESPIPE (the file is not positional)."""
+        self._check_open()
+        raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """pwrite(2): EBADF if closed, else ESPIPE (the file is not positional)."""
+        self._check_open()
+        raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """lseek(2): EBADF if closed, else ESPIPE."""
+        self._check_open()
+        raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+
+    def truncate(self, length: int) -> None:
+        """ftruncate(2): EBADF if closed, else EINVAL (the size is immutable; kvm_gmem_setattr)."""
+        self._check_open()
+        raise oserror(errno.EINVAL, "guest_memfd size is immutable")
+
+    # --- fstat ------------------------------------------------------------------------------
+
+    def fstat(self) -> FileStat:
+        """fstat(2): S_IFREG|0600, st_size = size, blksize 4096, blocks 0, nlink 1, unique ino.
+
+        :raises OSError: EBADF if closed.
+        """
+        with self.vm._lock:
+            self._check_open()
+            return FileStat(st_mode=_S_IFREG | 0o600, st_ino=self._ino, st_size=self.size,
+                            st_blksize=PAGE_SIZE, st_blocks=0, st_nlink=1, st_uid=self._uid,
+                            st_gid=self._gid, st_mtime_ns=self._mtime_ns, st_ctime_ns=self._ctime_ns)

@@ -1,0 +1,112 @@
+"""Kernel profiles: which era of guest_memfd (spec section 8) the model reproduces.
+
+Data model
+----------
+A ``Profile`` is a frozen bag of facts about one kernel build; every era-dependent
+decision in the model reads one of its fields, so the eras differ in data, not in code
+paths scattered through the model. Profiles are chosen by name in
+``open_system(backend="model", profile=...)``; any field can be overridden by keyword
+(``open_system("model", memory_attributes=False)``).
+
+* ``"6.18"`` (default): hardware x86 KVM at 6.18 (E2) built with memory-attribute support
+  and ``KVM_SW_PROTECTED_VM``: VM types DEFAULT and SW_PROTECTED, KVM_CAP_MEMORY_ATTRIBUTES
+  = 8, guest_memfd MMAP/INIT_SHARED, SMM (two address spaces for default VMs) and TDP
+  (KVM_CAP_PRE_FAULT_MEMORY = 1). Where this host's kernel supports a feature the model
+  agrees with it (caps, errnos, limits measured on /dev/kvm).
+* ``"6.18-host"``: exactly the kernel on the project host (kvm_pvm, 6.18): no memory
+  attributes (KVM_SET_MEMORY_ATTRIBUTES -> ENOTTY, cap 0), VM_TYPES = 1, no SMM
+  (KVM_CAP_MULTI_ADDRESS_SPACE = 0, one address space), no TDP (PRE_FAULT_MEMORY = 0).
+  Conformance tests that touch these points compare the kvm backend against this profile.
+* ``"6.8"``: the original design (E1) on a kernel with ``KVM_SW_PROTECTED_VM``: no create
+  flags, mmap always ENODEV, KVM_CAP_GUEST_MEMFD = 0 on a default VM, only VMs with private
+  memory may bind, zeroing at allocation, the 6.8 VFS fallocate errnos, two address spaces
+  even for SW_PROTECTED VMs, no GUEST_MEMFD_FLAGS / PRE_FAULT_MEMORY caps.
+
+The model-only VM type ``GUESTMEM_TDX_LIKE_VM`` (0x100, a guestmem extension outside the
+kernel's numbering) has private memory like SW_PROTECTED; its vCPUs (guestmem.model.vcpu)
+derive shared/private from a GPA shared bit, as TDX does. It is accepted whenever the
+profile has memory attributes and is not reported in KVM_CAP_VM_TYPES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..uapi import VmType
+
+GUESTMEM_TDX_LIKE_VM = 0x100
+"""guestmem extension: a model-only VM type with private memory and TDX-style implicit conversions."""
+
+PRIVATE_MEM_VM_TYPES = frozenset({int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Profile:
+    """One kernel build's guest_memfd behaviour (see the module docstring)."""
+
+    name: str
+    era: int
+    """1 = E1 (6.8), 2 = E2 (6.18)."""
+    memory_attributes: bool
+    """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES: SET_MEMORY_ATTRIBUTES exists and SW VMs can be made."""
+    smm: bool
+    """Default VMs have two memslot address spaces (KVM_CAP_MULTI_ADDRESS_SPACE = 2)."""
+    tdp: bool
+    """Two-dimensional paging: KVM_CAP_PRE_FAULT_MEMORY (6.10+) reads 1."""
+    max_gpa_bits: int = 52
+    """Memslots must end at or below 2**max_gpa_bits (x86 kvm_mmu_max_gfn, measured: 52)."""
+
+    @property
+    def vm_types(self) -> frozenset[int]:
+        """Types KVM_CREATE_VM accepts (the model extension included)."""
+        if self.memory_attributes:
+            return frozenset({0, int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM})
+        return frozenset({0})
+
+    @property
+    def vm_types_cap(self) -> int:
+        return 0b11 if self.memory_attributes else 0b1
+
+    def gmem_flags(self, private_mem: bool) -> int:
+        """kvm_gmem_get_supported_flags: MMAP always (E2), INIT_SHARED only without private memory."""
+        if self.era < 2:
+            return 0
+        return 0b01 if private_mem else 0b11
+
+    def address_spaces(self, private_mem: bool) -> int:
+        """kvm_arch_nr_memslot_as_ids: SMM adds a second one, except for private-mem VMs (E2+)."""
+        if not self.smm:
+            return 1
+        if private_mem and self.era >= 2:
+            return 1
+        return 2
+
+    def can_bind(self, private_mem: bool) -> bool:
+        """Whether KVM_MEM_GUEST_MEMFD is a valid memslot flag for this VM (E1: private-mem VMs only)."""
+        return self.era >= 2 or private_mem
+
+
+PROFILES: dict[str, Profile] = {
+    "6.18": Profile(name="6.18", era=2, memory_attributes=True, smm=True, tdp=True),
+    "6.18-host": Profile(name="6.18-host", era=2, memory_attributes=False, smm=False, tdp=False),
+    "6.8": Profile(name="6.8", era=1, memory_attributes=True, smm=True, tdp=False),
+}
+
+
+def resolve_profile(profile: str | Profile = "6.18", **overrides: Any) -> Profile:
+    """The named profile with keyword ``overrides`` applied; ValueError for unknown names."""
+    if isinstance(profile, Profile):
+        base = profile
+    else:
+        try:
+            base = PROFILES[profile]
+        except KeyError:
+            raise ValueError(f"unknown model profile {profile!r}: expected one of {sorted(PROFILES)}") from None
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(Profile)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise TypeError(f"unknown model option(s) {sorted(unknown)}: expected profile= or one of {sorted(fields)}")
+        base = dataclasses.replace(base, **overrides)
+    return base

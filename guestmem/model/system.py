@@ -1,0 +1,137 @@
+"""The model's /dev/kvm handle: capabilities and VM creation (kvm_dev_ioctl).
+
+Data model
+----------
+A ``System`` holds the chosen ``Profile`` (the kernel being reproduced) and a reserved fd.
+It owns nothing else: VMs reference the System only for their profile and capability
+answers, and outlive its close (a VM does not depend on the /dev/kvm fd staying open).
+Capability values are computed in one place, ``_extension``, for both the /dev/kvm fd
+(``vm=None``) and VM fds, from the profile and the VM's type (spec 1.2).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from ..errors import oserror
+from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
+from . import fdtable
+from .profile import Profile, resolve_profile
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+_KVM_EXIT_HYPERCALL_VALID_MASK = 1 << 12
+
+
+class System:
+    """A model KVM system handle, returned by ``open_system(backend="model")``."""
+
+    backend = "model"
+
+    def __init__(self, profile: Profile) -> None:
+        self._profile = profile
+        self._fd: int | None = fdtable.fd_install(self)
+
+    @property
+    def profile(self) -> str:
+        """guestmem extension: the name of the kernel profile the model reproduces."""
+        return self._profile.name
+
+    def __repr__(self) -> str:
+        return f"<model System profile={self._profile.name!r} fd={self._fd}>"
+
+    def fileno(self) -> int:
+        """The /dev/kvm-like file descriptor. :raises OSError: EBADF once closed."""
+        return self._check_open()
+
+    def _check_open(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise oserror(errno.EBADF, "KVM system fd is closed")
+        return fd
+
+    def close(self) -> None:
+        """close(2) on the system fd; existing VMs stay usable. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fdtable.fd_close(fd)
+
+    def __enter__(self) -> "System":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION (api.rst 4.1): always 12. :raises OSError: EBADF if closed."""
+        self._check_open()
+        return KVM_API_VERSION
+
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE (api.rst 4.5): 3 pages on x86. :raises OSError: EBADF if closed."""
+        self._check_open()
+        return KVM_VCPU_MMAP_PAGES * PAGE_SIZE
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm (api.rst 4.4): the cap's value; 0 if unknown.
+
+        :raises OSError: EBADF if closed. Mirrors kvm_vm_ioctl_check_extension_generic (kvm == NULL).
+        """
+        self._check_open()
+        return self._extension(cap, None)
+
+    def _extension(self, cap: int, vm: "Vm | None") -> int:
+        """Capability values of spec 1.2 for the profile, on /dev/kvm (vm None) or a VM."""
+        p = self._profile
+        private = vm is not None and vm._private_mem
+        if cap == Cap.USER_MEMORY or cap == Cap.USER_MEMORY2 or cap == Cap.MEMORY_FAULT_INFO:
+            return 1
+        if cap == Cap.NR_MEMSLOTS:
+            return KVM_USER_MEM_SLOTS
+        if cap == Cap.READONLY_MEM:
+            return 1  # no model VM type has protected state
+        if cap == Cap.MULTI_ADDRESS_SPACE:
+            if not p.smm:
+                return 0  # KVM_MAX_NR_ADDRESS_SPACES == 1: the cap is compiled out
+            return 2 if vm is None else p.address_spaces(private)
+        if cap == Cap.EXIT_HYPERCALL:
+            return _KVM_EXIT_HYPERCALL_VALID_MASK
+        if cap == Cap.MEMORY_ATTRIBUTES:
+            if not p.memory_attributes:
+                return 0
+            return 8 if vm is None or private else 0
+        if cap == Cap.GUEST_MEMFD:
+            if p.era < 2 and vm is not None and not private:
+                return 0
+            return 1
+        if cap == Cap.VM_TYPES:
+            return p.vm_types_cap
+        if cap == Cap.PRE_FAULT_MEMORY:
+            return 1 if p.tdp and p.era >= 2 else 0
+        if cap == Cap.GUEST_MEMFD_FLAGS:
+            return p.gmem_flags(private) if p.era >= 2 else 0
+        return 0
+
+    def create_vm(self, type: int = 0) -> "Vm":
+        """KVM_CREATE_VM (api.rst 4.2): a new model VM of ``type``.
+
+        Errors: EBADF closed; EINVAL type not supported by the profile (KVM_CAP_VM_TYPES,
+        plus the model's GUESTMEM_TDX_LIKE_VM when memory attributes exist). Mirrors
+        kvm_dev_ioctl_create_vm / kvm_arch_init_vm.
+        """
+        self._check_open()
+        if type not in self._profile.vm_types:
+            raise oserror(errno.EINVAL, f"VM type {type:#x} is not supported (KVM_CAP_VM_TYPES)")
+        from .vm import Vm
+
+        return Vm(self, type)
+
+
+def open_system(profile: str | Profile = "6.18", **options: Any) -> System:
+    """Open a model System reproducing ``profile`` ("6.18", "6.18-host" or "6.8").
+
+    Keyword ``options`` override single profile fields, e.g. ``memory_attributes=False``.
+    """
+    return System(resolve_profile(profile, **options))

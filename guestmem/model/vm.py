@@ -1,0 +1,518 @@
+"""The model's VM: memslots, memory attributes, guest_memfd creation (virt/kvm/kvm_main.c).
+
+Data model
+----------
+* A ``Vm`` owns its memslots (``_slots``: (as_id, id) -> Memslot, plus one RangeMap per
+  address space mapping GFN -> Memslot for O(log n) lookup), the per-GFN memory attributes
+  (``_attributes``: a RangeMap over GFNs, absent = 0 = shared) and its guest_memfds
+  (``_gmems``, weak: the *files* own themselves through their references).
+* References: the VM fd counts one, every live guest_memfd (fd or mapping) one, every vCPU
+  one (``_get_kvm``/``_put_kvm``, as kvm_get_kvm/kvm_put_kvm). Closing the fd only makes
+  the VM's methods fail with EBADF; the VM is destroyed when the count reaches zero, so a
+  guest_memfd keeps memslots and attributes alive (spec 3.5).
+* ``_lock`` (an RLock) guards all VM state and every guest_memfd of the VM. Every ioctl
+  validates its whole argument first, then commits (all or nothing); ``_snapshot()``
+  returns a comparable image of the state so tests can check that failures change nothing.
+* Invariants: slots of one address space never overlap in GFNs; the sum of their pages is
+  ``_nr_memslot_pages``; a gmem slot's binding is recorded in exactly its file's
+  ``_bindings``; attributes are only non-zero on VMs with private memory.
+* Invalidation listeners (the vCPUs' MMU) are called synchronously under ``_lock`` *after*
+  each state change with a GFN range to forget: punch-hole of bound pages, attribute
+  changes (widened to the enclosing huge blocks at the edges, like x86), memslot delete and
+  move, guest_memfd release, hwpoison.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import oserror
+from ..rangemap import RangeMap
+from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
+                    PAGE_SIZE, TASK_SIZE_MAX, Cap, MemFlag, MemoryAttribute)
+from . import fdtable
+from .guest_memfd import GuestMemfd
+from .memslot import LEVEL_PAGES, Memslot
+from .profile import PRIVATE_MEM_VM_TYPES, Profile
+
+if TYPE_CHECKING:
+    from .system import System
+
+_U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+_HC_MAP_GPA_RANGE_MASK = 1 << 12
+_V1_FLAGS = MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY
+
+InvalidationListener = Callable[[int, int], None]
+
+
+def _fd_of(guest_memfd: Any) -> int:
+    """The u32 fd the ioctl would carry for ``guest_memfd`` (an int, a file object, or None)."""
+    if guest_memfd is None:
+        return 0
+    if isinstance(guest_memfd, int):
+        return guest_memfd & _U32
+    try:
+        return guest_memfd.fileno() & _U32
+    except OSError:
+        return _U32  # a closed file object: no such fd
+
+
+class Vm:
+    """A model VM, returned by ``System.create_vm`` (KVM_CREATE_VM)."""
+
+    def __init__(self, system: "System", type: int) -> None:
+        self.type = type
+        self.system = system
+        self._profile: Profile = system._profile
+        self._private_mem = type in PRIVATE_MEM_VM_TYPES
+        self._lock = threading.RLock()
+        self._nr_as = self._profile.address_spaces(self._private_mem)
+        self._slots: dict[tuple[int, int], Memslot] = {}
+        self._gfn_maps: list[RangeMap[Memslot | None]] = [RangeMap(default=None) for _ in range(self._nr_as)]
+        self._nr_memslot_pages = 0
+        self._attributes: RangeMap[int] = RangeMap()
+        self._gmems: "weakref.WeakSet[GuestMemfd]" = weakref.WeakSet()
+        self._listeners: list[InvalidationListener] = []
+        self._stats_providers: list[Callable[[], dict]] = []
+        self._exit_hypercall_mask = 0
+        self._invalidations = 0
+        self._users = 1
+        self._dead = False
+        self._fd: int | None = fdtable.fd_install(self)
+
+    def __repr__(self) -> str:
+        return f"<model Vm type={self.type:#x} fd={self._fd} slots={len(self._slots)}>"
+
+    # --- fd and lifetime ----------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The VM file descriptor. :raises OSError: EBADF once closed."""
+        return self._check_open()
+
+    def _check_open(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise oserror(errno.EBADF, "VM fd is closed")
+        return fd
+
+    def close(self) -> None:
+        """close(2) on the VM fd; the VM lives on while guest_memfds or vCPUs reference it. Idempotent."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            fdtable.fd_close(fd)
+        self._put_kvm()
+
+    def _get_kvm(self) -> None:
+        """Take a VM reference (kvm_get_kvm); vCPUs and guest_memfds hold one each."""
+        with self._lock:
+            assert not self._dead, "reference to a destroyed VM"
+            self._users += 1
+
+    def _put_kvm(self) -> None:
+        """Drop a VM reference; the last one destroys the VM (kvm_destroy_vm)."""
+        with self._lock:
+            self._users -= 1
+            assert self._users >= 0, "VM reference underflow"
+            if self._users:
+                return
+            for slot in list(self._slots.values()):
+                self._unbind(slot)
+            self._slots.clear()
+            self._gfn_maps = [RangeMap(default=None) for _ in range(self._nr_as)]
+            self._attributes.clear()
+            self._nr_memslot_pages = 0
+            self._dead = True
+
+    # --- capabilities -------------------------------------------------------------------------
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (api.rst 4.4): the cap's value for this VM; 0 if unknown.
+
+        :raises OSError: EBADF if the VM fd is closed. Mirrors kvm_vm_ioctl_check_extension_generic.
+        """
+        self._check_open()
+        return self.system._extension(cap, self)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM (api.rst 4.37); only KVM_CAP_EXIT_HYPERCALL is supported.
+
+        Errors, in order: EBADF closed fd; EINVAL flags != 0; EINVAL unknown cap; EINVAL
+        args[0] has bits other than 1 << KVM_HC_MAP_GPA_RANGE. Mirrors x86 kvm_vm_ioctl_enable_cap.
+        """
+        with self._lock:
+            self._check_open()
+            if len(args) > 4:
+                raise TypeError(f"kvm_enable_cap has 4 args, got {len(args)}")
+            argv = [a & _U64 for a in args] + [0] * (4 - len(args))
+            if flags & _U32:
+                raise oserror(errno.EINVAL, f"enable_cap flags {flags:#x} must be 0")
+            if cap != Cap.EXIT_HYPERCALL:
+                raise oserror(errno.EINVAL, f"capability {cap} cannot be enabled on a VM")
+            if argv[0] & ~_HC_MAP_GPA_RANGE_MASK:
+                raise oserror(errno.EINVAL, f"EXIT_HYPERCALL mask {argv[0]:#x} has bits outside {_HC_MAP_GPA_RANGE_MASK:#x}")
+            self._exit_hypercall_mask = argv[0]
+
+    # --- guest_memfd --------------------------------------------------------------------------
+
+    def create_guest_memfd(self, size: int, flags: int = 0, reserved: Any = None) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD (api.rst 4.141): a new guest_memfd of ``size`` bytes.
+
+        ``reserved`` is never checked, as in the kernel. Errors, in order: EBADF closed VM fd;
+        EINVAL flags outside KVM_CAP_GUEST_MEMFD_FLAGS for this VM (none in 6.8); EINVAL
+        (s64)size <= 0 or size not page aligned. Mirrors kvm_gmem_create / __kvm_gmem_create.
+        """
+        with self._lock:
+            self._check_open()
+            size, flags = size & _U64, flags & _U64
+            supported = self._profile.gmem_flags(self._private_mem)
+            if flags & ~supported:
+                raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x} outside supported {supported:#x}")
+            if size == 0 or size >= 1 << 63 or size % PAGE_SIZE:
+                raise oserror(errno.EINVAL, f"guest_memfd size {size:#x} must be positive and page aligned")
+            gmem = GuestMemfd(self, size, flags)
+            self._users += 1  # the file pins the VM
+            self._gmems.add(gmem)
+            return gmem
+
+    # --- memslots -----------------------------------------------------------------------------
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int = 0, guest_memfd: Any = None, guest_memfd_offset: int = 0,
+                                pad1: int = 0, pad2: Any = None) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 (api.rst 4.140): create, move, modify or delete a memslot.
+
+        pad1/pad2 are never checked. Errors in kernel order (spec 2.3): EBADF closed fd;
+        EINVAL id >= 32764; EINVAL invalid flags for this VM; EINVAL size/gpa/userspace_addr
+        unaligned or userspace_addr + size beyond the user address space; EINVAL gmem
+        offset unaligned or offset + size wraps; EINVAL as_id or id out of range; EINVAL gpa
+        wrap; EINVAL too many pages; EINVAL deleting a missing slot; EINVAL total pages
+        overflow; EINVAL modifying a gmem slot, toggling GUEST_MEMFD or READONLY, changing
+        userspace_addr or size; EEXIST GPA overlap; then the bind: EBADF fd not open,
+        EINVAL not a guest_memfd, another VM's, offset out of the file or file range
+        already bound; EINVAL GFN beyond the maximum. Mirrors kvm_set_memory_region.
+        """
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                _fd_of(guest_memfd), guest_memfd_offset, v2=True)
+
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION (api.rst 4.35): as v2 without the gmem fields.
+
+        Errors: EBADF closed fd; EINVAL any flag besides LOG_DIRTY_PAGES|READONLY; then as
+        ``set_user_memory_region2``. Mirrors kvm_vm_ioctl_set_memory_region (v1 path).
+        """
+        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0, v2=False)
+
+    def _check_memory_region_flags(self, flags: int) -> None:
+        valid = MemFlag.LOG_DIRTY_PAGES
+        if self._profile.can_bind(self._private_mem):
+            valid |= MemFlag.GUEST_MEMFD
+        if flags & MemFlag.GUEST_MEMFD:
+            valid &= ~MemFlag.LOG_DIRTY_PAGES  # no dirty logging for gmem slots
+        else:
+            valid |= MemFlag.READONLY  # no VM type here has protected state
+        if flags & ~valid:
+            raise oserror(errno.EINVAL, f"memslot flags {flags:#x} outside valid {int(valid):#x}")
+
+    def _set_memory_region(self, slot: int, flags: int, gpa: int, size: int, uaddr: int, fd: int,
+                           offset: int, *, v2: bool) -> None:
+        with self._lock:
+            self._check_open()
+            slot, flags = slot & _U32, flags & _U32
+            gpa, size, uaddr, offset = gpa & _U64, size & _U64, uaddr & _U64, offset & _U64
+            if not v2 and flags & ~_V1_FLAGS:
+                raise oserror(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION flags {flags:#x}: use v2 for GUEST_MEMFD")
+            as_id, id_ = slot >> 16, slot & 0xFFFF
+            if id_ >= KVM_USER_MEM_SLOTS:
+                raise oserror(errno.EINVAL, f"slot id {id_} >= {KVM_USER_MEM_SLOTS}")
+            self._check_memory_region_flags(flags)
+            if size % PAGE_SIZE:
+                raise oserror(errno.EINVAL, f"memory_size {size:#x} is not page aligned")
+            if gpa % PAGE_SIZE:
+                raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} is not page aligned")
+            if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
+                raise oserror(errno.EINVAL, f"userspace_addr range [{uaddr:#x}, +{size:#x}) is not user memory")
+            gmem_flag = bool(flags & MemFlag.GUEST_MEMFD)
+            if gmem_flag and (offset % PAGE_SIZE or offset + size > _U64):
+                raise oserror(errno.EINVAL, f"guest_memfd_offset {offset:#x} unaligned or wraps with size")
+            if as_id >= self._nr_as or id_ >= KVM_MEM_SLOTS_NUM:
+                raise oserror(errno.EINVAL, f"address space {as_id} >= {self._nr_as}")
+            if gpa + size > _U64:
+                raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} + {size:#x} wraps")
+            old = self._slots.get((as_id, id_))
+            if size == 0:
+                if old is None:
+                    raise oserror(errno.EINVAL, f"slot {as_id}:{id_} does not exist")
+                self._delete_memslot(old)
+                return
+            base_gfn, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+            if npages > KVM_MEM_MAX_NR_PAGES:
+                raise oserror(errno.EINVAL, f"{npages} pages exceed {KVM_MEM_MAX_NR_PAGES}")
+            if old is None:
+                change = "create"
+                if self._nr_memslot_pages + npages > _U64:
+                    raise oserror(errno.EINVAL, "total memslot pages overflow")
+            else:
+                if gmem_flag:
+                    raise oserror(errno.EINVAL, f"slot {id_}: guest_memfd memslots are immutable, delete only")
+                if old.is_gmem:
+                    raise oserror(errno.EINVAL, f"slot {id_}: GUEST_MEMFD cannot be cleared")
+                if uaddr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & MemFlag.READONLY:
+                    raise oserror(errno.EINVAL, f"slot {id_}: userspace_addr, size and READONLY are fixed")
+                if base_gfn != old.base_gfn:
+                    change = "move"
+                elif flags != old.flags:
+                    change = "flags"
+                else:
+                    return
+            if change in ("create", "move"):
+                for s, e, other in self._gfn_maps[as_id].stored(base_gfn, base_gfn + npages):
+                    if other.id != id_:
+                        raise oserror(errno.EEXIST, f"[{gpa:#x}, +{size:#x}) overlaps slot {other.id}")
+            gmem = self._gmem_bind_check(fd, offset, npages) if gmem_flag else None
+            if change in ("create", "move") and base_gfn + npages > 1 << (self._profile.max_gpa_bits - PAGE_SHIFT):
+                raise oserror(errno.EINVAL, f"[{gpa:#x}, +{size:#x}) is beyond the maximum guest physical address")
+            # -- validated: commit ------------------------------------------------------------
+            new = Memslot(id=id_, as_id=as_id, base_gfn=base_gfn, npages=npages, flags=flags, userspace_addr=uaddr)
+            if change == "create":
+                if gmem is not None:
+                    self._gmem_bind(gmem, new, offset >> PAGE_SHIFT)
+                self._install(new)
+                self._nr_memslot_pages += npages
+                if self._private_mem:
+                    new._init_mixed(self._attributes)
+            elif change == "move":
+                assert old is not None
+                self._remove(old)
+                self._install(new)
+                if self._private_mem:
+                    new._init_mixed(self._attributes)
+                self._invalidate_range(old.base_gfn, old.end_gfn)
+            else:  # flags only: same range, same mixed state
+                assert old is not None
+                new._mixed = old._mixed
+                self._remove(old)
+                self._install(new)
+
+    def _gmem_bind_check(self, fd: int, offset: int, npages: int) -> GuestMemfd:
+        """The checks of kvm_gmem_bind, in order; returns the file to bind."""
+        gmem = fdtable.fdget_typed(fd, GuestMemfd, errno.EINVAL, "guest_memfd")
+        if gmem.vm is not self:
+            raise oserror(errno.EINVAL, f"guest_memfd fd {fd} belongs to another VM")
+        if offset >= 1 << 63 or offset % PAGE_SIZE or offset + (npages << PAGE_SHIFT) > gmem.size:
+            raise oserror(errno.EINVAL, f"guest_memfd range [{offset:#x}, +{npages << PAGE_SHIFT:#x}) "
+                                        f"outside the {gmem.size:#x}-byte file")
+        start = offset >> PAGE_SHIFT
+        if gmem._bindings.stored(start, start + npages):
+            raise oserror(errno.EINVAL, f"guest_memfd range at {offset:#x} is already bound to another memslot")
+        return gmem
+
+    def _gmem_bind(self, gmem: GuestMemfd, slot: Memslot, pgoff: int) -> None:
+        """Record a validated binding (kvm_gmem_bind's commit); takes no file reference."""
+        slot.gmem, slot.pgoff = gmem, pgoff
+        slot.gmem_only = self._profile.era >= 2 and bool(gmem.flags & 1)  # GUEST_MEMFD_FLAG_MMAP
+        gmem._bindings.set(pgoff, pgoff + slot.npages, slot)
+
+    def _unbind(self, slot: Memslot) -> None:
+        """kvm_gmem_unbind: forget the file range; a released file has nothing to forget."""
+        if slot.gmem is not None:
+            slot.gmem._bindings.set(slot.pgoff, slot.pgoff + slot.npages, None)
+
+    def _install(self, slot: Memslot) -> None:
+        self._slots[(slot.as_id, slot.id)] = slot
+        self._gfn_maps[slot.as_id].set(slot.base_gfn, slot.end_gfn, slot)
+
+    def _remove(self, slot: Memslot) -> None:
+        del self._slots[(slot.as_id, slot.id)]
+        self._gfn_maps[slot.as_id].set(slot.base_gfn, slot.end_gfn, None)
+
+    def _delete_memslot(self, slot: Memslot) -> None:
+        """KVM_MR_DELETE: remove, unbind, then invalidate the slot's GFNs."""
+        self._remove(slot)
+        self._unbind(slot)
+        self._nr_memslot_pages -= slot.npages
+        self._invalidate_range(slot.base_gfn, slot.end_gfn)
+
+    def _slot_for_gfn(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        """The memslot containing ``gfn`` in address space ``as_id`` (O(log n)), or None."""
+        if as_id >= self._nr_as:
+            return None
+        return self._gfn_maps[as_id].get(gfn)
+
+    def memslots(self) -> list[Memslot]:
+        """guestmem extension: the memslots, sorted by (as_id, id)."""
+        with self._lock:
+            return [self._slots[k] for k in sorted(self._slots)]
+
+    # --- memory attributes ----------------------------------------------------------------------
+
+    def _supported_attributes(self) -> int:
+        return int(MemoryAttribute.PRIVATE) if self._private_mem and self._profile.memory_attributes else 0
+
+    def _check_attribute_range(self, address: int, size: int) -> None:
+        if size == 0 or address + size > _U64:
+            raise oserror(errno.EINVAL, f"attribute range [{address:#x}, +{size:#x}) is empty or wraps")
+        if address % PAGE_SIZE or size % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"attribute range [{address:#x}, +{size:#x}) is not page aligned")
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.141): set the attributes of [address, address+size).
+
+        Errors, in order (spec 2.4): EBADF closed fd; ENOTTY without memory-attribute
+        support (profile "6.18-host"); EINVAL flags != 0; EINVAL attributes outside the VM's
+        supported set (PRIVATE needs private memory); EINVAL size 0 or range wraps; EINVAL
+        not page aligned. A range that already holds the value is a no-op (no invalidation).
+        Mirrors kvm_vm_ioctl_set_mem_attributes / kvm_vm_set_mem_attributes.
+        """
+        with self._lock:
+            self._check_open()
+            if not self._profile.memory_attributes:
+                raise oserror(errno.ENOTTY, "this kernel has no KVM_SET_MEMORY_ATTRIBUTES")
+            address, size, attributes, flags = address & _U64, size & _U64, attributes & _U64, flags & _U64
+            if flags:
+                raise oserror(errno.EINVAL, f"memory attributes flags {flags:#x} must be 0")
+            supported = self._supported_attributes()
+            if attributes & ~supported:
+                raise oserror(errno.EINVAL, f"attributes {attributes:#x} outside supported {supported:#x}")
+            self._check_attribute_range(address, size)
+            start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+            if self._attributes.uniform(start, end) == attributes:
+                return
+            self._attributes.set(start, end, attributes)
+            self._post_set_memory_attributes(start, end)
+
+    def _post_set_memory_attributes(self, start: int, end: int) -> None:
+        """Recompute mixed huge blocks, then invalidate widened ranges (kvm_arch_post_set_memory_attributes)."""
+        ranges: set[tuple[int, int]] = set()
+        for as_id in range(self._nr_as):
+            for _, _, slot in self._gfn_maps[as_id].stored(start, end):
+                slot._update_mixed(self._attributes, start, end)
+                ranges.add(self._widen(slot, max(start, slot.base_gfn), min(end, slot.end_gfn)))
+        for lo, hi in sorted(ranges):
+            self._invalidate_range(lo, hi)
+
+    @staticmethod
+    def _widen(slot: Memslot, lo: int, hi: int) -> tuple[int, int]:
+        """Extend [lo, hi) to the largest huge blocks at its edges that a huge mapping could cover."""
+        for n in (LEVEL_PAGES[2], LEVEL_PAGES[1]):
+            b_lo = lo - lo % n
+            if b_lo >= slot.base_gfn and b_lo + n <= slot.end_gfn:
+                lo = b_lo
+                break
+        for n in (LEVEL_PAGES[2], LEVEL_PAGES[1]):
+            b_hi = -(-hi // n) * n
+            if b_hi - n >= slot.base_gfn and b_hi <= slot.end_gfn:
+                hi = b_hi
+                break
+        return lo, hi
+
+    def get_memory_attributes(self, address: int, size: int) -> list[tuple[int, int, int]]:
+        """guestmem extension (no kernel ioctl): attributes over [address, address+size).
+
+        Returns byte ranges (start, end, attributes) tiling the range, gaps as 0. Errors as
+        ``set_memory_attributes`` for the fd, support and range checks.
+        """
+        with self._lock:
+            self._check_open()
+            if not self._profile.memory_attributes:
+                raise oserror(errno.ENOTTY, "this kernel has no memory attributes")
+            address, size = address & _U64, size & _U64
+            self._check_attribute_range(address, size)
+            return [(s << PAGE_SHIFT, e << PAGE_SHIFT, v)
+                    for s, e, v in self._attributes.ranges(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT)]
+
+    def _attribute_at(self, gfn: int) -> int:
+        """The attributes of ``gfn`` (O(log n))."""
+        return self._attributes.get(gfn)
+
+    def _attribute_ranges(self, gfn_start: int, gfn_end: int) -> list[tuple[int, int, int]]:
+        """(start, end, attributes) GFN runs tiling [gfn_start, gfn_end), gaps as 0."""
+        return self._attributes.ranges(gfn_start, gfn_end)
+
+    # --- invalidation ---------------------------------------------------------------------------
+
+    def _add_invalidation_listener(self, cb: InvalidationListener) -> None:
+        with self._lock:
+            self._listeners.append(cb)
+
+    def _remove_invalidation_listener(self, cb: InvalidationListener) -> None:
+        with self._lock:
+            if cb in self._listeners:
+                self._listeners.remove(cb)
+
+    def _invalidate_range(self, gfn_start: int, gfn_end: int) -> None:
+        """Tell every listener to forget mappings of [gfn_start, gfn_end) (kvm_mmu_invalidate_*)."""
+        assert gfn_start < gfn_end, f"empty invalidation [{gfn_start:#x}, {gfn_end:#x})"
+        self._invalidations += 1
+        for cb in list(self._listeners):
+            cb(gfn_start, gfn_end)
+
+    # --- vCPUs ----------------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> Any:
+        """KVM_CREATE_VCPU (api.rst 4.7): a model vCPU (guestmem.model.vcpu; needs Unicorn).
+
+        :raises OSError: EBADF if the VM fd is closed; the vCPU's own checks follow.
+        """
+        self._check_open()
+        from .vcpu import Vcpu
+
+        return Vcpu(self, vcpu_id)
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """guestmem extension: counters of the model VM's state (plus the vCPUs' providers)."""
+        with self._lock:
+            out: dict[str, Any] = {
+                "memslots": len(self._slots),
+                "memslot_pages": self._nr_memslot_pages,
+                "attribute_ranges": len(self._attributes),
+                "invalidations": self._invalidations,
+                "guest_memfds": len(self._gmems),
+                "mixed_blocks": {f"{s.as_id}:{s.id}": {"2M": s.mixed_count(1), "1G": s.mixed_count(2)}
+                                 for s in self._slots.values()},
+            }
+            for provider in self._stats_providers:
+                out.update(provider())
+            return out
+
+    def _snapshot(self) -> tuple:
+        """A comparable image of all VM state (slots, lookup maps, attributes, bindings)."""
+        with self._lock:
+            return (
+                tuple(self._slots[k]._snapshot() for k in sorted(self._slots)),
+                tuple(tuple((s, e, v.id) for s, e, v in m) for m in self._gfn_maps),
+                self._attributes.snapshot(),
+                self._nr_memslot_pages,
+                tuple(sorted((g._ino, tuple((s, e, v.id) for s, e, v in g._bindings)) for g in self._gmems)),
+                self._exit_hypercall_mask,
+                self._users,
+            )
+
+    def _check(self) -> None:
+        """Assert the module's invariants (tests)."""
+        with self._lock:
+            self._attributes.check()
+            total = 0
+            for (as_id, id_), slot in self._slots.items():
+                total += slot.npages
+                assert self._gfn_maps[as_id].uniform(slot.base_gfn, slot.end_gfn) is slot
+                if slot.gmem is not None:
+                    assert slot.gmem._bindings.uniform(slot.pgoff, slot.pgoff + slot.npages) is slot
+                if self._private_mem:
+                    slot._check_mixed(self._attributes)
+            assert total == self._nr_memslot_pages
+            for m in self._gfn_maps:
+                m.check()
+            if not self._private_mem:
+                assert len(self._attributes) == 0
+
+
+__all__ = ["Vm", "KVM_API_VERSION"]
