@@ -1,0 +1,117 @@
+"""Presenting a benchmark Report: the rich table, JSON, and the plot.
+
+The plot has two panels: attribute-update cost against range size on log-log axes (with
+the 1 TiB goal marked), and one bar per ratio row with its goal drawn across the bar.
+matplotlib is imported only when a plot is asked for, with the Agg backend (no display).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from .harness import FAIL, MISS, PASS, SKIP, Report, Row
+
+_STYLE = {PASS: "green", MISS: "red", FAIL: "bold red", SKIP: "yellow"}
+
+
+def fmt_value(row: Row) -> str:
+    if row.value is None:
+        return "-"
+    v = row.value
+    if v == 0 or 0.01 <= abs(v) < 1e6:
+        text = f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    else:
+        text = f"{v:.3g}"
+    return f"{text} {row.unit}".strip()
+
+
+def table(report: Report) -> Table:
+    t = Table(title=f"guestmem bench{' --quick' if report.quick else ''} — {report.machine.get('cpu', '')}, "
+                    f"{report.machine.get('nproc')} CPUs, {report.machine.get('kernel')}",
+              show_lines=False, expand=False)
+    for col, kw in (("workload", {}), ("case", {}), ("backend", {}), ("result", {"justify": "right"}),
+                    ("how", {"overflow": "fold"}), ("goal", {}), ("status", {})):
+        t.add_column(col, **kw)
+    last = None
+    for r in report.rows:
+        style = _STYLE.get(r.status, "")
+        t.add_row(r.workload if r.workload != last else "", r.case, r.backend, fmt_value(r),
+                  r.note if r.status in (SKIP, FAIL) else (r.detail + (f"; {r.note}" if r.note else "")),
+                  r.goal or "-", f"[{style}]{r.status}[/]" if style else r.status)
+        last = r.workload
+    return t
+
+
+def summary(report: Report) -> str:
+    counts: dict[str, int] = {}
+    for r in report.rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"{len(report.rows)} rows ({parts}) in {report.duration_s:.1f} s"
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
+
+
+def plot(report: Report, path: str | Path) -> None:
+    """Write the two-panel figure (attribute scaling; ratios against goals) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scaling = [r for r in report.rows if r.kind == "scaling" and r.value is not None and r.x]
+    ratios = [r for r in report.rows if r.kind == "ratio" and r.value is not None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.3]})
+
+    if scaling:
+        for case in sorted({r.case.split(" @")[0] for r in scaling}):
+            pts = sorted((r.x, r.value) for r in scaling if r.case.split(" @")[0] == case)
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+        ax1.axhline(1000.0, color="red", linestyle="--", linewidth=1, label="goal: 1 TiB ≤ 1 ms")
+        ax1.set_xscale("log", base=2)
+        ax1.set_yscale("log")
+        ticks = [4 << 10, 2 << 20, 1 << 30, 1 << 40]
+        ax1.set_xticks(ticks, ["4 KiB", "2 MiB", "1 GiB", "1 TiB"])
+        ax1.set_xlabel("range size")
+        ax1.set_ylabel("µs per set_memory_attributes (median)")
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "attribute scaling: no data", ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_title("model: attribute update cost vs range size")
+
+    if ratios:
+        labels = [f"{r.workload}\n{r.case}" for r in ratios]
+        colors = ["tab:green" if r.status == PASS else "tab:red" if r.status == MISS else "tab:gray" for r in ratios]
+        xs = range(len(ratios))
+        ax2.bar(xs, [r.value for r in ratios], color=colors)
+        for x, r in zip(xs, ratios):
+            goal = _goal_threshold(r.goal)
+            if goal is not None:
+                ax2.hlines(goal, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.2)
+            ax2.text(x, r.value, f"{r.value:.2f}x", ha="center", va="bottom", fontsize=8)
+        ax2.set_xticks(list(xs), labels, fontsize=7, rotation=30, ha="right")
+        ax2.set_ylabel("ratio (dashed: goal; green PASS, red MISS)")
+    else:
+        ax2.text(0.5, 0.5, "ratios: no data", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_title("ratios measured in the same run")
+    fig.suptitle(f"guestmem bench{' --quick' if report.quick else ''}: {report.machine.get('cpu', '')}, "
+                 f"{report.machine.get('kernel', '')} ({report.started})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _goal_threshold(goal: str) -> float | None:
+    """The number in a ratio goal text such as '≥ 0.9x C' or '≤ 2x kvm'."""
+    for token in goal.replace("≥", " ").replace("≤", " ").split():
+        token = token.rstrip("x")
+        try:
+            return float(token)
+        except ValueError:
+            continue
+    return None

@@ -1,0 +1,1 @@
+"""The benchmark workloads, one module each; ``WORKLOADS`` maps the CLI name to (title, run)."""

@@ -1,0 +1,111 @@
+"""Exit round trip: a guest loop of OUT instructions, answered by the Python run loop.
+
+The guest is ``1: out 0x10, al; jmp 1b`` in 64-bit mode at CPL0 and at CPL3. The Python
+side is the loop a VMM writes on guestmem (``vcpu.run()`` and a check of the exit's type
+and port); the C side (``kvm_exit.c``) is the same loop with raw ioctls and the same
+check. Their samples alternate. Goal: the kvm backend reaches at least 0.9x the C exit
+rate. The model's rate is reported alongside (no goal: each model exit restarts Unicorn).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from ...types import IoExit
+from ..backends import system, unavailable
+from ..cbuild import build, run_lines
+from ..harness import CheckFailed, Context, Skip, Stats, at_least, fmt_stats
+from . import guests
+
+PORT = 0x10
+ASM = f"1: out {PORT:#x}, al; jmp 1b"
+GOAL = at_least(0.9, "≥ 0.9x C")
+
+
+def _py_loop(vcpu, n: int) -> float:
+    """ns per exit over n exits of the OUT loop."""
+    run = vcpu.run
+    clock = time.perf_counter_ns
+    t0 = clock()
+    for _ in range(n):
+        ex = run()
+        if ex.__class__ is not IoExit or ex.port != PORT:
+            raise CheckFailed(f"expected an OUT to port {PORT:#x}, got {ex}")
+    return (clock() - t0) / n
+
+
+def run(ctx: Context) -> None:
+    repeat = ctx.pick(3, 7)
+    exits = {0: ctx.pick(5_000, 100_000), 3: ctx.pick(2_000, 40_000)}
+    model_exits = ctx.pick(5_000, 50_000)
+    kvm_reason = unavailable("kvm")
+    prog, c_reason = None, None
+    try:
+        prog = build("kvm_exit")
+        if kvm_reason:
+            raise Skip(f"kvm_exit needs /dev/kvm: {kvm_reason}")
+    except Skip as exc:
+        prog, c_reason = None, str(exc)
+
+    for cpl in (0, 3):
+        case = f"CPL{cpl} OUT loop"
+        n = exits[cpl]
+        c_ns: list[float] = []
+        py_ns: list[float] = []
+        kvm_skip = kvm_reason
+        guest = None
+        if not kvm_skip:
+            try:
+                with system("kvm") as sys_:
+                    guest = guests.build(sys_, ASM, cpl=cpl)
+                    try:
+                        for rep in range(1 + repeat):  # rep 0 warms both sides up
+                            ctx.status(f"CPL{cpl} kvm vs C, repetition {rep}/{repeat}")
+                            if prog is not None:
+                                lines = run_lines(prog, f"cpl{cpl}", "gmem", n, 1)
+                                c = [float(f[1]) for f in lines if f[0] == "ns_per_exit"]
+                                if rep:
+                                    c_ns.extend(c)
+                            p = _py_loop(guest.vcpu, n)
+                            if rep:
+                                py_ns.append(p)
+                    finally:
+                        guest.close()
+            except Skip as exc:
+                kvm_skip = str(exc)
+        if c_ns:
+            st = Stats(tuple(c_ns))
+            ctx.add(case, "C", 1e9 / st.median, "exits/s", detail=fmt_stats(st, 1e-3, " µs/exit"), samples=c_ns)
+        else:
+            ctx.skip(case, "C", c_reason or kvm_skip or "not run")
+        if py_ns:
+            st = Stats(tuple(py_ns))
+            ctx.add(case, "kvm", 1e9 / st.median, "exits/s", detail=fmt_stats(st, 1e-3, " µs/exit"), samples=py_ns)
+        else:
+            ctx.skip(case, "kvm", kvm_skip or "not run")
+        if c_ns and py_ns:
+            ratios = [c / p for c, p in zip(c_ns, py_ns)]
+            ctx.add(case, "kvm/C", statistics.median(c_ns) / statistics.median(py_ns), "x",
+                    detail=f"exit rate ratio; per-pair {min(ratios):.2f}..{max(ratios):.2f}",
+                    goal=GOAL, kind="ratio", samples=ratios)
+        else:
+            ctx.skip(case, "kvm/C", c_reason or kvm_skip or "one side missing", GOAL)
+
+        model_reason = unavailable("model")
+        if model_reason:
+            ctx.skip(case, "model", model_reason)
+            continue
+        try:
+            with system("model") as sys_:
+                guest = guests.build(sys_, ASM, cpl=cpl)
+                try:
+                    ctx.status(f"CPL{cpl} model")
+                    _py_loop(guest.vcpu, min(1000, model_exits))
+                    m = [_py_loop(guest.vcpu, model_exits) for _ in range(repeat)]
+                finally:
+                    guest.close()
+            st = Stats(tuple(m))
+            ctx.add(case, "model", 1e9 / st.median, "exits/s", detail=fmt_stats(st, 1e-3, " µs/exit"), samples=m)
+        except Skip as exc:
+            ctx.skip(case, "model", str(exc))
