@@ -56,10 +56,11 @@ _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
 
 # 6.11+ VFS: FALLOC_FL_MODE_MASK (6.17 added WRITE_ZEROES); 6.8 VFS: FALLOC_FL_SUPPORTED_MASK.
-_MODE_MASK_E2 = (Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE
-                 | Falloc.UNSHARE_RANGE | Falloc.WRITE_ZEROES)
-_SUPPORTED_MASK_E1 = (Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE | Falloc.NO_HIDE_STALE | Falloc.COLLAPSE_RANGE
-                      | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE | Falloc.UNSHARE_RANGE)
+# Plain ints: ``~`` on an IntFlag only complements the known bits.
+_MODE_MASK_E2 = int(Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE
+                    | Falloc.UNSHARE_RANGE | Falloc.WRITE_ZEROES)
+_SUPPORTED_MASK_E1 = int(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE | Falloc.NO_HIDE_STALE | Falloc.COLLAPSE_RANGE
+                         | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE | Falloc.UNSHARE_RANGE)
 
 
 def _s64(value: int) -> int:
@@ -175,7 +176,7 @@ class GuestMemfd:
             self._vfs_fallocate_checks(mode, offset, length)
             if not mode & Falloc.KEEP_SIZE:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: guest_memfd requires KEEP_SIZE")
-            if mode & ~(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE):
+            if mode & ~int(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE):
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: only KEEP_SIZE and PUNCH_HOLE")
             if offset % PAGE_SIZE or length % PAGE_SIZE:
                 raise oserror(errno.EINVAL, f"offset {offset:#x} / len {length:#x} not page aligned")
@@ -192,7 +193,7 @@ class GuestMemfd:
         """vfs_fallocate's generic checks, in the order of the profile's kernel."""
         if offset < 0 or length <= 0:
             raise oserror(errno.EINVAL, f"fallocate offset {offset} / len {length} out of range")
-        keep = Falloc.KEEP_SIZE
+        keep = int(Falloc.KEEP_SIZE)
         if self.vm._profile.era >= 2:
             if mode & ~(_MODE_MASK_E2 | keep):
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
@@ -213,9 +214,9 @@ class GuestMemfd:
             if mode & Falloc.PUNCH_HOLE and not mode & keep:
                 raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE requires KEEP_SIZE")
             for op in (Falloc.COLLAPSE_RANGE, Falloc.INSERT_RANGE):
-                if mode & op and mode & ~op:
+                if mode & op and mode & ~int(op):
                     raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: {op.name} must be used alone")
-            if mode & Falloc.UNSHARE_RANGE and mode & ~(Falloc.UNSHARE_RANGE | keep):
+            if mode & Falloc.UNSHARE_RANGE and mode & ~(int(Falloc.UNSHARE_RANGE) | keep):
                 raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: UNSHARE_RANGE only with KEEP_SIZE")
         if offset + length > _S64_MAX:
             raise oserror(errno.EFBIG, f"fallocate range [{offset:#x}, +{length:#x}) exceeds the maximum file size")

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _HC_MAP_GPA_RANGE_MASK = 1 << 12
-_V1_FLAGS = MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY
+_V1_FLAGS = int(MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY)  # int: ~ on IntFlag keeps only known bits
 
 InvalidationListener = Callable[[int, int], None]
 
@@ -210,13 +210,13 @@ class Vm:
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0, v2=False)
 
     def _check_memory_region_flags(self, flags: int) -> None:
-        valid = MemFlag.LOG_DIRTY_PAGES
+        valid = int(MemFlag.LOG_DIRTY_PAGES)  # int: ~ on IntFlag keeps only known bits
         if self._profile.can_bind(self._private_mem):
-            valid |= MemFlag.GUEST_MEMFD
+            valid |= int(MemFlag.GUEST_MEMFD)
         if flags & MemFlag.GUEST_MEMFD:
-            valid &= ~MemFlag.LOG_DIRTY_PAGES  # no dirty logging for gmem slots
+            valid &= ~int(MemFlag.LOG_DIRTY_PAGES)  # no dirty logging for gmem slots
         else:
-            valid |= MemFlag.READONLY  # no VM type here has protected state
+            valid |= int(MemFlag.READONLY)  # no VM type here has protected state
         if flags & ~valid:
             raise oserror(errno.EINVAL, f"memslot flags {flags:#x} outside valid {int(valid):#x}")
 
