@@ -17,6 +17,57 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--device", default=None, help="KVM device (default $GUESTMEM_KVM_DEVICE or /dev/kvm).")
+def info(as_json: bool, device: str | None) -> None:
+    """Report the host's KVM guest_memfd support and which backend runs each feature."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .info import host_report
+
+    report = host_report(device)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    console = Console(file=sys.stdout)
+    host = Table(title="Host", show_header=False)
+    host.add_row("KVM device", f"{report.device}: {'accessible' if report.kvm_accessible else 'ABSENT'}")
+    if not report.kvm_accessible:
+        host.add_row("why", report.kvm_reason)
+        host.add_row("backend", "everything runs on the model")
+    host.add_row("kernel", report.kernel_release)
+    host.add_row("kvm modules", ", ".join(report.kvm_modules) or "-")
+    if report.kvm_accessible:
+        host.add_row("API version", str(report.api_version))
+        host.add_row("VM types", ", ".join(report.vm_types))
+        host.add_row("guest_memfd flags (/dev/kvm, default VM)",
+                     f"{'|'.join(report.guest_memfd_flags) or '0'}, {'|'.join(report.vm_guest_memfd_flags) or '0'}")
+        host.add_row("memory attributes", "|".join(report.memory_attributes) or "0 (none)")
+    if report.vm_error:
+        host.add_row("default VM", report.vm_error)
+    console.print(host)
+    if report.caps:
+        caps = Table(title="Capabilities")
+        for column in ("cap", "/dev/kvm", "default VM"):
+            caps.add_column(column)
+        def fmt(value: int | None) -> str:
+            return "-" if value is None else f"{value:#x}" if value > 9 else str(value)
+
+        for name, value in report.caps.items():
+            caps.add_row(name, fmt(value), fmt(report.vm_caps.get(name)))
+        console.print(caps)
+    features = Table(title="Features")
+    for column in ("feature", "runs on", "reason"):
+        features.add_column(column)
+    for f in report.features:
+        features.add_row(f.name, f.backend, f.reason)
+    console.print(features)
+
+
+@cli.command()
 @click.argument("names", nargs=-1)
 @click.option("--quick", is_flag=True, help="Small sizes and few repetitions (under two minutes).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
