@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import oserror
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
 from . import fdtable
-from .profile import Profile, resolve_profile
+from .profile import HOST_CAPS, HOST_VM_CAPS, Profile, resolve_profile
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -112,7 +112,9 @@ class System:
             return 1 if p.tdp and p.era >= 2 else 0
         if cap == Cap.GUEST_MEMFD_FLAGS:
             return p.gmem_flags(private) if p.era >= 2 else 0
-        return 0
+        if vm is not None and cap in HOST_VM_CAPS:
+            return HOST_VM_CAPS[cap]
+        return HOST_CAPS.get(cap, 0)
 
     def create_vm(self, type: int = 0) -> "Vm":
         """KVM_CREATE_VM (api.rst 4.2): a new model VM of ``type``.
