@@ -1,4 +1,4 @@
-"""The kvm-ioctls sweep: every method of a closed System, Vm or GuestMemfd fails with EBADF.
+"""The kvm-ioctls sweep: every method of a closed System, Vm, GuestMemfd or Vcpu fails with EBADF.
 
 Methods come from the interface Protocols (plus ``fileno``), so a method added to the
 interface without an entry here fails ``test_sweep_covers_interface``. Closing twice is a
@@ -13,6 +13,7 @@ import inspect
 import pytest
 
 from guestmem import interface
+from guestmem.types import Regs, Sregs
 
 P = 4096
 
@@ -47,7 +48,19 @@ GMEM_CALLS = {
     "lseek": (0, 0),
     "truncate": (P,),
 }
-CASES = {"System": SYSTEM_CALLS, "Vm": VM_CALLS, "GuestMemfd": GMEM_CALLS}
+VCPU_CALLS = {
+    "get_regs": (),
+    "set_regs": (Regs(),),
+    "get_sregs": (),
+    "set_sregs": (Sregs(),),
+    "run": (),
+    "complete_io": (b"",),
+    "complete_mmio": (b"",),
+    "set_hypercall_ret": (0,),
+    "pre_fault_memory": (0, P),
+    "kick": (),
+}
+CASES = {"System": SYSTEM_CALLS, "Vm": VM_CALLS, "GuestMemfd": GMEM_CALLS, "Vcpu": VCPU_CALLS}
 
 
 def protocol_methods(proto: type) -> set[str]:
@@ -89,6 +102,15 @@ def test_closed_guest_memfd(system):
     g.close()
     check_all_ebadf(g, GMEM_CALLS)
     g.close()
+    vm.close()
+
+
+def test_closed_vcpu(system):
+    vm = system.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vcpu.close()
+    check_all_ebadf(vcpu, VCPU_CALLS)
+    vcpu.close()
     vm.close()
 
 
