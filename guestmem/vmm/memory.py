@@ -1,0 +1,452 @@
+"""Guest memory layout: regions, their backings and memslots, and the shared/private map.
+
+Design note
+-----------
+A VMM declares its guest memory as ``Region`` values (guest address, size, private-capable
+or shared-only, backing kind). ``GuestMemory`` validates them once (page aligned, sorted,
+non-overlapping: vm-memory's rule) and creates, using only the backend interface:
+
+* for a **private-capable** region: one guest_memfd for the private half (flags 0, or MMAP
+  when asked and the VM allows it) and one host memfd, mapped MAP_SHARED, for the shared
+  half; each memslot has ``KVM_MEM_GUEST_MEMFD``, binds consecutive guest_memfd offsets
+  and points ``userspace_addr`` at the memfd mapping. This needs a VM whose
+  KVM_CAP_MEMORY_ATTRIBUTES includes PRIVATE, otherwise construction fails with EOPNOTSUPP
+  and a message saying why (the real kernel on this host has no memory attributes).
+* for a **shared-only** region: a guest_memfd created MMAP|INIT_SHARED, with
+  ``userspace_addr`` set to its own mapping (spec 11.8, "GMEM_ONLY"), when the VM reports
+  both flags in KVM_CAP_GUEST_MEMFD_FLAGS; otherwise a plain memfd.
+
+Memslots respect the kernel's limits: a slot never exceeds KVM_MEM_MAX_NR_PAGES (big
+regions are split on 2 MiB boundaries) and the total stays under KVM_CAP_NR_MEMSLOTS.
+
+The attribute map is authoritative and range based: a ``RangeMap`` over gfns holding
+``MemoryAttribute.PRIVATE`` runs (gaps are shared). ``set_attributes`` is the only writer:
+it calls KVM_SET_MEMORY_ATTRIBUTES, updates the map and then notifies every listener once
+with the whole range (QEMU's RamDiscardManager, but per range, not per page).
+
+Readers that must not lock (vCPU threads, the report) take ``snapshot()``: an immutable
+``Snapshot`` of the layout and the private runs at one generation. Snapshots are built
+lazily, copy-on-write: a conversion bumps the generation, and the next reader builds a new
+tuple; a snapshot already handed out never changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import os
+import re
+import threading
+from bisect import bisect_right
+from collections.abc import Callable, Iterable
+
+from .. import hostmem
+from ..errors import oserror
+from ..hostmem import MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
+from ..interface import GuestMemfd, Vm
+from ..rangemap import RangeMap
+from ..types import page_aligned
+from ..uapi import (
+    KVM_MEM_MAX_NR_PAGES, PAGE_SHIFT, PAGE_SIZE, Cap, Falloc, GuestMemfdFlag, MemFlag, MemoryAttribute,
+)
+
+__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "MAX_SLOT_SIZE"]
+
+_2M = 2 << 20
+MAX_SLOT_SIZE = (KVM_MEM_MAX_NR_PAGES << PAGE_SHIFT) & ~(_2M - 1)
+"""The largest memslot the layout creates: under KVM_MEM_MAX_NR_PAGES, 2 MiB aligned."""
+
+BACKINGS = ("auto", "gmem", "memfd")
+PRIVATE = int(MemoryAttribute.PRIVATE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Region:
+    """One declared range of guest memory.
+
+    :param private: private-capable (backed by a guest_memfd for private pages and a memfd
+        for shared ones); False for shared-only memory.
+    :param backing: shared-only regions: "gmem" (MMAP|INIT_SHARED guest_memfd), "memfd", or
+        "auto" (gmem when the VM supports it). Private-capable regions always use both.
+    :param gmem_mmap: private-capable regions: create the guest_memfd with MMAP (the host can
+        map it, and every touch SIGBUSes) when the VM allows it.
+    """
+
+    name: str
+    gpa: int
+    size: int
+    private: bool = False
+    backing: str = "auto"
+    gmem_mmap: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slot:
+    """One memslot the layout created (the KVM_SET_USER_MEMORY_REGION2 arguments)."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int
+    region: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conversion:
+    """What listeners receive: ``[gpa, gpa+size)`` became private (True) or shared (False)."""
+
+    gpa: int
+    size: int
+    private: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the layout and the private ranges at one ``generation``."""
+
+    generation: int
+    regions: tuple[Region, ...]
+    slots: tuple[Slot, ...]
+    private: tuple[tuple[int, int], ...]  # sorted, merged [gpa, end) runs that are PRIVATE
+    backings: tuple[str, ...]  # per region: "gmem+memfd", "gmem-mmap+memfd", "gmem", "memfd"
+
+    def is_private(self, gpa: int) -> bool:
+        i = bisect_right(self.private, (gpa, 1 << 64)) - 1
+        return i >= 0 and self.private[i][0] <= gpa < self.private[i][1]
+
+    def private_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The private parts of [start, end), clipped."""
+        out = []
+        i = max(bisect_right(self.private, (start, 1 << 64)) - 1, 0)
+        for s, e in self.private[i:]:
+            if s >= end:
+                break
+            if e > start:
+                out.append((max(s, start), min(e, end)))
+        return out
+
+    @property
+    def private_bytes(self) -> int:
+        return sum(e - s for s, e in self.private)
+
+    @property
+    def memory_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+
+class _Backed:
+    """A region with the objects backing it (owned by GuestMemory)."""
+
+    __slots__ = ("region", "gmem", "memfd", "mapping", "kind")
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.gmem: GuestMemfd | None = None
+        self.memfd = -1
+        self.mapping: Mapping | None = None  # the host's shared view (memfd or gmem mapping)
+        self.kind = ""
+
+
+def _validate(regions: Iterable[Region]) -> tuple[Region, ...]:
+    out = tuple(sorted(regions, key=lambda r: r.gpa))
+    if not out:
+        raise oserror(errno.EINVAL, "a guest needs at least one memory region")
+    names = set()
+    for r in out:
+        if r.size <= 0 or not page_aligned(r.size) or not page_aligned(r.gpa) or r.gpa < 0:
+            raise oserror(errno.EINVAL, f"region {r.name!r} [{r.gpa:#x}, +{r.size:#x}) must be page aligned and non-empty")
+        if r.backing not in BACKINGS:
+            raise oserror(errno.EINVAL, f"region {r.name!r}: backing {r.backing!r} is not one of {BACKINGS}")
+        if r.name in names:
+            raise oserror(errno.EINVAL, f"region name {r.name!r} is used twice")
+        names.add(r.name)
+    for a, b in zip(out, out[1:]):
+        if a.end > b.gpa:
+            raise oserror(errno.EEXIST, f"regions {a.name!r} and {b.name!r} overlap at {b.gpa:#x}")
+    return out
+
+
+def plan_slots(regions: Iterable[Region], nr_memslots: int, first_slot: int = 0,
+               max_slot_size: int = MAX_SLOT_SIZE) -> list[tuple[int, Region, int, int]]:
+    """Split regions into memslots: ``(slot, region, offset_in_region, size)`` per slot.
+
+    :raises OSError: ENOSPC if the layout needs more than ``nr_memslots`` slots.
+    """
+    out = []
+    slot = first_slot
+    for r in regions:
+        off = 0
+        while off < r.size:
+            size = min(max_slot_size, r.size - off)
+            out.append((slot, r, off, size))
+            slot += 1
+            off += size
+    if slot > nr_memslots:
+        raise oserror(errno.ENOSPC, f"the layout needs {slot} memslots but the VM allows {nr_memslots} "
+                                    "(KVM_CAP_NR_MEMSLOTS)")
+    return out
+
+
+class GuestMemory:
+    """Creates and owns a VM's guest memory; keeps the authoritative attribute map.
+
+    Thread safety: ``set_attributes`` and ``discard`` serialise on ``lock`` (an RLock that the
+    conversion manager also holds across a whole conversion); ``snapshot()`` and the host
+    views need no lock.
+    """
+
+    def __init__(self, vm: Vm, regions: Iterable[Region], *, first_slot: int = 0) -> None:
+        self.vm = vm
+        self.regions = _validate(regions)
+        self.lock = threading.RLock()
+        self._attrs: RangeMap[int] = RangeMap(default=0)
+        self._listeners: list[Callable[[Conversion], None]] = []
+        self._generation = 0
+        self._snapshot: Snapshot | None = None
+        self._backed: list[_Backed] = []
+        self._starts = [r.gpa for r in self.regions]
+        self.has_private = bool(vm.check_extension(Cap.MEMORY_ATTRIBUTES) & PRIVATE)
+        gmem_flags = vm.check_extension(Cap.GUEST_MEMFD_FLAGS) if vm.check_extension(Cap.GUEST_MEMFD) else 0
+        self._gmem_flags = gmem_flags
+        for r in self.regions:
+            if r.private and not self.has_private:
+                raise oserror(errno.EOPNOTSUPP, f"region {r.name!r} needs private memory, but this VM (type {vm.type}) "
+                                                "has none: KVM_CAP_MEMORY_ATTRIBUTES lacks PRIVATE")
+            if r.backing == "gmem" and not r.private and (gmem_flags & 3) != 3:
+                raise oserror(errno.EOPNOTSUPP, f"region {r.name!r}: a shared guest_memfd needs MMAP|INIT_SHARED in "
+                                                "KVM_CAP_GUEST_MEMFD_FLAGS")
+        nr = vm.check_extension(Cap.NR_MEMSLOTS) or 32
+        plan = plan_slots(self.regions, nr, first_slot)
+        self.use_v2 = bool(vm.check_extension(Cap.USER_MEMORY2))
+        slots: list[Slot] = []
+        try:
+            for r in self.regions:
+                self._backed.append(self._create_backing(r))
+            by_name = {b.region.name: b for b in self._backed}
+            for slot, r, off, size in plan:
+                b = by_name[r.name]
+                flags = int(MemFlag.GUEST_MEMFD) if b.gmem is not None else 0
+                assert b.mapping is not None
+                s = Slot(slot, flags, r.gpa + off, size, b.mapping.address + off, off if b.gmem is not None else 0, r.name)
+                if b.gmem is not None or self.use_v2:
+                    vm.set_user_memory_region2(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr,
+                                               b.gmem, s.guest_memfd_offset)
+                else:
+                    vm.set_user_memory_region(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
+                slots.append(s)
+        except BaseException:
+            self.close()
+            raise
+        self.slots = tuple(slots)
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _create_backing(self, r: Region) -> _Backed:
+        b = _Backed(r)
+        want_gmem = r.backing == "gmem" or (r.backing == "auto" and (self._gmem_flags & 3) == 3)
+        if r.private:
+            flags = int(GuestMemfdFlag.MMAP) if r.gmem_mmap and self._gmem_flags & GuestMemfdFlag.MMAP else 0
+            b.gmem = self.vm.create_guest_memfd(r.size, flags)
+            b.kind = "gmem-mmap+memfd" if flags else "gmem+memfd"
+        elif want_gmem:
+            b.gmem = self.vm.create_guest_memfd(r.size, int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED))
+            b.mapping = b.gmem.mmap(r.size)
+            b.kind = "gmem"
+            return b
+        else:
+            b.kind = "memfd"
+        b.memfd = hostmem.memfd(f"guestmem-{r.name}", r.size)
+        address = hostmem.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, b.memfd, 0)
+        b.mapping = Mapping(address, r.size)
+        return b
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def _find(self, gpa: int) -> _Backed | None:
+        i = bisect_right(self._starts, gpa) - 1
+        if i < 0:
+            return None
+        b = self._backed[i]
+        return b if gpa < b.region.end else None
+
+    def region_at(self, gpa: int) -> Region | None:
+        b = self._find(gpa)
+        return None if b is None else b.region
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def gmem(self, name: str) -> GuestMemfd | None:
+        """The guest_memfd backing region ``name`` (None for memfd-backed regions)."""
+        return self._backed[self.regions.index(self.region(name))].gmem
+
+    def shared_mapping(self, name: str) -> Mapping:
+        """The host's shared view of region ``name`` (what the memslot's userspace_addr maps)."""
+        m = self._backed[self.regions.index(self.region(name))].mapping
+        assert m is not None
+        return m
+
+    def within_private_capable(self, gpa: int, size: int) -> bool:
+        """True if [gpa, gpa+size) lies inside one private-capable region."""
+        b = self._find(gpa)
+        return b is not None and b.region.private and size > 0 and gpa + size <= b.region.end
+
+    def _host(self, gpa: int, size: int) -> tuple[Mapping, int]:
+        b = self._find(gpa)
+        if b is None or size < 0 or gpa + size > b.region.end:
+            raise oserror(errno.EFAULT, f"guest range [{gpa:#x}, +{size:#x}) is not inside one region")
+        assert b.mapping is not None
+        return b.mapping, gpa - b.region.gpa
+
+    def read(self, gpa: int, size: int) -> bytes:
+        """Read guest memory through the host's shared view (never the private backing)."""
+        m, off = self._host(gpa, size)
+        return m.read(off, size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Write guest memory through the host's shared view."""
+        m, off = self._host(gpa, len(data))
+        m.write(off, data)
+
+    def fill(self, gpa: int, size: int, byte: int) -> None:
+        m, off = self._host(gpa, size)
+        m.fill(off, size, byte)
+
+    # --- attributes ---------------------------------------------------------------------------
+
+    def attributes(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """``(gpa, end, attributes)`` runs tiling [start, end) (gaps read 0, shared)."""
+        with self.lock:
+            runs = self._attrs.ranges(start >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        return [(max(s << PAGE_SHIFT, start), min(e << PAGE_SHIFT, end), v) for s, e, v in runs]
+
+    def private_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """What is private in [start, end)? Sorted ``(gpa, end)`` runs."""
+        return [(s, e) for s, e, v in self.attributes(start, end) if v & PRIVATE]
+
+    def is_private(self, gpa: int, size: int = PAGE_SIZE) -> bool | None:
+        """True/False if all of [gpa, gpa+size) is private/shared; None if mixed."""
+        with self.lock:
+            v = self._attrs.uniform(gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        return None if v is None else bool(v & PRIVATE)
+
+    def add_listener(self, listener: Callable[[Conversion], None]) -> None:
+        """Call ``listener(Conversion)`` after every attribute change, once per whole range."""
+        with self.lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Conversion], None]) -> None:
+        with self.lock:
+            self._listeners.remove(listener)
+
+    def set_attributes(self, gpa: int, size: int, private: bool) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES for [gpa, gpa+size), then the map, then the listeners.
+
+        The kernel call comes first, so a failure leaves the map untouched.
+
+        :raises OSError: the kernel's errno (EINVAL unaligned/empty, ENOTTY without attributes).
+        """
+        attrs = PRIVATE if private else 0
+        with self.lock:
+            self.vm.set_memory_attributes(gpa, size, attrs)
+            self._attrs.set(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, attrs)
+            self._generation += 1
+            event = Conversion(gpa, size, private)
+            for listener in list(self._listeners):
+                listener(event)
+
+    def discard(self, gpa: int, size: int, private: bool) -> list[tuple[str, int, int]]:
+        """Free the backing a range no longer uses; returns ``(what, offset, length)`` per step.
+
+        ``private`` is the new state: going private drops the shared pages (punch the memfd),
+        going shared punches the guest_memfd range. Only private-capable regions have two
+        backings; the range may span several of them.
+        """
+        done = []
+        with self.lock:
+            pos, end = gpa, gpa + size
+            while pos < end:
+                b = self._find(pos)
+                if b is None:
+                    nxt = bisect_right(self._starts, pos)
+                    if nxt >= len(self._starts) or self._starts[nxt] >= end:
+                        break
+                    pos = self._starts[nxt]
+                    continue
+                stop = min(end, b.region.end)
+                if b.region.private:
+                    off, length = pos - b.region.gpa, stop - pos
+                    if private:
+                        hostmem.fallocate(b.memfd, Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, off, length)
+                        done.append(("memfd", off, length))
+                    else:
+                        assert b.gmem is not None
+                        b.gmem.punch_hole(off, length)
+                        done.append(("gmem", off, length))
+                pos = stop
+        return done
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The current immutable Snapshot (rebuilt only after a conversion)."""
+        snap = self._snapshot
+        if snap is not None and snap.generation == self._generation:
+            return snap
+        with self.lock:
+            private = tuple((s << PAGE_SHIFT, e << PAGE_SHIFT) for s, e, v in self._attrs if v & PRIVATE)
+            snap = Snapshot(self._generation, self.regions, self.slots, private,
+                            tuple(b.kind for b in self._backed))
+            self._snapshot = snap
+        return snap
+
+    def populated(self, name: str) -> list[tuple[int, int]]:
+        """Resident pages of region ``name``'s shared view, as ``(gpa, end)`` runs (mincore)."""
+        r = self.region(name)
+        m = self.shared_mapping(name)
+        vec = _mincore(m.address, m.length)
+        return [(r.gpa + (mo.start() << PAGE_SHIFT), r.gpa + (mo.end() << PAGE_SHIFT))
+                for mo in _RESIDENT.finditer(vec)]
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and close every backing (memslots go away with the VM)."""
+        for b in self._backed:
+            if b.mapping is not None:
+                b.mapping.close()
+            if b.memfd >= 0:
+                os.close(b.memfd)
+                b.memfd = -1
+            if b.gmem is not None:
+                b.gmem.close()
+        self._backed = []
+        self._starts = []
+
+
+_RESIDENT = re.compile(rb"[\x01-\xff]+")
+
+
+def _mincore(address: int, length: int) -> bytes:
+    """mincore(2) as one byte per page, 1 = resident."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+    vec = ctypes.create_string_buffer(npages)
+    if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
+        err = ctypes.get_errno()
+        raise oserror(err, f"mincore({address:#x}, {length:#x})")
+    return vec.raw.translate(_LOWBIT)
+
+
+_LOWBIT = bytes(i & 1 for i in range(256))
+
