@@ -69,9 +69,12 @@ def plot(report: Report, path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.3]})
 
     if scaling:
-        for case in sorted({r.case.split(" @")[0] for r in scaling}):
-            pts = sorted((r.x, r.value) for r in scaling if r.case.split(" @")[0] == case)
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=case)
+        def series(r: Row) -> str:
+            return f"{r.backend}, over {r.case.split(' over ', 1)[-1]}"
+
+        for name in sorted({series(r) for r in scaling}):
+            pts = sorted((r.x, r.value) for r in scaling if series(r) == name)
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax1.axhline(1000.0, color="red", linestyle="--", linewidth=1, label="goal: 1 TiB ≤ 1 ms")
         ax1.set_xscale("log", base=2)
         ax1.set_yscale("log")

@@ -32,6 +32,7 @@ SIZES = [4 << 10, 64 << 10, 2 << 20, 64 << 20, 1 << 30, 64 << 30, 1 << 40]
 GOAL_1T = at_most(1000.0, "1 TiB ≤ 1 ms")
 GOAL_RANDOM = at_most(20.0, "≤ 20 µs")
 BYTES_PER_RANGE = 1024
+FRAGMENTS = 10_000
 GOAL_MEMORY = at_most(BYTES_PER_RANGE, f"O(ranges): ≤ {BYTES_PER_RANGE} B/range")
 
 
@@ -91,24 +92,41 @@ def _check_ranges(ranges: list[tuple[int, int, int]] | None, what: str) -> int:
 
 
 def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
+    """µs per call for each size, over an empty map and over one holding FRAGMENTS ranges
+    spread evenly across the 1 TiB (so a big update has to drop thousands of them)."""
     setattrs = tvm.vm.set_memory_attributes
-    calls = ctx.pick(20, 200)
     clock = time.perf_counter_ns
-    for size in SIZES:
-        ctx.status(f"{backend}: set_memory_attributes {_size_name(size)}")
-        times = []
-        for i in range(calls + 2):
-            attr = PRIVATE if i % 2 == 0 else 0
-            t0 = clock()
-            setattrs(0, size, attr)
-            dt = clock() - t0
-            if i >= 2:
-                times.append(dt / 1000)
-        st = Stats(tuple(times))
-        ctx.add(f"set {_size_name(size)}", backend, st.median, "µs", detail=fmt_stats(st, unit=" µs"),
-                goal=GOAL_1T if size == TIB else None, kind="scaling", x=size, samples=times)
-    setattrs(0, TIB, 0)
-    check(_check_ranges(tvm.ranges(), "after scaling") in (0, -1), "attributes left behind after clearing 1 TiB")
+    stride = (TIB // PAGE) // FRAGMENTS * PAGE
+
+    def fragment(end: int) -> None:
+        setattrs(0, end, 0)
+        for gpa in range(stride // 2 // PAGE * PAGE, end, stride):
+            setattrs(gpa, PAGE, PRIVATE)
+
+    for series, calls in (("empty map", ctx.pick(20, 200)), (f"{FRAGMENTS:,} ranges", ctx.pick(3, 9))):
+        fragmented = series != "empty map"
+        if fragmented:
+            fragment(TIB)
+        for size in SIZES:
+            ctx.status(f"{backend}: set_memory_attributes {_size_name(size)} over {series}")
+            times = []
+            for i in range(calls + 2):
+                attr = PRIVATE if (i % 2 == 0 or fragmented) else 0
+                t0 = clock()
+                setattrs(0, size, attr)
+                dt = clock() - t0
+                if fragmented:
+                    fragment(size)
+                if i >= 2:
+                    times.append(dt / 1000)
+            st = Stats(tuple(times))
+            ctx.add(f"set {_size_name(size)} over {series}", backend, st.median, "µs", detail=fmt_stats(st, unit=" µs"),
+                    goal=GOAL_1T if size == TIB else None, kind="scaling", x=size, samples=times)
+        if fragmented:
+            stored = _check_ranges(tvm.ranges(), "fragmented map")
+            check(stored in (-1, FRAGMENTS), f"expected {FRAGMENTS} private ranges, found {stored}")
+        setattrs(0, TIB, 0)
+        check(_check_ranges(tvm.ranges(), "after scaling") in (0, -1), "attributes left behind after clearing 1 TiB")
 
 
 def _random(ctx: Context, backend: str, tvm: _TiBVm) -> None:

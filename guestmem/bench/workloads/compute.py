@@ -16,7 +16,7 @@ from ..harness import Context, Skip, Stats, at_least, check, fmt_stats
 from . import guests
 
 PORT = 0x11
-ASM = f"1: dec rcx; jnz 1b; out {PORT:#x}, al; 2: jmp 2b"
+ASM = f"again: dec rcx; jnz again; out {PORT:#x}, al; hang: jmp hang"
 GOAL = at_least(100.0, "≥ 100 MIPS")
 
 

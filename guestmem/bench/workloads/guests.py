@@ -19,6 +19,7 @@ from ..harness import Skip
 
 TEST_GPA = 1 << 30
 TEST_SLOT = 1
+LOW_SIZE = 2 << 20
 
 
 @dataclasses.dataclass
@@ -52,7 +53,12 @@ def _builder():
 
 def build(system: Any, asm: str, *, cpl: int, vm_type: int = 0, test: str | None = None,
           test_size: int = 0, hypercalls: bool = False) -> Guest:
-    """A VM with one vCPU at the start of ``asm`` (64-bit, ``cpl``), optionally a test slot."""
+    """A VM with one vCPU at the start of ``asm`` (64-bit, ``cpl``), optionally a test slot.
+
+    Low memory (builder structures, code, stack) is a 2 MiB slot at GPA 0: a guest_memfd
+    with MMAP|INIT_SHARED registered through its mapping on default VMs (as the C reference
+    does), anonymous memory on VMs with private memory (INIT_SHARED is refused there).
+    """
     builder = _builder()
     try:
         vm = system.create_vm(vm_type)
@@ -62,11 +68,30 @@ def build(system: Any, asm: str, *, cpl: int, vm_type: int = 0, test: str | None
     g._closers.append(vm.close)
     try:
         if hypercalls:
-            vm.enable_cap(int(uapi.Cap.EXIT_HYPERCALL), 1 << int(uapi.Hypercall.MAP_GPA_RANGE))
-        image = builder.long_mode_guest(asm, cpl=cpl)
-        loaded = builder.load(vm, image)
-        g.image, g.vcpu, g.entry = image, loaded.vcpu, image.entry
-        g._closers.append(loaded.close)
+            try:
+                vm.enable_cap(int(uapi.Cap.EXIT_HYPERCALL), 1 << int(uapi.Hypercall.MAP_GPA_RANGE))
+            except OSError as exc:
+                raise Skip(f"KVM_CAP_EXIT_HYPERCALL unavailable ({exc.strerror})") from exc
+        image = builder.long_mode_guest(asm, cpl=cpl, memory_size=LOW_SIZE,
+                                        identity_map=[(TEST_GPA, test_size)] if test else ())
+        if vm_type == 0:
+            gmem = vm.create_guest_memfd(LOW_SIZE, int(uapi.GuestMemfdFlag.MMAP | uapi.GuestMemfdFlag.INIT_SHARED))
+            g._closers.append(gmem.close)
+            low = gmem.mmap(LOW_SIZE)
+            g._closers.append(low.close)
+            vm.set_user_memory_region2(0, int(uapi.MemFlag.GUEST_MEMFD), 0, LOW_SIZE, userspace_addr=low.address,
+                                       guest_memfd=gmem, guest_memfd_offset=0)
+        else:
+            addr = hostmem.mmap(LOW_SIZE, hostmem.PROT_READ | hostmem.PROT_WRITE,
+                                hostmem.MAP_SHARED | hostmem.MAP_ANONYMOUS, -1, 0)
+            low = hostmem.Mapping(addr, LOW_SIZE)
+            g._closers.append(low.close)
+            vm.set_user_memory_region2(0, 0, 0, LOW_SIZE, userspace_addr=addr)
+        builder.load(image, {0: low})
+        vcpu = vm.create_vcpu(0)
+        g._closers.append(vcpu.close)
+        builder.setup_vcpu(vcpu, image)
+        g.image, g.vcpu, g.entry = image, vcpu, image.entry
         if test:
             _add_test_slot(g, test, test_size)
     except Exception:

@@ -22,7 +22,7 @@ from . import guests
 
 PORT = 0x11
 PAGE = uapi.PAGE_SIZE
-ASM = f"1: mov byte ptr [rdi], 1; add rdi, {PAGE}; cmp rdi, rsi; jb 1b; out {PORT:#x}, al; 2: jmp 2b"
+ASM = f"again: mov byte ptr [rdi], 1; add rdi, {PAGE}; cmp rdi, rsi; jb again; out {PORT:#x}, al; hang: jmp hang"
 GOAL = at_least(0.5, "≥ 0.5x kvm")
 CASES = (("kvm", "gmem shared"), ("model", "gmem shared"), ("model", "private"))
 
