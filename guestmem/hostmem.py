@@ -13,6 +13,7 @@ import ctypes.util
 import mmap as _mmap
 import os
 
+from .encoding import encode_signed
 from .errors import oserror
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -46,7 +47,9 @@ def munmap(address: int, length: int) -> None:
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with the kernel's errno on failure."""
+    """fallocate(2) with the kernel's errno on failure (offset and length are loff_t)."""
+    mode = encode_signed(mode, 32, "mode")
+    offset, length = encode_signed(offset, 64, "offset"), encode_signed(length, 64, "len")
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise oserror(err, f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")

@@ -13,6 +13,7 @@ import errno
 import fcntl
 from typing import Any
 
+from ..encoding import encode_array, encode_unsigned
 from ..errors import oserror
 
 _NO_ARG = object()
@@ -37,19 +38,6 @@ def closed_error(what: str) -> OSError:
     return oserror(errno.EBADF, f"{what} is closed")
 
 
-def encode_unsigned(value: int, bits: int, field: str) -> int:
-    """Encode ``value`` as the two's-complement unsigned ``bits``-wide field the kernel reads.
-
-    Negative values wrap (``-1`` → all ones), so they reach the kernel and get its errno.
-    A value that no ``bits``-wide field can hold (``< -2**(bits-1)`` or ``>= 2**bits``) never
-    reaches the kernel: EINVAL naming the field.
-    """
-    value = int(value)
-    if not -(1 << (bits - 1)) <= value < (1 << bits):
-        raise oserror(errno.EINVAL, f"{field}={value:#x} does not fit in a u{bits}")
-    return value & ((1 << bits) - 1)
-
-
 def int_arg(value: int, field: str) -> int:
     """An ioctl argument passed by value: ``fcntl.ioctl`` takes a C int, so a u32 is passed
     as its signed twin (same bits). Values outside 32 bits: EINVAL naming the field."""
@@ -57,27 +45,7 @@ def int_arg(value: int, field: str) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def encode_fd(obj: Any, field: str) -> int:
-    """A u32 fd field from None (0), an int (negative wraps: -1 → 0xFFFFFFFF), or anything
-    with ``fileno()``. A closed object encodes as -1 so the kernel, not the wrapper, decides
-    the errno at its own place in the check order (EBADF at bind time)."""
-    if obj is None:
-        return 0
-    if isinstance(obj, int):
-        return encode_unsigned(obj, 32, field)
-    try:
-        fd = obj.fileno()
-    except (OSError, ValueError):
-        fd = -1
-    return encode_unsigned(fd, 32, field)
-
-
 def fill_array(array: Any, values: Any, field: str) -> None:
     """Copy ``values`` (None = zeros) into a ctypes u64 array, encoding each element."""
-    if values is None:
-        return
-    values = list(values)
-    if len(values) > len(array):
-        raise oserror(errno.EINVAL, f"{field} has {len(values)} elements; the struct holds {len(array)}")
-    for i, v in enumerate(values):
-        array[i] = encode_unsigned(v, 64, f"{field}[{i}]")
+    for i, v in enumerate(encode_array(values, len(array), 64, field)):
+        array[i] = v

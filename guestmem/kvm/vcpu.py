@@ -35,7 +35,8 @@ from ..types import (
     DTable, Exit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
     MemoryFaultExit, MmioExit, Regs, Segment, ShutdownExit, Sregs, UnknownExit,
 )
-from ._ioctl import closed_error, encode_unsigned, int_arg, ioctl
+from ..encoding import encode_unsigned
+from ._ioctl import closed_error, int_arg, ioctl
 
 if TYPE_CHECKING:
     from .vm import Vm

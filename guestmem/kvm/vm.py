@@ -15,7 +15,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
-from ._ioctl import closed_error, encode_fd, encode_unsigned, fill_array, int_arg, ioctl
+from ..encoding import encode_fd, encode_unsigned
+from ._ioctl import closed_error, fill_array, int_arg, ioctl
 
 if TYPE_CHECKING:
     from .guest_memfd import GuestMemfd

@@ -37,6 +37,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .. import hostmem
+from ..encoding import encode_signed
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 _S_IFREG = 0o100000
 _ino_counter = itertools.count(0x6D6F0000)  # st_ino values unique per guest_memfd
-_U64 = (1 << 64) - 1
 _S64_MAX = (1 << 63) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
@@ -61,11 +61,6 @@ _MODE_MASK_E2 = int(Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE | Falloc.ZERO_RANG
                     | Falloc.UNSHARE_RANGE | Falloc.WRITE_ZEROES)
 _SUPPORTED_MASK_E1 = int(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE | Falloc.NO_HIDE_STALE | Falloc.COLLAPSE_RANGE
                          | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE | Falloc.UNSHARE_RANGE)
-
-
-def _s64(value: int) -> int:
-    value &= _U64
-    return value - (1 << 64) if value > _S64_MAX else value
 
 
 class _FilePin:
@@ -171,8 +166,8 @@ class GuestMemfd:
         """
         with self.vm._lock:
             self._check_open()
-            mode &= 0xFFFFFFFF
-            offset, length = _s64(offset), _s64(length)
+            mode = encode_signed(mode, 32, "mode") & 0xFFFFFFFF
+            offset, length = encode_signed(offset, 64, "offset"), encode_signed(length, 64, "len")
             self._vfs_fallocate_checks(mode, offset, length)
             if not mode & Falloc.KEEP_SIZE:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: guest_memfd requires KEEP_SIZE")

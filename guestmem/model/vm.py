@@ -29,6 +29,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..encoding import encode_array, encode_fd, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
@@ -42,23 +43,10 @@ if TYPE_CHECKING:
     from .system import System
 
 _U64 = (1 << 64) - 1
-_U32 = (1 << 32) - 1
 _HC_MAP_GPA_RANGE_MASK = 1 << 12
 _V1_FLAGS = int(MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY)  # int: ~ on IntFlag keeps only known bits
 
 InvalidationListener = Callable[[int, int], None]
-
-
-def _fd_of(guest_memfd: Any) -> int:
-    """The u32 fd the ioctl would carry for ``guest_memfd`` (an int, a file object, or None)."""
-    if guest_memfd is None:
-        return 0
-    if isinstance(guest_memfd, int):
-        return guest_memfd & _U32
-    try:
-        return guest_memfd.fileno() & _U32
-    except OSError:
-        return _U32  # a closed file object: no such fd
 
 
 class Vm:
@@ -108,6 +96,13 @@ class Vm:
             fdtable.fd_close(fd)
         self._put_kvm()
 
+    def __enter__(self) -> "Vm":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _get_kvm(self) -> None:
         """Take a VM reference (kvm_get_kvm); vCPUs and guest_memfds hold one each."""
         with self._lock:
@@ -147,10 +142,9 @@ class Vm:
         """
         with self._lock:
             self._check_open()
-            if len(args) > 4:
-                raise TypeError(f"kvm_enable_cap has 4 args, got {len(args)}")
-            argv = [a & _U64 for a in args] + [0] * (4 - len(args))
-            if flags & _U32:
+            cap, flags = encode_unsigned(cap, 32, "cap"), encode_unsigned(flags, 32, "flags")
+            argv = encode_array(args, 4, 64, "args")
+            if flags:
                 raise oserror(errno.EINVAL, f"enable_cap flags {flags:#x} must be 0")
             if cap != Cap.EXIT_HYPERCALL:
                 raise oserror(errno.EINVAL, f"capability {cap} cannot be enabled on a VM")
@@ -169,7 +163,8 @@ class Vm:
         """
         with self._lock:
             self._check_open()
-            size, flags = size & _U64, flags & _U64
+            size, flags = encode_unsigned(size, 64, "size"), encode_unsigned(flags, 64, "flags")
+            encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
             supported = self._profile.gmem_flags(self._private_mem)
             if flags & ~supported:
                 raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x} outside supported {supported:#x}")
@@ -197,8 +192,12 @@ class Vm:
         EINVAL not a guest_memfd, another VM's, offset out of the file or file range
         already bound; EINVAL GFN beyond the maximum. Mirrors kvm_set_memory_region.
         """
+        self._check_open()
+        fd = encode_fd(guest_memfd, "guest_memfd")
+        encode_unsigned(pad1, 32, "pad1")  # pad1/pad2 are never checked, but must fit the struct
+        encode_array(pad2, 14, 64, "pad2")
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                                _fd_of(guest_memfd), guest_memfd_offset, v2=True)
+                                fd, encode_unsigned(guest_memfd_offset, 64, "guest_memfd_offset"), v2=True)
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int = 0) -> None:
@@ -207,6 +206,7 @@ class Vm:
         Errors: EBADF closed fd; EINVAL any flag besides LOG_DIRTY_PAGES|READONLY; then as
         ``set_user_memory_region2``. Mirrors kvm_vm_ioctl_set_memory_region (v1 path).
         """
+        self._check_open()
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0, v2=False)
 
     def _check_memory_region_flags(self, flags: int) -> None:
@@ -224,8 +224,10 @@ class Vm:
                            offset: int, *, v2: bool) -> None:
         with self._lock:
             self._check_open()
-            slot, flags = slot & _U32, flags & _U32
-            gpa, size, uaddr, offset = gpa & _U64, size & _U64, uaddr & _U64, offset & _U64
+            slot, flags = encode_unsigned(slot, 32, "slot"), encode_unsigned(flags, 32, "flags")
+            gpa = encode_unsigned(gpa, 64, "guest_phys_addr")
+            size = encode_unsigned(size, 64, "memory_size")
+            uaddr = encode_unsigned(uaddr, 64, "userspace_addr")
             if not v2 and flags & ~_V1_FLAGS:
                 raise oserror(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION flags {flags:#x}: use v2 for GUEST_MEMFD")
             as_id, id_ = slot >> 16, slot & 0xFFFF
@@ -372,9 +374,10 @@ class Vm:
         """
         with self._lock:
             self._check_open()
+            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
+            attributes, flags = encode_unsigned(attributes, 64, "attributes"), encode_unsigned(flags, 64, "flags")
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no KVM_SET_MEMORY_ATTRIBUTES")
-            address, size, attributes, flags = address & _U64, size & _U64, attributes & _U64, flags & _U64
             if flags:
                 raise oserror(errno.EINVAL, f"memory attributes flags {flags:#x} must be 0")
             supported = self._supported_attributes()
@@ -422,7 +425,7 @@ class Vm:
             self._check_open()
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no memory attributes")
-            address, size = address & _U64, size & _U64
+            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
             self._check_attribute_range(address, size)
             return [(s << PAGE_SHIFT, e << PAGE_SHIFT, v)
                     for s, e, v in self._attributes.ranges(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT)]

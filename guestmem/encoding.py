@@ -1,0 +1,61 @@
+"""How a Python argument becomes the fixed-width field the kernel reads.
+
+Both backends normalise every ioctl argument here before anything else, so a value the
+kernel would see as -1, or a value no field can hold, behaves the same on either backend:
+negative values wrap to two's complement (they reach the kernel and get its errno); a value
+that no field of that width can hold never reaches it (EINVAL naming the field).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, Iterable
+
+from .errors import oserror
+
+
+def encode_unsigned(value: int, bits: int, field: str) -> int:
+    """``value`` as the two's-complement unsigned ``bits``-wide field the kernel reads.
+
+    :raises OSError: EINVAL if ``value < -2**(bits-1)`` or ``value >= 2**bits``.
+    """
+    value = int(value)
+    if not -(1 << (bits - 1)) <= value < (1 << bits):
+        raise oserror(errno.EINVAL, f"{field}={value:#x} does not fit in a u{bits}")
+    return value & ((1 << bits) - 1)
+
+
+def encode_signed(value: int, bits: int, field: str) -> int:
+    """``value`` as the signed ``bits``-wide field (e.g. loff_t) the kernel reads: values up to
+    2**bits - 1 are accepted and reinterpreted, as the kernel would see their bits.
+
+    :raises OSError: EINVAL if no ``bits``-wide field can hold ``value``.
+    """
+    value = encode_unsigned(value, bits, field)
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def encode_fd(obj: Any, field: str) -> int:
+    """A u32 fd field from None (0), an int (negative wraps: -1 → 0xFFFFFFFF), or anything
+    with ``fileno()``. A closed object encodes as -1 so the kernel, not the wrapper, decides
+    the errno at its own place in the check order (EBADF at bind time)."""
+    if obj is None:
+        return 0
+    if isinstance(obj, int):
+        return encode_unsigned(obj, 32, field)
+    try:
+        fd = obj.fileno()
+    except (OSError, ValueError):
+        fd = -1
+    return encode_unsigned(fd, 32, field)
+
+
+def encode_array(values: Iterable[int] | None, length: int, bits: int, field: str) -> list[int]:
+    """A fixed-length array field (None = zeros), each element encoded as ``bits`` wide.
+
+    :raises OSError: EINVAL if there are more than ``length`` values or one does not fit.
+    """
+    items = [] if values is None else list(values)
+    if len(items) > length:
+        raise oserror(errno.EINVAL, f"{field} has {len(items)} elements; the struct holds {length}")
+    return [encode_unsigned(v, bits, f"{field}[{i}]") for i, v in enumerate(items)] + [0] * (length - len(items))
