@@ -5,7 +5,7 @@
 
 is ``guestmem bench`` with ``--json benchmarks/results/<stamp>.json`` and
 ``--plot benchmarks/results/<stamp>.png`` filled in (``latest.json``/``latest.png`` are
-copies of the newest run). Everything else lives in ``guestmem.bench``.
+copies of the newest run, and ``latest.md`` its table in Markdown for docs/benchmarks.md). Everything else lives in ``guestmem.bench``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from guestmem.bench.report import load, markdown
 from guestmem.cli import main
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,6 +28,7 @@ def run(argv: list[str]) -> int:
     code = main(["bench", *argv, "--json", str(out_json), "--plot", str(out_png)])
     if out_json.exists():
         shutil.copyfile(out_json, RESULTS / "latest.json")
+        (RESULTS / "latest.md").write_text(markdown(load(out_json)), encoding="utf-8")
     if out_png.exists():
         shutil.copyfile(out_png, RESULTS / "latest.png")
     print(f"results: {out_json}\nplot: {out_png}")

@@ -40,6 +40,10 @@ def test_cli_writes_json_and_plot(tmp_path) -> None:
     assert {"cpu", "nproc", "kernel", "kvm_modules"} <= set(data["machine"])
     assert data["rows"] and all("status" in r for r in data["rows"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = report.load(out_json)
+    assert [r.as_dict() for r in again.rows] == data["rows"]
+    md = report.markdown(again)
+    assert md.count("\n| file operations |") == len(data["rows"])
 
 
 def test_plot_without_data_still_draws(tmp_path) -> None:

@@ -53,8 +53,30 @@ def summary(report: Report) -> str:
     return f"{len(report.rows)} rows ({parts}) in {report.duration_s:.1f} s"
 
 
+def markdown(report: Report) -> str:
+    """The machine description and the results table as Markdown (for docs/benchmarks.md)."""
+    lines = [f"Command: `{report.command}` — started {report.started}, {report.duration_s:.0f} s.", "",
+             "| machine | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in report.machine.items()]
+    lines += ["", "| workload | case | backend | result | how | goal | status |",
+              "| --- | --- | --- | ---: | --- | --- | --- |"]
+    for r in report.rows:
+        how = r.note if r.status in (SKIP, FAIL) else r.detail + (f"; {r.note}" if r.note else "")
+        cells = [r.workload, r.case, r.backend, fmt_value(r), how, r.goal or "-", f"**{r.status}**"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(report: Report, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
+
+
+def load(path: str | Path) -> Report:
+    """A Report read back from ``write_json`` output."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = [Row(**r) for r in data["rows"]]
+    return Report(data["command"], data["quick"], data["machine"], data["started"], data["duration_s"], rows,
+                  data.get("workload_seconds", {}))
 
 
 def plot(report: Report, path: str | Path) -> None:
