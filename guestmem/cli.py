@@ -99,6 +99,61 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
         raise click.exceptions.Exit(1)
 
 
+@cli.command()
+@click.argument("workload", default="conversions")
+@click.option("--backend", type=click.Choice(["auto", "model", "kvm"]), default="auto", show_default=True,
+              help="auto: the kernel if it can run the workload, else the model.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="Number of vCPUs.")
+@click.option("--memory", "memory", default=None, help="Guest data memory, e.g. 64M (default: per workload).")
+@click.option("--iterations", type=click.IntRange(1), default=None, help="conversions: iterations per vCPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
+@click.option("--map", "map_path", type=click.Path(dir_okay=False), help="Also write the memory map as a PNG.")
+def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations: int | None, as_json: bool,
+        map_path: str | None) -> None:
+    """Boot a VM and run WORKLOAD: conversions (default), secret or touch."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .vmm import job, report
+
+    console = Console()
+    try:
+        size = job.parse_size(memory) if memory else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory") from exc
+    options = {"iterations": iterations} if iterations and workload == "conversions" else {}
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True, disable=as_json)
+    task = progress.add_task(workload, total=None)
+
+    def on_backend(name: str, why: str) -> None:
+        if not as_json:
+            console.print(f"backend: [bold]{name}[/] ({why})")
+
+    try:
+        with progress:
+            result = job.run_workload(workload, backend=backend, vcpus=vcpus, memory=size, options=options,
+                                      on_backend=on_backend,
+                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except OSError as exc:
+        raise click.ClickException(exc.strerror or str(exc)) from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(report.to_json(result))
+    else:
+        console.print(report.summary(result))
+        console.print(report.map_bar(result))
+    if map_path:
+        report.plot_map(result, map_path)
+        if not as_json:
+            console.print(f"memory map written to {map_path}")
+    if result.interrupted:
+        raise click.exceptions.Exit(130)
+    if not result.ok:
+        raise click.exceptions.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: sys.argv[1:]) and return the exit code."""
     try:

@@ -1,0 +1,178 @@
+"""``run_workload``: the library side of ``guestmem run``.
+
+Picks the backend (the kernel when it can do everything the workload needs, else the
+model), builds a Machine with the workload's layout, runs it, and returns a ``RunResult``
+with everything the report shows: exits by reason, conversions by direction and size,
+the workload's own checks and the final memory map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import time
+from collections.abc import Callable
+from typing import Any
+
+import guestmem
+
+from .. import workloads
+from ..errors import oserror
+from ..rangemap import RangeMap
+from ..uapi import Cap, MemoryAttribute, VmType
+from .machine import Machine, boot_region
+
+__all__ = ["RunResult", "choose_backend", "run_workload", "parse_size", "memory_map"]
+
+BACKENDS = ("auto", "model", "kvm")
+
+
+def parse_size(text: str) -> int:
+    """``64M``, ``1G``, ``4096``, ``2MiB`` -> bytes. :raises ValueError: unparsable text."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t, 0)
+    except ValueError:
+        raise ValueError(f"cannot parse size {text!r} (use e.g. 64M, 1G, 4096)") from None
+
+
+def _kernel_private_memory(system: Any) -> tuple[bool, str]:
+    """Whether ``system`` (the kvm backend) can give a VM private memory, and why not."""
+    types = system.check_extension(Cap.VM_TYPES)
+    if not types & (1 << VmType.SW_PROTECTED):
+        return False, (f"this kernel has no VM type with private memory (KVM_CAP_VM_TYPES={types:#x} lacks "
+                       "SW_PROTECTED)")
+    vm = system.create_vm(VmType.SW_PROTECTED)
+    try:
+        attrs = vm.check_extension(Cap.MEMORY_ATTRIBUTES)
+    finally:
+        vm.close()
+    if not attrs & MemoryAttribute.PRIVATE:
+        return False, f"this kernel's KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} lacks PRIVATE"
+    return True, "KVM_CAP_MEMORY_ATTRIBUTES has PRIVATE and SW_PROTECTED VMs exist"
+
+
+def choose_backend(requested: str, workload: Any) -> tuple[str, str]:
+    """``(backend, reason)`` for ``requested`` ("auto", "model" or "kvm") and ``workload``.
+
+    :raises OSError: ENODEV (no usable /dev/kvm) or EOPNOTSUPP (the kernel lacks what the
+        workload needs) when "kvm" was requested; the message is one line.
+    :raises ValueError: an unknown backend name.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)}")
+    if requested == "model":
+        return "model", "requested with --backend model"
+    ok, why = guestmem.kvm_available()
+    if not ok:
+        if requested == "kvm":
+            raise oserror(errno.ENODEV, f"the kvm backend is unavailable: {why}")
+        return "model", f"no usable KVM ({why})"
+    if not workload.needs_private:
+        return "kvm", ("requested with --backend kvm" if requested == "kvm"
+                       else f"the kernel can run {workload.name!r} (it needs no private memory)")
+    with guestmem.open_system("kvm") as system:
+        ok, why = _kernel_private_memory(system)
+    if ok:
+        return "kvm", why
+    if requested == "kvm":
+        raise oserror(errno.EOPNOTSUPP, f"workload {workload.name!r} needs private memory, but {why}; "
+                                        "use --backend model")
+    return "model", f"{workload.name!r} needs private memory, but {why}"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Everything ``guestmem run`` reports (``as_dict`` is the --json output)."""
+
+    workload: str
+    backend: str
+    backend_reason: str
+    vcpus: int
+    memory: int
+    ok: bool
+    wall_time: float
+    exits: dict[str, int]
+    conversions: dict[str, Any]
+    workload_results: dict[str, Any]
+    memory_map: list[dict[str, Any]]
+    console: str = ""
+    interrupted: bool = False
+
+    @property
+    def conversions_per_second(self) -> float:
+        return self.conversions["conversions"] / self.wall_time if self.wall_time else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["conversions_per_second"] = self.conversions_per_second
+        return d
+
+
+def memory_map(machine: Machine) -> list[dict[str, Any]]:
+    """Per region: ``{name, gpa, size, backing, segments: [(gpa, end, kind)]}``.
+
+    kind is "private" (attribute PRIVATE), "allocated" (shared, resident in the host's
+    view) or "shared" (shared, not populated).
+    """
+    mem = machine.memory
+    assert mem is not None
+    snap = mem.snapshot()
+    out = []
+    for region, backing in zip(snap.regions, snap.backings):
+        kinds: RangeMap[str] = RangeMap(default="shared")
+        for s, e in mem.populated(region.name):
+            kinds.set(s, e, "allocated")
+        for s, e in snap.private_ranges(region.gpa, region.end):
+            kinds.set(s, e, "private")
+        out.append({"name": region.name, "gpa": region.gpa, "size": region.size, "backing": backing,
+                    "private_capable": region.private,
+                    "segments": [[s, e, k] for s, e, k in kinds.ranges(region.gpa, region.end)]})
+    return out
+
+
+def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus: int = 2,
+                 memory: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 on_backend: Callable[[str, str], None] | None = None,
+                 options: dict[str, Any] | None = None, timeout: float | None = None) -> RunResult:
+    """Run bundled workload ``name`` and return its result.
+
+    :param progress: called as ``progress(done, total)`` while the guest runs.
+    :param on_backend: called once with ``(backend, reason)`` before the VM starts.
+    :raises OSError: the chosen backend cannot run the workload (see ``choose_backend``), or
+        a backend error while building the VM.
+    :raises ValueError: unknown workload/backend, or a memory size the workload cannot use.
+    """
+    if vcpus < 1:
+        raise ValueError(f"--vcpus must be at least 1, not {vcpus}")
+    work = workloads.get(name, **(options or {}))
+    chosen, reason = choose_backend(backend, work)
+    if on_backend is not None:
+        on_backend(chosen, reason)
+    size = work.default_memory if memory is None else memory
+    regions = [boot_region(), *work.regions(vcpus, size)]
+    interrupted = False
+    with guestmem.open_system(chosen) as system:
+        with Machine(system, regions, vcpus=vcpus) as machine:
+            work.setup(machine)
+            poll = (lambda: progress(work.done, work.total)) if progress is not None else None
+            t0 = time.perf_counter()
+            try:
+                machine.run(poll=poll, timeout=timeout)
+            except KeyboardInterrupt:
+                interrupted = True
+            wall = time.perf_counter() - t0
+            if poll is not None:
+                poll()
+            if hasattr(work, "finish") and not interrupted:
+                work.finish()
+            return RunResult(
+                workload=name, backend=chosen, backend_reason=reason, vcpus=vcpus, memory=size,
+                ok=bool(work.ok) and not interrupted, wall_time=wall, exits=dict(machine.exits),
+                conversions=machine.conversions.stats.as_dict(), workload_results=work.results(),
+                memory_map=memory_map(machine), console=machine.console.decode(errors="replace"),
+                interrupted=interrupted,
+            )

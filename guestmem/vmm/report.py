@@ -1,0 +1,126 @@
+"""Presenting a ``RunResult``: rich summary, terminal memory map, PNG map, JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .conversion import size_label
+from .job import RunResult
+
+__all__ = ["summary", "map_bar", "plot_map", "to_json"]
+
+COLORS = {"private": "magenta", "allocated": "green", "shared": "grey50"}
+GLYPHS = {"private": "█", "allocated": "▓", "shared": "░"}
+HEX = {"private": "#b0309a", "allocated": "#3a9a3a", "shared": "#d0d0d0"}
+
+
+def _bytes(n: int) -> str:
+    return size_label(n) if n else "0 B"
+
+
+def summary(result: RunResult) -> Any:
+    """A rich renderable: run facts, exits, conversions and the workload's checks."""
+    from rich.console import Group
+    from rich.table import Table
+
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    status = "[green]OK[/]" if result.ok else ("[yellow]interrupted[/]" if result.interrupted else "[red]FAILED[/]")
+    c = result.conversions
+    facts.add_row("workload", f"{result.workload}  {status}")
+    facts.add_row("backend", f"{result.backend} ({result.backend_reason})")
+    facts.add_row("vCPUs / memory", f"{result.vcpus} / {_bytes(result.memory)}")
+    facts.add_row("wall time", f"{result.wall_time:.3f} s")
+    facts.add_row("exits", ", ".join(f"{k} {v}" for k, v in sorted(result.exits.items())) or "none")
+    facts.add_row("conversions", f"{c['conversions']} ({c['explicit']} explicit, {c['implicit']} implicit, "
+                                 f"{c['failed']} failed)  {result.conversions_per_second:.1f}/s")
+    facts.add_row("bytes converted", _bytes(c["bytes_converted"]))
+    parts: list[Any] = [facts]
+    if c["by_size"]:
+        t = Table(title="conversions by direction and size", title_justify="left")
+        t.add_column("direction")
+        t.add_column("size")
+        t.add_column("count", justify="right")
+        for row in c["by_size"]:
+            t.add_row(row["direction"].replace("_", " "), row["label"], str(row["count"]))
+        parts.append(t)
+    w = dict(result.workload_results)
+    probes = w.pop("probes", None)
+    checks = Table.grid(padding=(0, 2))
+    checks.add_column(style="bold")
+    checks.add_column()
+    for k, v in w.items():
+        checks.add_row(k.replace("_", " "), _bytes(v) if k.endswith("bytes") and isinstance(v, int) else str(v))
+    parts.append(checks)
+    if probes:
+        t = Table(title="host access paths to the guest's private secret", title_justify="left")
+        t.add_column("path")
+        t.add_column("outcome")
+        t.add_column("revealed", justify="center")
+        for p in probes:
+            t.add_row(p["path"], p["outcome"], "[red]YES[/]" if p["revealed"] else "[green]no[/]")
+        parts.append(t)
+    return Group(*parts)
+
+
+def map_bar(result: RunResult, width: int = 64) -> Any:
+    """The final memory map, one bar per region: private / allocated (shared) / shared."""
+    from rich.text import Text
+
+    out = Text()
+    out.append("memory map  ")
+    for kind in ("private", "allocated", "shared"):
+        out.append(GLYPHS[kind] + " " + kind + "  ", style=COLORS[kind])
+    out.append("\n")
+    for region in result.memory_map:
+        size, base = region["size"], region["gpa"]
+        cell = size / width
+        totals = {k: 0 for k in COLORS}
+        for s, e, k in region["segments"]:
+            totals[k] += e - s
+        out.append(f"{region['name']} [{base:#x}, +{_bytes(size)}) {region['backing']}: "
+                   + ", ".join(f"{k} {_bytes(v)}" for k, v in totals.items() if v) + "\n")
+        for i in range(width):
+            lo, hi = base + i * cell, base + (i + 1) * cell
+            cover = {k: 0.0 for k in COLORS}
+            for s, e, k in region["segments"]:
+                if e > lo and s < hi:
+                    cover[k] += min(e, hi) - max(s, lo)
+            # The rarest kind present wins the cell, so a 4 KiB private page stays visible.
+            kind = next((k for k in ("private", "allocated") if cover[k] > 0), "shared")
+            out.append(GLYPHS[kind], style=COLORS[kind])
+        out.append("\n")
+    return out
+
+
+def plot_map(result: RunResult, path: str) -> None:
+    """Write the memory map as a PNG (matplotlib, Agg): one horizontal bar per region."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    regions = result.memory_map
+    fig, axes = plt.subplots(len(regions), 1, figsize=(10, 1.1 * len(regions) + 1.0), squeeze=False)
+    for ax, region in zip(axes[:, 0], regions):
+        base = region["gpa"]
+        for kind in HEX:
+            spans = [((s - base) / 2**20, (e - s) / 2**20) for s, e, k in region["segments"] if k == kind]
+            if spans:
+                ax.broken_barh(spans, (0, 1), facecolors=HEX[kind])
+        ax.set_xlim(0, region["size"] / 2**20)
+        ax.set_yticks([])
+        ax.set_ylabel(region["name"], rotation=0, ha="right", va="center")
+        ax.set_xlabel(f"MiB from {base:#x} ({region['backing']})")
+    fig.legend(handles=[Patch(color=HEX[k], label=k) for k in HEX], loc="upper right", ncol=3)
+    fig.suptitle(f"guestmem run {result.workload} on {result.backend}: final memory map", x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def to_json(result: RunResult) -> str:
+    return json.dumps(result.as_dict(), indent=2, sort_keys=True)

@@ -1,0 +1,176 @@
+"""vmm.memory: layout validation, slot planning, backings, the attribute map, snapshots."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from guestmem.uapi import PAGE_SIZE, Cap, MemFlag, VmType
+from guestmem.vmm.memory import MAX_SLOT_SIZE, Conversion, GuestMemory, Region, plan_slots
+
+GiB, MiB = 1 << 30, 1 << 20
+DATA = 4 * GiB
+
+
+def test_slot_plan_splits_regions_above_the_memslot_page_limit():
+    big = Region("big", 0, 3 * MAX_SLOT_SIZE + 2 * MiB)
+    plan = plan_slots([big, Region("small", 64 << 40, 2 * MiB)], nr_memslots=32764, first_slot=5)
+    assert [(slot, r.name, off, size) for slot, r, off, size in plan] == [
+        (5, "big", 0, MAX_SLOT_SIZE), (6, "big", MAX_SLOT_SIZE, MAX_SLOT_SIZE),
+        (7, "big", 2 * MAX_SLOT_SIZE, MAX_SLOT_SIZE), (8, "big", 3 * MAX_SLOT_SIZE, 2 * MiB),
+        (9, "small", 0, 2 * MiB)]
+    assert MAX_SLOT_SIZE // PAGE_SIZE <= (1 << 31) - 1
+
+
+def test_slot_plan_beyond_the_slot_limit_is_enospc():
+    regions = [Region(f"r{i}", i * 2 * MiB, 2 * MiB) for i in range(5)]
+    with pytest.raises(OSError) as exc:
+        plan_slots(regions, nr_memslots=4)
+    assert exc.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("regions, err", [
+    ([Region("a", 0, 2 * MiB), Region("b", MiB, 2 * MiB)], errno.EEXIST),
+    ([Region("a", 0x800, 2 * MiB)], errno.EINVAL),
+    ([Region("a", 0, 0)], errno.EINVAL),
+    ([Region("a", 0, MiB), Region("a", 2 * MiB, MiB)], errno.EINVAL),
+    ([Region("a", 0, MiB, backing="tmpfs")], errno.EINVAL),
+    ([], errno.EINVAL),
+])
+def test_invalid_layouts_are_refused_before_any_vm_call(regions, err):
+    class NoVm:  # any call would fail the test
+        pass
+
+    with pytest.raises(OSError) as exc:
+        GuestMemory(NoVm(), regions)  # type: ignore[arg-type]
+    assert exc.value.errno == err
+
+
+def test_shared_only_region_uses_an_in_place_guest_memfd_when_the_vm_offers_it(system):
+    vm = system.create_vm(0)
+    mem = GuestMemory(vm, [Region("boot", 0, 2 * MiB), Region("data", DATA, 4 * MiB)])
+    try:
+        snap = mem.snapshot()
+        assert snap.backings == ("gmem", "gmem")
+        assert all(s.flags == MemFlag.GUEST_MEMFD for s in snap.slots)
+        assert snap.slots[1].userspace_addr == mem.shared_mapping("data").address
+        mem.write(DATA + 5 * PAGE_SIZE, b"guest-first")
+        assert mem.read(DATA + 5 * PAGE_SIZE, 11) == b"guest-first"
+        assert mem.populated("data") == [(DATA + 5 * PAGE_SIZE, DATA + 6 * PAGE_SIZE)]
+    finally:
+        mem.close()
+        vm.close()
+
+
+def test_memfd_backing_on_request(system):
+    vm = system.create_vm(0)
+    mem = GuestMemory(vm, [Region("boot", 0, 2 * MiB, backing="memfd")])
+    try:
+        assert mem.snapshot().backings == ("memfd",)
+        assert mem.snapshot().slots[0].flags == 0
+    finally:
+        mem.close()
+        vm.close()
+
+
+def test_private_capable_region_without_private_memory_is_eopnotsupp(system):
+    vm = system.create_vm(0)
+    try:
+        with pytest.raises(OSError) as exc:
+            GuestMemory(vm, [Region("data", DATA, 4 * MiB, private=True)])
+        assert exc.value.errno == errno.EOPNOTSUPP
+        assert "private memory" in str(exc.value)
+    finally:
+        vm.close()
+
+
+@pytest.fixture
+def sw_memory(model_system):
+    """Model only: a SW_PROTECTED VM (private memory) with a boot region and a 64 MiB data region."""
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [Region("boot", 0, 2 * MiB), Region("data", DATA, 64 * MiB, private=True)])
+    yield mem
+    mem.close()
+    vm.close()
+
+
+def test_private_capable_region_binds_a_guest_memfd_and_a_shared_memfd(sw_memory):
+    snap = sw_memory.snapshot()
+    assert snap.backings == ("memfd", "gmem+memfd")
+    data_slot = snap.slots[1]
+    assert data_slot.flags == MemFlag.GUEST_MEMFD and data_slot.guest_memfd_offset == 0
+    assert data_slot.userspace_addr == sw_memory.shared_mapping("data").address
+    assert sw_memory.gmem("data") is not None and sw_memory.gmem("boot") is None
+
+
+def test_attribute_map_queries_ranges(sw_memory):
+    mem = sw_memory
+    mem.set_attributes(DATA + 2 * MiB, 2 * MiB + PAGE_SIZE, True)
+    mem.set_attributes(DATA + 3 * MiB, PAGE_SIZE, False)
+    assert mem.private_ranges(DATA, DATA + 64 * MiB) == [
+        (DATA + 2 * MiB, DATA + 3 * MiB), (DATA + 3 * MiB + PAGE_SIZE, DATA + 4 * MiB + PAGE_SIZE)]
+    assert mem.private_ranges(DATA + 2 * MiB + PAGE_SIZE, DATA + 2 * MiB + 3 * PAGE_SIZE) == [
+        (DATA + 2 * MiB + PAGE_SIZE, DATA + 2 * MiB + 3 * PAGE_SIZE)]
+    assert mem.is_private(DATA + 2 * MiB) is True
+    assert mem.is_private(DATA) is False
+    assert mem.is_private(DATA + 2 * MiB, 2 * MiB) is None  # mixed
+    assert mem.vm.get_memory_attributes(DATA + 2 * MiB, PAGE_SIZE)[0][2] == 8  # the kernel agrees (model)
+
+
+def test_listeners_get_each_whole_range_once(sw_memory):
+    seen = []
+    sw_memory.add_listener(seen.append)
+    sw_memory.set_attributes(DATA, 512 * MiB // 8, True)
+    sw_memory.set_attributes(DATA + MiB, PAGE_SIZE, False)
+    sw_memory.remove_listener(seen.append)
+    sw_memory.set_attributes(DATA, PAGE_SIZE, False)
+    assert seen == [Conversion(DATA, 64 * MiB, True), Conversion(DATA + MiB, PAGE_SIZE, False)]
+
+
+def test_failed_attribute_change_leaves_map_and_listeners_untouched(sw_memory):
+    seen = []
+    sw_memory.add_listener(seen.append)
+    before = sw_memory.snapshot()
+    with pytest.raises(OSError) as exc:
+        sw_memory.set_attributes(DATA + 1, PAGE_SIZE, True)
+    assert exc.value.errno == errno.EINVAL
+    assert seen == [] and sw_memory.snapshot() is before
+
+
+def test_snapshots_are_immutable_and_copy_on_write(sw_memory):
+    a = sw_memory.snapshot()
+    assert sw_memory.snapshot() is a  # nothing changed: the same object
+    sw_memory.set_attributes(DATA, 2 * MiB, True)
+    b = sw_memory.snapshot()
+    assert b is not a and b.generation == a.generation + 1
+    assert a.private == () and b.private == ((DATA, DATA + 2 * MiB),)
+    assert b.is_private(DATA + MiB) and not b.is_private(DATA + 2 * MiB) and not a.is_private(DATA)
+    assert b.private_ranges(DATA + MiB, DATA + 8 * MiB) == [(DATA + MiB, DATA + 2 * MiB)]
+    with pytest.raises(AttributeError):
+        b.private = ()  # type: ignore[misc]
+
+
+def test_discard_punches_the_backing_the_new_state_does_not_use(sw_memory):
+    mem = sw_memory
+    mem.fill(DATA, 4 * MiB, 0xAA)
+    steps = mem.discard(DATA + MiB, 2 * MiB, private=True)
+    assert steps == [("memfd", MiB, 2 * MiB)]
+    assert mem.read(DATA + MiB, 2 * MiB) == bytes(2 * MiB)
+    assert mem.read(DATA, 16) == b"\xaa" * 16
+    assert mem.discard(DATA, PAGE_SIZE, private=False) == [("gmem", 0, PAGE_SIZE)]
+    assert mem.discard(0, PAGE_SIZE, private=True) == []  # shared-only memory has one backing
+
+
+def test_a_one_tib_guest_is_range_based(model_system):
+    """Model only (private memory): attribute changes over 1 TiB cost one range, not 2**28 pages."""
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [Region("boot", 0, 2 * MiB), Region("huge", 1 << 40, 1 << 40, private=True)])
+    try:
+        mem.set_attributes(1 << 40, 1 << 40, True)
+        mem.set_attributes((1 << 40) + GiB, PAGE_SIZE, False)
+        assert len(mem.snapshot().private) == 2
+        assert vm.check_extension(Cap.NR_MEMSLOTS) >= len(mem.slots)
+    finally:
+        mem.close()
+        vm.close()
