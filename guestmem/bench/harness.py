@@ -233,6 +233,7 @@ def machine() -> dict[str, str]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "loadavg": " ".join(_read("/proc/loadavg").split()[:3]),
     }
+    info["guestmem"] = _source_version()
     for mod in ("unicorn", "keystone"):
         try:
             from importlib.metadata import version
@@ -240,6 +241,25 @@ def machine() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - absent engine: say so
             info[mod] = "not installed"
     return info
+
+
+def _source_version() -> str:
+    """The git commit of the guestmem source tree, or the installed version."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            return f"git {head.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+        return version("guestmem")
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 # --- the runner ----------------------------------------------------------------------------------
