@@ -1,0 +1,206 @@
+"""vmm.conversion: one path for MAP_GPA_RANGE and MEMORY_FAULT conversions.
+
+Private memory exists only on the model (this host's kernel has no memory attributes), so
+the conversion tests run on the model; on the kernel the manager still answers the guest,
+with -KVM_EINVAL for memory that cannot be private.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from guestmem.guest import PORT_SYNC
+from guestmem.types import HypercallExit, MemoryFaultExit
+from guestmem.uapi import PAGE_SIZE, Errno, KvmHypercallError, MapGpaRangeAttr, MemoryExitFlag, VmType
+from guestmem.vmm.conversion import ConversionManager, size_label
+from guestmem.vmm.machine import Machine, boot_region
+from guestmem.vmm.memory import Conversion, GuestMemory, Region
+from guestmem.vmm.runloop import Outcome
+
+MiB = 1 << 20
+DATA = 1 << 32
+U64 = (1 << 64) - 1
+
+
+class RecordingVcpu:
+    """Stands in for the vCPU that took the exit: records what the manager answers."""
+
+    vcpu_id = 0
+
+    def __init__(self) -> None:
+        self.ret: int | None = None
+
+    def set_hypercall_ret(self, value: int) -> None:
+        self.ret = value
+
+
+@pytest.fixture
+def manager(model_system):
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 8 * MiB, private=True)])
+    yield ConversionManager(mem)
+    mem.close()
+    vm.close()
+
+
+def hc(gpa: int, npages: int, attrs: int, nr: int = 12) -> HypercallExit:
+    return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=1)
+
+
+def test_size_labels():
+    assert [size_label(s) for s in (4096, 2 * MiB, 2 * MiB + 4096, 1 << 30, 512)] == [
+        "4 KiB", "2 MiB", "2 MiB + 4 KiB", "1 GiB", "512 B"]
+
+
+def test_explicit_conversion_sets_attributes_notifies_and_returns_zero(manager):
+    seen, vcpu = [], RecordingVcpu()
+    manager.memory.add_listener(seen.append)
+    assert manager.handle_hypercall(vcpu, hc(DATA, 513, MapGpaRangeAttr.ENCRYPTED)) == 0
+    assert vcpu.ret == 0
+    assert manager.memory.private_ranges(DATA, DATA + 8 * MiB) == [(DATA, DATA + 2 * MiB + PAGE_SIZE)]
+    assert seen == [Conversion(DATA, 2 * MiB + PAGE_SIZE, True)]
+    manager.handle_hypercall(vcpu, hc(DATA, 1, MapGpaRangeAttr.DECRYPTED))
+    assert manager.memory.is_private(DATA) is False
+    st = manager.stats
+    assert (st.conversions, st.explicit, st.implicit, st.bytes_converted) == (2, 2, 0, 2 * MiB + 2 * PAGE_SIZE)
+    assert st.by_size == {("to_private", 2 * MiB + PAGE_SIZE): 1, ("to_shared", PAGE_SIZE): 1}
+
+
+def test_implicit_conversion_follows_the_faulting_access(manager):
+    vcpu = RecordingVcpu()
+    fault = MemoryFaultExit(flags=int(MemoryExitFlag.PRIVATE), gpa=DATA + MiB, size=PAGE_SIZE, errno=errno.EFAULT)
+    assert manager.handle_memory_fault(vcpu, fault) is True
+    assert manager.memory.private_ranges(DATA, DATA + 8 * MiB) == [(DATA + MiB, DATA + MiB + PAGE_SIZE)]
+    assert manager.handle_memory_fault(vcpu, MemoryFaultExit(0, DATA + MiB, PAGE_SIZE, errno.EFAULT)) is True
+    assert manager.memory.private_ranges(DATA, DATA + 8 * MiB) == []
+    assert (manager.stats.implicit, manager.stats.explicit) == (2, 0)
+    assert vcpu.ret is None  # no hypercall answer on this path
+
+
+def test_unserviceable_memory_faults_are_reported_not_converted(manager):
+    vcpu = RecordingVcpu()
+    poisoned = MemoryFaultExit(int(MemoryExitFlag.PRIVATE), DATA, PAGE_SIZE, Errno.EHWPOISON)
+    outside = MemoryFaultExit(int(MemoryExitFlag.PRIVATE), 0x1000, PAGE_SIZE, errno.EFAULT)  # boot: shared-only
+    assert manager.handle_memory_fault(vcpu, poisoned) is False
+    assert manager.handle_memory_fault(vcpu, outside) is False
+    assert manager.memory.snapshot().private == ()
+
+
+@pytest.mark.parametrize("exit, code", [
+    (hc(DATA + 8 * MiB, 1, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),      # past guest memory
+    (hc(DATA + 8 * MiB - PAGE_SIZE, 2, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),  # straddles the end
+    (hc(0x1000, 1, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),             # shared-only region
+    (hc(DATA + 1, 1, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),           # unaligned
+    (hc(DATA, 0, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),               # no pages
+    (hc(DATA, 1 << 60, MapGpaRangeAttr.ENCRYPTED), KvmHypercallError.EINVAL),         # gfn overflow
+    (hc(DATA, 1, 1 << 7), KvmHypercallError.EINVAL),                                  # unknown attribute bit
+    (hc(DATA, 1, 0, nr=11), KvmHypercallError.ENOSYS),                                # not MAP_GPA_RANGE
+])
+def test_bad_requests_return_kvm_error_codes_to_the_guest(manager, exit, code):
+    vcpu = RecordingVcpu()
+    before = manager.memory.snapshot()
+    assert manager.handle_hypercall(vcpu, exit) == -code
+    assert vcpu.ret == -code & U64
+    assert manager.memory.snapshot() is before
+
+
+def test_failures_are_counted_by_code(manager):
+    manager.convert(DATA + 8 * MiB, PAGE_SIZE, True)
+    manager.convert(0, PAGE_SIZE, True)
+    assert manager.stats.failed == 2 and manager.stats.errors == {"KVM_EINVAL": 2}
+    assert manager.stats.conversions == 0
+
+
+def test_conversion_discards_the_opposite_backing(manager):
+    mem = manager.memory
+    mem.fill(DATA, 4 * MiB, 0x5A)
+    assert manager.convert(DATA, 2 * MiB, True) == 0
+    assert mem.read(DATA, 2 * MiB) == bytes(2 * MiB)  # the shared pages were dropped
+    assert mem.read(DATA + 2 * MiB, 8) == b"\x5a" * 8
+    assert manager.stats.discarded_bytes == 2 * MiB
+
+
+def test_conversion_without_discard_keeps_shared_pages(model_system):
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 4 * MiB, private=True)])
+    try:
+        mgr = ConversionManager(mem, discard=False)
+        mem.fill(DATA, PAGE_SIZE, 0x5A)
+        assert mgr.convert(DATA, PAGE_SIZE, True) == 0
+        assert mem.read(DATA, 8) == b"\x5a" * 8 and mgr.stats.discarded_bytes == 0
+    finally:
+        mem.close()
+        vm.close()
+
+
+def test_kernel_vm_answers_the_guest_with_kvm_einval(kvm_system):
+    """On the kernel (no private memory here) nothing is private-capable: every request is refused."""
+    vm = kvm_system.create_vm(0)
+    mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 4 * MiB)])
+    try:
+        mgr = ConversionManager(mem)
+        vcpu = RecordingVcpu()
+        assert mgr.handle_hypercall(vcpu, hc(DATA, 1, MapGpaRangeAttr.ENCRYPTED)) == -KvmHypercallError.EINVAL
+        assert vcpu.ret == -KvmHypercallError.EINVAL & U64
+    finally:
+        mem.close()
+        vm.close()
+
+
+# --- through a real guest (model: private memory) ----------------------------------------------------
+
+REOPEN = f"""
+    mov rbx, {DATA:#x}
+    mov ecx, 1
+    mov edx, 0x10
+    mov eax, 12
+    vmcall
+    mov r8, rax
+    mov rax, 0x5555555555555555
+    mov [rbx], rax
+    mov ecx, 1
+    xor edx, edx
+    mov eax, 12
+    vmcall
+    mov ecx, 1
+    mov edx, 0x10
+    mov eax, 12
+    vmcall
+    mov rdi, [rbx]
+    mov rbx, {DATA + 64 * MiB:#x}
+    mov ecx, 1
+    mov edx, 0x10
+    mov eax, 12
+    vmcall
+    mov rsi, rax
+    mov rdx, r8
+    mov eax, 1
+    out {PORT_SYNC}, eax
+    xor eax, eax
+    out 0xf4, eax
+"""
+
+
+@pytest.mark.parametrize("discard, expected", [(True, 0), (False, 0x5555555555555555)])
+def test_guest_sees_discarded_private_memory_as_zero_and_gets_errors_in_rax(model_system, discard, expected):
+    """Private -> shared -> private: with discard the guest_memfd page was punched (fresh zeros);
+    without it the old private contents come back (spec section 4). A request beyond guest
+    memory returns -KVM_EINVAL in RAX and the guest keeps running."""
+    with Machine(model_system, [boot_region(), Region("data", DATA, 4 * MiB, private=True)]) as m:
+        m.conversions.discard = discard
+        seen = {}
+
+        def sync(vcpu, exit):
+            r = vcpu.get_regs()
+            seen.update(first=r.rdx, reread=r.rdi, bad=r.rsi)
+            return Outcome.HANDLED
+
+        m.io_handlers[PORT_SYNC] = sync
+        m.load_assembly(REOPEN)
+        (loop,) = m.run(timeout=20)
+        assert loop.result == 0
+        assert seen == {"first": 0, "reread": expected, "bad": -KvmHypercallError.EINVAL & U64}
+        assert m.exits["hypercall"] == 4
+        assert m.conversions.stats.conversions == 3 and m.conversions.stats.failed == 1
