@@ -115,6 +115,7 @@ def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .vmm import job, report
+    from .vmm.runloop import GuestError
 
     console = Console()
     try:
@@ -137,7 +138,7 @@ def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations:
                                       progress=lambda done, total: progress.update(task, completed=done, total=total))
     except OSError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
-    except ValueError as exc:
+    except (ValueError, GuestError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(report.to_json(result))

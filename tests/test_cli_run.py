@@ -1,0 +1,104 @@
+"""``guestmem run`` end to end through ``guestmem.cli.main`` (no subprocess)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import guestmem
+from guestmem.cli import main
+
+
+def run_json(capsys, *args: str) -> dict:
+    rc = main(["run", *args, "--json"])
+    out = capsys.readouterr().out
+    result = json.loads(out)  # --json prints the results and nothing else
+    assert rc == (0 if result["ok"] else 1)
+    return result
+
+
+def test_default_run_is_conversions_on_two_vcpus_with_zero_mismatches(capsys):
+    result = run_json(capsys)
+    assert (result["workload"], result["vcpus"], result["ok"]) == ("conversions", 2, True)
+    assert result["backend"] == "model"  # this host has no private memory in the kernel
+    w = result["workload_results"]
+    assert w["mismatches"] == 0 and w["map_failures"] == 0
+    assert w["iterations_done"] == 2 * w["iterations_per_vcpu"]
+    c = result["conversions"]
+    sizes = {(row["direction"], row["label"]) for row in c["by_size"]}
+    assert sizes == {(d, s) for d in ("to_private", "to_shared") for s in ("4 KiB", "2 MiB", "2 MiB + 4 KiB")}
+    assert c["conversions"] == 6 * w["iterations_done"] and c["failed"] == 0
+    assert result["conversions_per_second"] > 0 and result["exits"]["hypercall"] == c["conversions"]
+
+
+def test_summary_map_and_png(capsys, tmp_path):
+    png = tmp_path / "map.png"
+    rc = main(["run", "conversions", "--iterations", "2", "--vcpus", "1", "--memory", "8M", "--map", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for text in ("backend: model", "conversions by direction and size", "2 MiB + 4 KiB", "mismatches",
+                 "memory map", "wall time", "bytes converted", "data [0x100000000, +8 MiB) gmem+memfd"):
+        assert text in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_secret_every_host_path_is_refused(capsys):
+    result = run_json(capsys, "secret")
+    w = result["workload_results"]
+    assert result["ok"] and w["guest_kept_secret"] is True
+    assert w["paths_tried"] >= 10 and w["paths_revealing"] == 0
+    paths = {p["path"]: p for p in w["probes"]}
+    assert not any(p["revealed"] for p in paths.values())
+    assert paths["guest_memfd read(2)"]["outcome"].startswith("refused")
+    assert paths["guest_memfd mmap(2) + touch (forked child)"]["outcome"] == "killed by SIGBUS"
+    assert "no secret" in paths["host shared mapping of the range"]["outcome"]
+    rc = main(["run", "secret"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "host access paths" in out and "YES" not in out
+
+
+def test_touch_on_the_kernel(capsys):
+    ok, why = guestmem.kvm_available()
+    if not ok:
+        pytest.skip(f"kvm backend unavailable: {why}")
+    result = run_json(capsys, "touch", "--backend", "kvm", "--memory", "32M")
+    assert result["backend"] == "kvm" and result["ok"]
+    assert result["workload_results"]["bytes_populated"] == 32 << 20
+    data = next(r for r in result["memory_map"] if r["name"] == "data")
+    assert data["segments"] == [[1 << 32, (1 << 32) + (32 << 20), "allocated"]]
+
+
+def test_kvm_backend_for_a_workload_the_kernel_cannot_run_fails_in_one_line(capsys):
+    ok, why = guestmem.kvm_available()
+    if not ok:
+        pytest.skip(f"kvm backend unavailable: {why}")
+    rc = main(["run", "conversions", "--backend", "kvm"])
+    captured = capsys.readouterr()
+    assert rc != 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "private memory" in lines[0] and "Traceback" not in captured.err
+
+
+def test_auto_without_kvm_runs_on_the_model_and_says_why(capsys, monkeypatch):
+    monkeypatch.setenv("GUESTMEM_KVM_DEVICE", "/nonexistent/kvm")
+    rc = main(["run", "touch", "--memory", "4M", "--vcpus", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "backend: model (no usable KVM" in out
+
+
+def test_kvm_backend_without_kvm_fails_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("GUESTMEM_KVM_DEVICE", "/nonexistent/kvm")
+    rc = main(["run", "touch", "--backend", "kvm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "/nonexistent/kvm" in err[0]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["run", "nonesuch"], "unknown workload"),
+    (["run", "--memory", "lots"], "cannot parse size"),
+    (["run", "--memory", "2M"], "at least 4 MiB"),
+])
+def test_bad_arguments_are_one_line_errors(capsys, args, text):
+    assert main(args) != 0
+    assert text in capsys.readouterr().err
