@@ -64,6 +64,19 @@ class ContractVm:
         self.attrs: dict[int, int] = {}
         self._listeners: list = []
         self._stats_providers: list = []
+        self._users = 1
+
+    def _get_kvm(self) -> None:
+        self._users += 1
+
+    def _put_kvm(self) -> None:
+        self._users -= 1
+
+    @property
+    def _profile(self):
+        from guestmem.model.profile import PROFILES
+
+        return PROFILES["6.18"]
 
     def _slot_for_gfn(self, gfn: int, as_id: int = 0):
         return next((s for s in self.slots if s.base_gfn <= gfn < s.base_gfn + s.npages), None)
@@ -148,9 +161,9 @@ def test_io_mmio_hlt_exits(low):
         mov qword ptr [rdi+8], 0x77
         hlt""")
     assert v.run() == IoExit(1, 1, 0x10, 1, b"\x07")
-    assert v.run() == IoExit(0, 4, 0x20, 1, b"\0\0\0\0")
+    assert v.run() == IoExit(0, 4, 0x20, 1, b"")
     v.complete_io(b"\x44\x33\x22\x11")
-    assert v.run() == MmioExit(0x80000000, bytes(8), 8, False)
+    assert v.run() == MmioExit(0x80000000, b"", 8, False)
     v.complete_mmio(b"\x99" * 8)
     assert v.run() == MmioExit(0x80000008, b"\x77" + bytes(7), 8, True)
     assert v.run() == HltExit()
@@ -216,7 +229,7 @@ def test_punch_attribute_flip_delete_and_levels(low):
         vm.slots.remove(slot)
         vm.notify(0x40000, 0x40400)
     v.set_regs(Regs(rip=CODE + 0x0C, rsp=0x8000, rdi=0x40000000))
-    assert v.run() == MmioExit(0x4000_0000, b"\0", 1, False)
+    assert v.run() == MmioExit(0x4000_0000, b"", 1, False)
 
 
 def test_hwpoison_then_punch(low):

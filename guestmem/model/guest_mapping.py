@@ -146,17 +146,17 @@ def host_address(b: Backing, start_gfn: int) -> int:
 
 
 class RegionMap:
-    """The Unicorn regions of one vCPU; every method runs with Vm._lock and uc_lock held."""
+    """The Unicorn regions of one vCPU; every method runs with uc_lock held (and Vm._lock to map)."""
 
     def __init__(self) -> None:
-        self.regions: dict[int, tuple[int, int]] = {}  # base -> (size, level)
+        self.regions: dict[int, tuple[int, int, int]] = {}  # base -> (size, level, prot)
 
     def overlapping(self, lo: int, hi: int) -> list[int]:
-        return [a for a, (size, _) in self.regions.items() if a < hi and lo < a + size]
+        return [a for a, (size, _, _) in self.regions.items() if a < hi and lo < a + size]
 
     def unmap(self, uc, bases: list[int]) -> None:
         for a in bases:
-            size, _ = self.regions.pop(a)
+            size, _, _ = self.regions.pop(a)
             uc.mem_unmap(a, size)
 
     def clear(self, uc) -> None:
@@ -167,11 +167,16 @@ class RegionMap:
             self.clear(uc)
         self.unmap(uc, self.overlapping(addr, addr + size))
         uc.mem_map_ptr(addr, size, prot, host)
-        self.regions[addr] = (size, level)
+        self.regions[addr] = (size, level, prot)
+
+    def protect(self, uc, mask: int) -> None:
+        """Set every region's protection to its own ``& mask`` (mask = all bits: restore)."""
+        for a, (size, _, prot) in self.regions.items():
+            uc.mem_protect(a, size, prot & mask)
 
     def counts(self) -> dict[int, int]:
         out = {0: 0, 1: 0, 2: 0}
-        for _, level in self.regions.values():
+        for _, level, _ in self.regions.values():
             out[level] += 1
         return out
 
@@ -194,11 +199,12 @@ def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:
     return ctypes.string_at(b.host + off, size)
 
 
-def page_walk(vm, cr0: int, cr3: int, cr4: int, efer: int, la: int) -> tuple[int | None, list[int]]:
+def page_walk(read, cr0: int, cr3: int, cr4: int, efer: int, la: int) -> tuple[int | None, list[int]]:
     """Translate linear address ``la`` with the guest's page tables (paging64_walk_addr style).
 
-    Returns (physical address or None if not present, the physical addresses of the table
-    pages visited). Reads go through ``read_guest_phys``; the caller holds vm._lock.
+    ``read(pa, n)`` returns guest-physical bytes or None: Unicorn's mapped memory on the fast
+    path, ``read_guest_phys`` (caller holds vm._lock) otherwise. Returns (physical address or
+    None if not present, the physical addresses of the table pages visited).
     """
     tables: list[int] = []
     if not cr0 & (1 << 31):
@@ -207,7 +213,7 @@ def page_walk(vm, cr0: int, cr3: int, cr4: int, efer: int, la: int) -> tuple[int
 
     def entry(table: int, index: int, width: int) -> int | None:
         tables.append(table & ~(PAGE - 1))
-        raw = read_guest_phys(vm, table + index * width, width)
+        raw = read(table + index * width, width)
         if raw is None or len(raw) < width:
             return None
         return struct.unpack("<Q" if width == 8 else "<I", raw)[0]

@@ -1,15 +1,16 @@
 """Model vCPU: real x86 guest code on Unicorn, with KVM's fault path and exits.
 
-Data model. A ``Vcpu`` belongs to one model ``Vm`` and owns one Unicorn instance; every vCPU
-of a VM maps the same host memory (gmem or userspace_addr), so they share guest memory like
-hardware vCPUs share RAM. Unicorn's physical address space stands for the TDP tables:
-``guest_mapping.RegionMap`` holds what is mapped, and the fault path in ``guest_mapping``
-decides what may be (spec section 5).
+Data model. A ``Vcpu`` belongs to one model ``Vm`` (it holds a VM reference, like
+kvm_vm_ioctl_create_vcpu's kvm_get_kvm, and a reserved fd from ``fdtable``) and owns one
+Unicorn instance; every vCPU of a VM maps the same host memory (gmem or userspace_addr), so
+they share guest memory like hardware vCPUs share RAM. Unicorn's physical address space
+stands for the TDP tables: ``guest_mapping.RegionMap`` holds what is mapped, and the fault
+path in ``guest_mapping`` decides what may be (spec section 5).
 
 Locks (order: ``Vm._lock`` -> ``uc_lock``):
 - ``_ioctl_lock``: vcpu->mutex; every vCPU ioctl holds it, so they serialise like in KVM.
-- ``uc_lock``: held while inside ``emu_start`` and while mapping or unmapping. The vCPU thread
-  never waits for ``Vm._lock`` while holding it.
+- ``uc_lock``: held while inside ``emu_start`` and while touching the Unicorn instance. The
+  vCPU thread never waits for ``Vm._lock`` while holding it.
 - Faults are resolved *outside* emulation with ``Vm._lock`` held, and mapped with both locks
   held. An invalidation (punch, attribute change, memslot delete, gmem release, hwpoison)
   runs our listener in the invalidating thread with ``Vm._lock`` held: it stops emulation
@@ -19,37 +20,59 @@ Locks (order: ``Vm._lock`` -> ``uc_lock``):
   invalidation exclude each other on ``Vm._lock``, which is what KVM's mmu_invalidate_seq
   retry achieves without a global lock.
 
-Precision: emulation runs with an instruction count limit, which makes Unicorn check for a
-stop request after every instruction, so an IN/OUT exit happens right after that instruction
-(without it Unicorn finishes the translation block first).
+Registers. Unicorn holds the truth while the vCPU runs; ``get_regs``/``get_sregs`` read it
+lazily, ``set_regs`` and exit completions queue only the registers that change, and the
+queue is written in one batch before the next ``emu_start``. An exit therefore costs a RIP
+read, not a full register round trip.
+
+Exact IN/OUT exits without an instruction count. Unicorn (QEMU TCG) checks a stop request
+only at the start of a translation block, or before an instruction that carries a
+``UC_HOOK_CODE`` hook; a stop requested from the IN/OUT hook would let the rest of the block
+run, and writing RIP from that hook does not end the block either (measured, 2.1.4). So each
+IN/OUT site gets a one-instruction code hook on the instruction after it (``_sites``), which
+makes the stop exact from then on. The first time a site is seen, the hook saves the CPU
+context and unmaps all regions, so what the rest of the block executes touches no memory
+(the next access faults and ends emulation); the context is then restored, RIP set past the
+IN/OUT and the translation cache flushed. Counting instructions (the previous design) made
+every instruction pay for a hook call: ~2.7x slower.
+
+Instruction bytes (hypercall check, HLT, IN/OUT length) are read through a page walk over
+Unicorn's own mapped memory (the CPU just fetched them, so the page-table and code pages are
+mapped), with the last translation cached until an invalidation touches it or CR3 changes.
+The Python page walk in ``guest_mapping`` is the fallback.
 
 Exceptions. Unicorn does not deliver exceptions through the guest IDT. #UD at VMCALL/VMMCALL
 is the hypercall path; a #PF whose page-table pages are not yet mapped is resolved by our own
 page walk and retried; any other exception ends in ``ShutdownExit``, which is what KVM reports
 for a guest without working exception handlers (triple fault).
+
+Physical address width: Unicorn's CPU has 40 physical address bits, so the TDX-like shared
+bit is bit 39 (``guest_mapping.TDX_SHARED_BIT``), not TDX's bit 51 or 47.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import struct
 import threading
 import time
 
 from ..errors import oserror
 from ..types import (
-    DTable, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit, MmioExit, Regs, Segment,
-    Sregs, ShutdownExit,
+    DTable, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit,
 )
 from ..uapi import Hypercall, HypercallExitFlag, IoDirection, KvmHypercallError, MemFlag
+from . import fdtable
 from . import guest_mapping as gm
 
 _uc = None
 _REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
          "r12", "r13", "r14", "r15")
-_COUNT = 1 << 62
 _END = 0xFFFF_FFFF_FFFF_FFFF
 _HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
+_IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65))
 EFER, FS_BASE, GS_BASE = 0xC0000080, 0xC0000100, 0xC0000101
+_MASK = {"16": 0xFFFF_FFFF, "32": 0xFFFF_FFFF, "64": 2**64 - 1}
 
 
 def _unicorn():
@@ -71,6 +94,33 @@ def _mode_of(sregs: Sregs) -> str:
     return "32" if sregs.cr0 & 1 else "16"
 
 
+def _reg_id(mode: str, name: str) -> int:
+    x = _unicorn().x86_const
+    if mode != "64" and name in ("rip",) + _REGS[:8]:
+        name = "e" + name[1:]
+    if name == "rflags" and mode != "64":
+        name = "eflags"
+    return getattr(x, "UC_X86_REG_" + name.upper())
+
+
+def _decode_io(code: bytes) -> tuple[int, bool, bool] | None:
+    """(length, is_string, has_rep) of the IN/OUT/INS/OUTS at the start of ``code``, or None."""
+    n, rep = 0, False
+    while n < len(code) and (code[n] in _IO_PREFIXES or 0x40 <= code[n] <= 0x4F):
+        rep |= code[n] in (0xF2, 0xF3)
+        n += 1
+    if n >= len(code):
+        return None
+    op = code[n]
+    if 0xE4 <= op <= 0xE7:
+        return n + 2, False, False
+    if 0xEC <= op <= 0xEF:
+        return n + 1, False, False
+    if 0x6C <= op <= 0x6F:
+        return n + 1, True, rep
+    return None
+
+
 class Vcpu:
     """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls."""
 
@@ -84,21 +134,40 @@ class Vcpu:
         self._regs = Regs()
         self._sregs = Sregs()
         self._mode = _mode_of(self._sregs)
-        self._u = None  # the Unicorn instance, built on first use
-        self._dirty = True  # cached regs/sregs must be written to Unicorn before running
+        self._u = None  # the Unicorn instance, built on first run
+        self._sregs_dirty = True  # set_sregs happened: write everything before running
+        self._regs_stale = False  # Unicorn's registers are newer than self._regs
+        self._sregs_stale = False
+        self._wr: dict[str, int] = {}  # queued register writes (only while not _regs_stale)
+        self._pc = 0  # linear address the next emu_start begins at
         self._event = None
+        self._discard = None  # CPU context saved at a first-seen IN/OUT (see module docstring)
+        self._new_site = None
+        self._sites: dict[int, tuple[int, bool, bool]] = {}  # IN/OUT linear address -> decoded
+        self._xlate = None  # (cr3, linear page, physical page, table pages): last code translation
         self._in_emu = False
         self._kick = False
         self._stop_gen = 0  # bumped by every invalidation that stopped and unmapped this vCPU
-        self._pending = None  # what the next run() completes first: ("io", size) / ("hc",) / ("mmio", ...)
+        self._pending = None  # what the next run() completes first: ("io", size) / ("hc", lm) / ("mmio", ...)
+        self._last_exit = None
         self._io_data = None
         self._mmio_data = None
         self._hc_ret = 0
         self._is_tdx: bool | None = None
+        vm._get_kvm()  # the vCPU pins the VM (kvm_vm_ioctl_create_vcpu)
+        self._fd: int | None = fdtable.fd_install(self)
         vm._add_invalidation_listener(self._invalidate_range)
         vm._stats_providers.append(self._stats)
 
+    def __repr__(self) -> str:
+        return f"<model Vcpu id={self.vcpu_id} fd={self._fd}>"
+
     # --- plumbing --------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The vCPU file descriptor. :raises OSError: EBADF once closed."""
+        self._check()
+        return self._fd  # type: ignore[return-value]
 
     def _check(self) -> None:
         if self._closed:
@@ -107,7 +176,7 @@ class Vcpu:
     def _stats(self) -> dict:
         c = self._map.counts()
         p = f"vcpu{self.vcpu_id}_mappings"
-        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2]}
+        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._sites)}
 
     def _build(self):
         """(Re)create the Unicorn instance for the current CPU mode (caller holds both locks)."""
@@ -123,7 +192,12 @@ class Vcpu:
         uc.hook_add(c.UC_HOOK_INTR, self._hook_intr)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_out, None, 1, 0, x.UC_X86_INS_OUT)
+        for la, (n, _, _) in self._sites.items():
+            uc.hook_add(c.UC_HOOK_CODE, self._hook_site, None, la + n, la + n)
         self._u = uc
+        self._gpr_ids = [_reg_id(self._mode, n) for n in _REGS[:16 if self._mode == "64" else 8]]
+        self._rip_id = _reg_id(self._mode, "rip")
+        self._flags_id = _reg_id(self._mode, "rflags")
         return uc
 
     def _lock_uc(self) -> None:
@@ -137,7 +211,12 @@ class Vcpu:
         if self._closed or self._u is None:
             return
         lo, hi = gfn_start * gm.PAGE, gfn_end * gm.PAGE
-        hit = self._map.overlapping(lo, hi) + self._map.overlapping(lo | gm.TDX_SHARED_BIT, hi | gm.TDX_SHARED_BIT)
+        xl = self._xlate
+        if xl is not None and any(lo <= p < hi for p in (xl[2], *xl[3])):
+            self._xlate = None
+        hit = self._map.overlapping(lo, hi)
+        if self._tdx():
+            hit += self._map.overlapping(lo | gm.TDX_SHARED_BIT, hi | gm.TDX_SHARED_BIT)
         if not hit:
             return
         self._lock_uc()
@@ -150,36 +229,96 @@ class Vcpu:
     # --- hooks (inside emu_start, uc_lock held; they never take Vm._lock) --------------------
 
     def _hook_unmapped(self, uc, access, addr, size, value, _):
-        self._event = ("fault", access, addr, size, value)
+        if self._event is None:
+            self._event = ("fault", access, addr, size, value)
         return False
 
     def _hook_wprot(self, uc, access, addr, size, value, _):
-        self._event = ("wprot", access, addr, size, value)
+        if self._event is None:
+            self._event = ("wprot", access, addr, size, value)
         return False
 
     def _hook_intr(self, uc, intno, _):
-        self._event = ("intr", intno)
+        if self._event is None:
+            self._event = ("intr", intno)
+        uc.emu_stop()
+
+    def _hook_site(self, uc, address, size, _):
+        """Code hook after an IN/OUT: exists so that Unicorn checks the stop request here."""
+
+    def _hook_io(self, uc, ev) -> None:
+        if self._event is not None:
+            return  # the rest of a block after a first-seen IN/OUT: discarded
+        self._event = ev
+        la = uc.reg_read(self._rip_id)
+        if self._mode == "16":
+            la += uc.reg_read(_unicorn().x86_const.UC_X86_REG_CS) << 4
+        if la not in self._sites:
+            code = self._read_uc_linear(uc, la, 15)
+            site = _decode_io(code) if code else None
+            if site is None:
+                site = (1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
+            self._new_site = (la, site)
+            if not site[2]:  # a REP string op ends its block after each iteration anyway
+                self._discard = (uc.context_save(), la + site[0])
+                self._map.protect(uc, _unicorn().unicorn_const.UC_PROT_READ | _unicorn().unicorn_const.UC_PROT_EXEC)
         uc.emu_stop()
 
     def _hook_in(self, uc, port, size, _):
-        self._event = ("in", port, size)
-        uc.emu_stop()
+        self._hook_io(uc, ("in", port, size))
         return 0
 
     def _hook_out(self, uc, port, size, value, _):
-        self._event = ("out", port, size, value)
-        uc.emu_stop()
+        self._hook_io(uc, ("out", port, size, value))
 
     # --- registers -------------------------------------------------------------------------
 
-    def _x(self, name: str) -> int:
+    def _read_regs(self) -> Regs:
+        """The registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
+        if self._regs_stale:
+            with self.uc_lock:
+                vals = self._u.reg_read_batch(self._gpr_ids + [self._rip_id, self._flags_id])
+            names = _REGS[:len(self._gpr_ids)] + ("rip", "rflags")
+            self._regs = self._regs.replace(**dict(zip(names, vals)))
+            self._regs_stale = False
+        return self._regs
+
+    def _read_sregs(self) -> Sregs:
+        """The special registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
+        if not self._sregs_stale:
+            return self._sregs
         x = _unicorn().x86_const
-        if self._mode != "64" and name in ("rip",) + _REGS[:8]:
-            name = "e" + name[1:]
-        return getattr(x, "UC_X86_REG_" + name.upper())
+        with self.uc_lock:
+            uc = self._u
+            segs = ("cs", "ds", "es", "ss", "fs", "gs")
+            vals = uc.reg_read_batch([getattr(x, "UC_X86_REG_" + n.upper()) for n in segs]
+                                     + [x.UC_X86_REG_CR0, x.UC_X86_REG_CR2, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4])
+            gdt, idt = uc.reg_read(x.UC_X86_REG_GDTR), uc.reg_read(x.UC_X86_REG_IDTR)
+            efer = uc.msr_read(EFER) if self._mode != "16" else self._sregs.efer
+        s = self._sregs
+        new = {n: getattr(s, n).replace(selector=v) for n, v in zip(segs, vals)}
+        if self._mode == "16":
+            new = {n: v.replace(base=v.selector << 4) for n, v in new.items()}
+        self._sregs = s.replace(cr0=vals[6], cr2=vals[7], cr3=vals[8], cr4=vals[9], efer=efer,
+                                gdt=DTable(base=gdt[1], limit=gdt[2]), idt=DTable(base=idt[1], limit=idt[2]), **new)
+        self._sregs_stale = False
+        return self._sregs
+
+    def _queue(self, **regs: int) -> None:
+        """Change registers for the next run (caller holds _ioctl_lock; cache must be fresh)."""
+        assert not self._regs_stale
+        m = _MASK[self._mode]
+        for name, value in regs.items():
+            self._wr[name] = value & m
+        self._regs = self._regs.replace(**regs)
+        if "rip" in regs:
+            self._pc = self._linear(regs["rip"])
+
+    def _linear(self, rip: int) -> int:
+        return (self._sregs.cs.selector << 4) + (rip & 0xFFFF) if self._mode == "16" else rip
 
     def _sync_out(self) -> None:
-        """Write cached regs/sregs into Unicorn (caller holds uc_lock and Vm._lock)."""
+        """Write all cached regs/sregs into Unicorn (caller holds uc_lock and Vm._lock)."""
         x = _unicorn().x86_const
         if self._u is None or _mode_of(self._sregs) != self._mode:
             self._mode = _mode_of(self._sregs)
@@ -203,51 +342,35 @@ class Vcpu:
             uc.msr_write(GS_BASE, s.gs.base)
         # 32-bit protected mode keeps Unicorn's flat segments: loading a selector would read
         # the guest GDT before the fault path has mapped it.
-        for name in _REGS if self._mode == "64" else _REGS[:8]:
-            uc.reg_write(self._x(name), getattr(r, name) & (2**bits - 1))
-        uc.reg_write(x.UC_X86_REG_EFLAGS if bits == 32 else x.UC_X86_REG_RFLAGS, r.rflags)
-        self._dirty = False
-
-    def _sync_in(self) -> None:
-        """Refresh the cached regs/sregs from Unicorn after emulation (caller holds uc_lock)."""
-        x = _unicorn().x86_const
-        uc = self._u
-        if uc is None or self._dirty:
-            return
-        vals = {n: uc.reg_read(self._x(n)) for n in (_REGS if self._mode == "64" else _REGS[:8])}
-        vals["rip"] = uc.reg_read(self._x("rip"))
-        vals["rflags"] = uc.reg_read(x.UC_X86_REG_EFLAGS)
-        self._regs = self._regs.replace(**vals)
-        s = self._sregs
-        sel = {n: uc.reg_read(getattr(x, "UC_X86_REG_" + n.upper())) for n in ("cs", "ds", "es", "ss", "fs", "gs")}
-        segs = {n: getattr(s, n).replace(selector=v) for n, v in sel.items()}
-        if self._mode == "16":
-            segs = {n: v.replace(base=v.selector << 4) for n, v in segs.items()}
-        gdt, idt = uc.reg_read(x.UC_X86_REG_GDTR), uc.reg_read(x.UC_X86_REG_IDTR)
-        self._sregs = s.replace(
-            cr0=uc.reg_read(x.UC_X86_REG_CR0), cr2=uc.reg_read(x.UC_X86_REG_CR2),
-            cr3=uc.reg_read(x.UC_X86_REG_CR3), cr4=uc.reg_read(x.UC_X86_REG_CR4),
-            efer=uc.msr_read(EFER) if self._mode != "16" else s.efer,
-            gdt=DTable(base=gdt[1], limit=gdt[2]), idt=DTable(base=idt[1], limit=idt[2]), **segs)
+        m = _MASK[self._mode]
+        names = _REGS[:len(self._gpr_ids)]
+        uc.reg_write_batch([(i, getattr(r, n) & m) for i, n in zip(self._gpr_ids, names)]
+                           + [(self._rip_id, r.rip & m), (self._flags_id, r.rflags)])
+        self._pc = self._linear(r.rip)
+        self._wr.clear()
+        self._xlate = None
+        self._sregs_dirty = False
 
     def get_regs(self) -> Regs:
         """KVM_GET_REGS (api.rst 4.11). Errors: EBADF (closed)."""
         self._check()
         with self._ioctl_lock:
-            return self._regs
+            return self._read_regs()
 
     def set_regs(self, regs: Regs) -> None:
-        """KVM_SET_REGS (api.rst 4.12). Errors: EBADF (closed)."""
+        """KVM_SET_REGS (api.rst 4.12). Errors: EBADF (closed). Only changed registers are written."""
         self._check()
         with self._ioctl_lock:
+            old = self._read_regs()
+            self._queue(**{n: getattr(regs, n) for n in _REGS + ("rip", "rflags")
+                           if getattr(regs, n) != getattr(old, n)})
             self._regs = regs
-            self._dirty = True
 
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS (api.rst 4.13). Errors: EBADF (closed)."""
         self._check()
         with self._ioctl_lock:
-            return self._sregs
+            return self._read_sregs()
 
     def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS (api.rst 4.14). Errors: EBADF (closed).
@@ -257,25 +380,53 @@ class Vcpu:
         """
         self._check()
         with self._ioctl_lock:
+            self._read_regs()
             self._sregs = sregs
-            self._dirty = True
+            self._sregs_stale = False
+            self._sregs_dirty = True
 
     # --- completions -----------------------------------------------------------------------
 
     def complete_io(self, data: bytes) -> None:
-        """Fill kvm_run.io data for the pending IN before the next KVM_RUN. Errors: EBADF."""
+        """Fill kvm_run.io data for the pending IN before the next KVM_RUN.
+
+        Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_IO or ``data`` is
+        longer than size*count (the kvm backend's checks on the kvm_run page).
+        """
         self._check()
+        ex = self._last_exit
+        if not isinstance(ex, IoExit):
+            raise oserror(_errno.EINVAL, "complete_io: the last exit was not KVM_EXIT_IO")
+        if len(data) > ex.size * ex.count:
+            raise oserror(_errno.EINVAL, f"complete_io: {len(data)} bytes for a {ex.size}x{ex.count}-byte IN")
         self._io_data = bytes(data)
 
     def complete_mmio(self, data: bytes) -> None:
-        """Fill kvm_run.mmio.data for the pending MMIO read. Errors: EBADF."""
+        """Fill kvm_run.mmio.data for the pending MMIO read.
+
+        Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_MMIO or ``data`` is
+        longer than mmio.len.
+        """
         self._check()
+        ex = self._last_exit
+        if not isinstance(ex, MmioExit):
+            raise oserror(_errno.EINVAL, "complete_mmio: the last exit was not KVM_EXIT_MMIO")
+        if len(data) > ex.len:
+            raise oserror(_errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {ex.len}-byte access")
         self._mmio_data = bytes(data)
 
     def set_hypercall_ret(self, value: int) -> None:
-        """Set kvm_run.hypercall.ret, written to RAX by the next KVM_RUN. Errors: EBADF."""
+        """Set kvm_run.hypercall.ret, written to RAX by the next KVM_RUN.
+
+        Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_HYPERCALL or ``value``
+        does not fit in a u64 (negative values wrap).
+        """
         self._check()
-        self._hc_ret = value
+        if not isinstance(self._last_exit, HypercallExit):
+            raise oserror(_errno.EINVAL, "set_hypercall_ret: the last exit was not KVM_EXIT_HYPERCALL")
+        if not -(2**63) <= value < 2**64:
+            raise oserror(_errno.EINVAL, f"ret {value:#x} does not fit in a u64")
+        self._hc_ret = value & (2**64 - 1)
 
     def kick(self) -> None:
         """Make a running (or the next) KVM_RUN return KVM_EXIT_INTR, like a signal. Errors: EBADF."""
@@ -286,12 +437,17 @@ class Vcpu:
             time.sleep(0.0002)
 
     def close(self) -> None:
-        """Close the vCPU fd; later calls fail with EBADF."""
+        """Close the vCPU fd and drop its VM reference; later calls fail with EBADF. Idempotent."""
         if self._closed:
             return
-        self._kick = True
-        with self._ioctl_lock:
+        self._kick = True  # a run() in another thread returns IntrExit, then we take its lock
+        while not self._ioctl_lock.acquire(timeout=0.001):
+            if self._in_emu:
+                self._u.emu_stop()
+        try:
             with self._vm._lock:
+                if self._closed:
+                    return
                 self._closed = True
                 self._vm._remove_invalidation_listener(self._invalidate_range)
                 if self._stats in self._vm._stats_providers:
@@ -300,40 +456,88 @@ class Vcpu:
                     if self._u is not None:
                         self._map.clear(self._u)
                     self._u = None
+                fd, self._fd = self._fd, None
+                if fd is not None:
+                    fdtable.fd_close(fd)
+        finally:
+            self._ioctl_lock.release()
+        self._vm._put_kvm()
+
+    # --- guest memory reads ------------------------------------------------------------------
+
+    def _cs_base(self, uc) -> int:
+        return uc.reg_read(_unicorn().x86_const.UC_X86_REG_CS) << 4 if self._mode == "16" else 0
+
+    def _read_uc_linear(self, uc, la: int, n: int) -> bytes | None:
+        """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
+
+        Caller holds uc_lock (or runs inside a hook). None if a page on the way is not mapped.
+        """
+        x = _unicorn().x86_const
+        UcError = _unicorn().UcError
+        cr0, cr3, cr4 = uc.reg_read_batch([x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4])
+        page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
+        xl = self._xlate
+        if xl is not None and xl[0] == cr3 and xl[1] == page:
+            pa = xl[2]
+        else:
+            def read(a: int, w: int) -> bytes | None:
+                try:
+                    return bytes(uc.mem_read(a, w))
+                except UcError:
+                    return None
+
+            efer = (1 << 10) if self._mode == "64" else 0
+            pa, tables = gm.page_walk(read, cr0, cr3, cr4, efer, page)
+            if pa is None:
+                return None
+            pa &= ~(gm.PAGE - 1)
+            self._xlate = (cr3, page, pa, tuple(tables))
+        try:
+            return bytes(uc.mem_read(pa + off, min(n, gm.PAGE - off)))
+        except UcError:
+            return None
+
+    def _read_linear(self, la: int, n: int) -> bytes | None:
+        """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
+        with self.uc_lock:
+            data = self._read_uc_linear(self._u, la, n)
+        if data is not None:
+            return data
+        vm = self._vm
+        with vm._lock:
+            s = self._read_sregs()
+
+            def read(a: int, w: int) -> bytes | None:
+                return gm.read_guest_phys(vm, a, w)
+
+            pa, _ = gm.page_walk(read, s.cr0, s.cr3, s.cr4, s.efer, la)
+            return None if pa is None else gm.read_guest_phys(vm, pa, n)
 
     # --- KVM_RUN ---------------------------------------------------------------------------
 
-    def _linear_rip(self) -> int:
-        r = self._regs.rip
-        return (self._sregs.cs.selector << 4) + (r & 0xFFFF) if self._mode == "16" else r
-
-    def _read_linear(self, la: int, n: int) -> bytes | None:
-        """Read guest memory at a linear address through our page walk (caller holds Vm._lock)."""
-        s = self._sregs
-        pa, _ = gm.page_walk(self._vm, s.cr0, s.cr3, s.cr4, s.efer, la)
-        return None if pa is None else gm.read_guest_phys(self._vm, pa, n)
-
-    def _long_mode(self) -> bool:
-        return self._mode == "64" and bool(self._sregs.efer & (1 << 10))
+    def _flush_wr(self, uc) -> None:
+        """Write the queued registers in one batch (caller holds uc_lock)."""
+        uc.reg_write_batch([(_reg_id(self._mode, n), v) for n, v in self._wr.items()])
+        self._wr.clear()
 
     def _complete_pending(self) -> None:
         """Finish the instruction the last exit left half done (complete_userspace_io & co)."""
         p, self._pending = self._pending, None
         if p is None:
             return
-        r = self._regs
-        if p[0] == "io" and self._io_data is not None:
+        if p[0] == "io":
             size = p[1]
-            val = int.from_bytes(self._io_data[:size].ljust(size, b"\0"), "little")
+            data = (self._io_data or b"").ljust(size, b"\0")[:size]
+            r = self._read_regs()
             keep = {1: ~0xFF, 2: ~0xFFFF, 4: 0}[size]
-            self._regs = r.replace(rax=(r.rax & keep) | val)
+            self._queue(rax=(r.rax & keep) | int.from_bytes(data, "little"))
         elif p[0] == "hc":
-            ret = self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF)
-            self._regs = r.replace(rax=ret, rip=r.rip + 3)
+            r = self._read_regs()
+            self._queue(rax=self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF), rip=r.rip + 3)
         elif p[0] == "mmio":
             self._step_mmio(p[1], p[2], p[3])
         self._io_data = None
-        self._dirty = True
 
     def _step_mmio(self, addr: int, size: int, is_write: bool) -> None:
         """Re-execute the faulting instruction once against a one-page MMIO shim."""
@@ -343,8 +547,9 @@ class Vcpu:
         with self._vm._lock:
             self._lock_uc()
             try:
-                self._sync_out()
                 uc = self._u
+                if self._wr:
+                    self._flush_wr(uc)
                 self._map.unmap(uc, self._map.overlapping(page, page + gm.PAGE))
 
                 def rd(uc_, off, sz, _):
@@ -355,10 +560,13 @@ class Vcpu:
                 uc.mmio_map(page, gm.PAGE, rd, None, lambda *a: None, None)
                 try:
                     self._event = None
-                    uc.emu_start(self._linear_rip(), _END, count=1)
+                    uc.ctl_flush_tb()  # blocks translated without the count hook would run past it
+                    uc.emu_start(self._pc, _END, count=1)
                 finally:
                     uc.mem_unmap(page, gm.PAGE)
-                self._sync_in()
+                    self._event = None
+                self._regs_stale = self._sregs_stale = True
+                self._pc = uc.reg_read(self._rip_id) + self._cs_base(uc)
             finally:
                 self.uc_lock.release()
 
@@ -372,35 +580,55 @@ class Vcpu:
         self._check()
         with self._ioctl_lock:
             self._check()
+            self._last_exit = None
             self._complete_pending()
             while True:
                 ex = self._run_once()
                 if ex is not None:
+                    self._last_exit = ex
                     return ex
 
     def _run_once(self):
-        uc_mod = _unicorn()
-        err = None
-        if self._dirty or self._u is None:
+        u = _unicorn()
+        if self._u is None or self._sregs_dirty:
+            self._read_regs()
             with self._vm._lock:
                 with self.uc_lock:
                     self._sync_out()
+        err = None
         with self.uc_lock:
             if self._kick:
                 self._kick = False
                 return IntrExit()
+            uc = self._u
+            if self._wr:
+                self._flush_wr(uc)
             gen = self._stop_gen
             self._event = None
             self._in_emu = True
             try:
-                self._u.emu_start(self._linear_rip(), _END, count=_COUNT)
-            except uc_mod.UcError as exc:
+                uc.emu_start(self._pc, _END)
+            except u.UcError as exc:
                 err = exc.errno
             finally:
                 self._in_emu = False
-            self._sync_in()
+            self._regs_stale = self._sregs_stale = True
             ev, self._event = self._event, None
-        c = uc_mod.unicorn_const
+            if self._discard is not None:  # first-seen IN/OUT: undo the rest of its block
+                ctx, after = self._discard
+                self._discard = None
+                uc.context_restore(ctx)
+                self._map.protect(uc, u.unicorn_const.UC_PROT_ALL)
+                uc.reg_write(self._rip_id, after - self._cs_base(uc))
+                err = None
+            if self._new_site is not None:
+                la, site = self._new_site
+                self._new_site = None
+                self._sites[la] = site
+                uc.hook_add(u.unicorn_const.UC_HOOK_CODE, self._hook_site, None, la + site[0], la + site[0])
+                uc.ctl_flush_tb()  # retranslate with the stop check after the site
+            self._pc = uc.reg_read(self._rip_id) + self._cs_base(uc)
+        c = u.unicorn_const
         if ev is not None:
             kind = ev[0]
             if kind == "out":
@@ -408,7 +636,7 @@ class Vcpu:
                 return IoExit(int(IoDirection.OUT), size, port, 1, (value & (2 ** (8 * size) - 1)).to_bytes(size, "little"))
             if kind == "in":
                 self._pending = ("io", ev[2])
-                return IoExit(int(IoDirection.IN), ev[2], ev[1], 1, bytes(ev[2]))
+                return IoExit(int(IoDirection.IN), ev[2], ev[1], 1, b"")
             if kind in ("fault", "wprot"):
                 return self._handle_fault(ev)
             if kind == "intr":
@@ -420,18 +648,14 @@ class Vcpu:
         if self._kick:
             self._kick = False
             return IntrExit()
-        # A quiet stop: HLT, an invalidation's emu_stop, or (after Unicorn has delivered an
-        # exception to a hook once) a #UD that Unicorn no longer reports as an error.
-        with self._vm._lock:  # no invalidation runs while we hold it: any that stopped us is done
-            stopped = self._stop_gen != gen
-            la = self._linear_rip()
-            here = self._read_linear(la, 3)
-            before = self._read_linear(la - 1, 1) if la else None
-        if here in _HYPERCALL_INSNS:
-            return self._handle_ud()
-        if stopped:
+        if self._stop_gen != gen:
             return None  # an invalidation stopped us: resume transparently
-        return HltExit() if before == b"\xf4" else ShutdownExit()
+        # A quiet stop: HLT, or (after Unicorn has delivered an exception to a hook once) a #UD
+        # that Unicorn no longer reports as an error.
+        pc = self._pc
+        if self._read_linear(pc, 3) in _HYPERCALL_INSNS:
+            return self._handle_ud()
+        return HltExit() if pc and self._read_linear(pc - 1, 1) == b"\xf4" else ShutdownExit()
 
     def _handle_fault(self, ev):
         _, access, addr, size, value = ev
@@ -456,7 +680,7 @@ class Vcpu:
         if access == c.UC_MEM_FETCH_UNMAPPED:
             return InternalErrorExit(suberror=1, data=(gpa,))  # KVM_INTERNAL_ERROR_EMULATION
         self._pending = ("mmio", addr, size, is_write)
-        data = (value & (2 ** (8 * size) - 1)).to_bytes(size, "little") if is_write else bytes(size)
+        data = (value & (2 ** (8 * size) - 1)).to_bytes(size, "little") if is_write else b""
         return MmioExit(phys_addr=gpa, data=data, len=size, is_write=is_write)
 
     def _map_backing(self, gfn: int, b, alias: int) -> None:
@@ -473,23 +697,24 @@ class Vcpu:
 
     def _tdx(self) -> bool:
         if self._is_tdx is None:
-            from .. import model
+            from .profile import GUESTMEM_TDX_LIKE_VM
 
-            self._is_tdx = self._vm.type == getattr(model, "GUESTMEM_TDX_LIKE_VM", None)
+            self._is_tdx = self._vm.type == GUESTMEM_TDX_LIKE_VM
         return self._is_tdx
 
     def _handle_exception(self, vector: int):
         """#PF from a walk through unmapped page tables: map them and retry; else shutdown."""
         if vector != 14:
             return ShutdownExit()
-        s = self._sregs
-        with self._vm._lock:
-            pa, tables = gm.page_walk(self._vm, s.cr0, s.cr3, s.cr4, s.efer, s.cr2)
+        vm = self._vm
+        with vm._lock:
+            s = self._read_sregs()
+            pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, s.cr2)
             missing = [t for t in tables if not self._map.overlapping(t, t + 1)]
             if not missing:
                 return ShutdownExit()
             for t in missing:
-                b, ex = gm.lookup(self._vm, t // gm.PAGE, None)
+                b, ex = gm.lookup(vm, t // gm.PAGE, None)
                 if ex is not None:
                     return ex
                 if b is None:
@@ -499,15 +724,16 @@ class Vcpu:
 
     def _handle_ud(self):
         """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
-        with self._vm._lock:
-            insn = self._read_linear(self._linear_rip(), 3)
-        if insn not in _HYPERCALL_INSNS:
+        if self._read_linear(self._pc, 3) not in _HYPERCALL_INSNS:
             return ShutdownExit()
-        r, s = self._regs, self._sregs
-        long_mode = self._long_mode()
+        x = _unicorn().x86_const
+        r = self._read_regs()
+        with self.uc_lock:
+            cs, cr0 = self._u.reg_read_batch([x.UC_X86_REG_CS, x.UC_X86_REG_CR0])
+        long_mode = self._mode == "64"
         m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
         nr, gpa, npages, attrs = r.rax & m, r.rbx & m, r.rcx & m, r.rdx & m
-        cpl = s.cs.selector & 3 if s.cr0 & 1 else 0
+        cpl = cs & 3 if cr0 & 1 else 0
         if cpl != 0:
             ret = -KvmHypercallError.EPERM
         elif nr != Hypercall.MAP_GPA_RANGE or not self._vm._exit_hypercall_mask & (1 << Hypercall.MAP_GPA_RANGE):
@@ -519,33 +745,40 @@ class Vcpu:
             self._pending = ("hc", long_mode)
             return HypercallExit(nr=int(nr), args=(gpa, npages, attrs, 0, 0, 0), ret=0,
                                  flags=int(HypercallExitFlag.LONG_MODE) if long_mode else 0)
-        self._regs = r.replace(rax=ret & m, rip=r.rip + 3)
-        self._dirty = True
+        self._queue(rax=ret & m, rip=r.rip + 3)
         return None
 
     # --- KVM_PRE_FAULT_MEMORY --------------------------------------------------------------
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
-        """KVM_PRE_FAULT_MEMORY (api.rst 4.143); mirrors kvm_arch_vcpu_pre_fault_memory.
+        """KVM_PRE_FAULT_MEMORY (api.rst 4.143); mirrors kvm_vcpu_pre_fault_memory.
 
         Maps [gpa, gpa+size) one page or block per step and returns the (gpa, size) left.
-        Errors, in order: EBADF (closed); EINVAL (flags != 0); EINVAL (gpa or size unaligned,
-        or gpa+size <= gpa); then, only if no step succeeded: ENOENT (no memslot), EFAULT
-        (private without gmem, gmem released), EHWPOISON (poisoned gmem page).
+        Errors, in order: EBADF (closed); ENOTTY (6.8: no such ioctl); EINVAL (flags != 0);
+        EINVAL (gpa or size unaligned, or gpa+size <= gpa); EOPNOTSUPP (no TDP,
+        kvm_arch_vcpu_pre_fault_memory); then, only if no step succeeded: ENOENT (no memslot),
+        EFAULT (private without gmem, gmem released), EHWPOISON (poisoned gmem page).
         """
         self._check()
+        profile = self._vm._profile
+        if profile.era < 2:
+            raise oserror(_errno.ENOTTY, "KVM_PRE_FAULT_MEMORY does not exist before Linux 6.10")
         if flags:
             raise oserror(_errno.EINVAL, f"flags {flags:#x} must be 0")
         if gpa % gm.PAGE or size % gm.PAGE or (gpa + size) % 2**64 <= gpa:
             raise oserror(_errno.EINVAL, f"range gpa={gpa:#x} size={size:#x} is unaligned or empty")
+        if not profile.tdp:
+            raise oserror(_errno.EOPNOTSUPP, "pre-faulting needs the TDP MMU")
         with self._ioctl_lock:
+            if self._u is None or self._sregs_dirty:
+                self._read_regs()
+                with self._vm._lock:
+                    with self.uc_lock:
+                        self._sync_out()
             done = False
             while size:
                 gfn = gpa // gm.PAGE
                 with self._vm._lock:
-                    if self._u is None or self._dirty:
-                        with self.uc_lock:
-                            self._sync_out()
                     try:
                         b, ex = gm.lookup(self._vm, gfn, None)
                     except OSError:
