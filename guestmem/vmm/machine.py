@@ -72,6 +72,7 @@ class Machine:
         self.on_console: Callable[[bytes], None] | None = None
         self.loops: list[RunLoop] = []
         self.stopping = False
+        self.error: BaseException | None = None
         self.wall_time = 0.0
         self.image: gguest.GuestImage | None = None
 
@@ -141,6 +142,13 @@ class Machine:
         if self.on_console is not None:
             self.on_console(data)
 
+    def fail(self, exc: BaseException) -> None:
+        """Record a vCPU thread's error (the first one wins: later ones follow from the stop)."""
+        with self._exits_lock:
+            if self.error is None:
+                self.error = exc
+        self.stop()
+
     def stop(self) -> None:
         """Ask every vCPU to stop (kick): used on errors, Ctrl-C and by workloads."""
         self.stopping = True
@@ -159,6 +167,7 @@ class Machine:
             TimeoutError after ``timeout`` seconds.
         """
         self.stopping = False
+        self.error = None
         self.loops = [RunLoop(self, v) for v in self.vcpus]
         threads = [threading.Thread(target=loop.run, name=f"vcpu{loop.vcpu.vcpu_id}", daemon=True)
                    for loop in self.loops]
@@ -185,9 +194,8 @@ class Machine:
             raise
         finally:
             self.wall_time = time.perf_counter() - t0
-        for loop in self.loops:
-            if loop.error is not None:
-                raise loop.error
+        if self.error is not None:
+            raise self.error
         return self.loops
 
     # --- teardown -------------------------------------------------------------------------------

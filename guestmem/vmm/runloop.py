@@ -67,7 +67,7 @@ class RunLoop:
                 pass
         except BaseException as exc:  # reported to the caller of Machine.run
             self.error = exc
-            self.machine.stop()
+            self.machine.fail(exc)
 
     def handle_exit(self, exit: Exit) -> Outcome:
         m = self.machine
