@@ -648,7 +648,9 @@ class Vcpu:
         if self._kick:
             self._kick = False
             return IntrExit()
-        if self._stop_gen != gen:
+        with self._vm._lock:  # an invalidation that stopped us has finished once we hold it
+            stopped = self._stop_gen != gen
+        if stopped:
             return None  # an invalidation stopped us: resume transparently
         # A quiet stop: HLT, or (after Unicorn has delivered an exception to a hook once) a #UD
         # that Unicorn no longer reports as an error.
