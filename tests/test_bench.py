@@ -76,6 +76,19 @@ def test_failing_workload_becomes_a_fail_row() -> None:
     assert "the figure is wrong" in result.rows[0].note
 
 
+def test_guard_turns_one_case_failure_into_a_fail_row_and_goes_on() -> None:
+    ctx = harness.Context("w", True, [])
+    with ctx.guard("case 1", "model"):
+        raise RuntimeError("model broke")
+    with ctx.guard("case 2", "kvm"):
+        raise harness.Skip("no kvm here")
+    with ctx.guard("case 3", "model"):
+        ctx.add("case 3", "model", 1.0, "x")
+    assert [(r.case, r.status) for r in ctx.rows] == [("case 1", bench.FAIL), ("case 2", bench.SKIP),
+                                                     ("case 3", harness.INFO)]
+    assert "RuntimeError: model broke" in ctx.rows[0].note
+
+
 @pytest.mark.skipif(cbuild.compiler() is None, reason="no C compiler on this machine")
 def test_c_reference_programs_build(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GUESTMEM_BENCH_CACHE", str(tmp_path))

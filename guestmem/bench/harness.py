@@ -12,6 +12,7 @@ machine is shared and its absolute figures drift by tens of percent between runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -20,7 +21,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 
@@ -169,11 +170,30 @@ class Context:
         self.rows.append(row)
         return row
 
+    @contextlib.contextmanager
+    def guard(self, case: str, backend: str, goal: Goal | None = None) -> Iterator[None]:
+        """Run one case on one backend: a Skip becomes a SKIP row and any other exception a
+        FAIL row for this case only, so the workload goes on with the next one."""
+        try:
+            yield
+        except Skip as exc:
+            self.skip(case, backend, str(exc), goal)
+        except Exception as exc:  # noqa: BLE001 - reported as a FAIL row
+            self.rows.append(Row(self.workload, case, backend, None, "", "", goal.text if goal else "", FAIL,
+                                 failure_note(exc)))
+
     def skip(self, case: str, backend: str, reason: str, goal: Goal | None = None) -> Row:
         row = Row(self.workload, case, backend, None, "", "", goal.text if goal else "", SKIP,
                   f"skipped: {reason}")
         self.rows.append(row)
         return row
+
+
+def failure_note(exc: BaseException) -> str:
+    """'Type: message (file:line)' for the innermost frame of ``exc``."""
+    tb = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" ({os.path.basename(tb.filename)}:{tb.lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def sample(fn: Callable[[], float | None], repeat: int, warmup: int = 1) -> Stats:
@@ -289,9 +309,7 @@ def run(workloads: dict[str, tuple[str, Workload]], names: Iterable[str], quick:
         except Skip as exc:
             ctx.skip("all", "-", str(exc))
         except Exception as exc:  # noqa: BLE001 - a broken workload is a FAIL row, not a crash
-            tb = traceback.extract_tb(exc.__traceback__)[-1]
-            rows.append(Row(title, "all", "-", None, "", status=FAIL,
-                            note=f"{type(exc).__name__}: {exc} ({os.path.basename(tb.filename)}:{tb.lineno})"))
+            rows.append(Row(title, "all", "-", None, "", status=FAIL, note=failure_note(exc)))
         report.workload_seconds[name] = time.perf_counter() - t0
         report.rows.extend(rows)
         if done:

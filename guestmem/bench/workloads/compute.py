@@ -12,7 +12,7 @@ import time
 
 from ...types import IoExit
 from ..backends import BACKENDS, system
-from ..harness import Context, Skip, Stats, at_least, check, fmt_stats
+from ..harness import Context, Stats, at_least, check, fmt_stats
 from . import guests
 
 PORT = 0x11
@@ -43,7 +43,7 @@ def run(ctx: Context) -> None:
             case = f"dec/jnz loop, CPL{cpl}" + (" (native)" if (backend, cpl) == ("kvm", 3) else
                                                  " (emulated)" if backend == "kvm" else "")
             goal = GOAL if backend == "model" else None
-            try:
+            with ctx.guard(case, backend, goal):
                 with system(backend) as sys_:
                     guest = guests.build(sys_, ASM, cpl=cpl)
                     try:
@@ -55,5 +55,3 @@ def run(ctx: Context) -> None:
                         guest.close()
                 ctx.add(case, backend, st.median, "MIPS", detail=fmt_stats(st, unit=" MIPS") + f", {n:,} iterations",
                         goal=goal, samples=st.samples)
-            except Skip as exc:
-                ctx.skip(case, backend, str(exc), goal)

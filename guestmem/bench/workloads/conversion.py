@@ -19,7 +19,7 @@ import time
 from ... import uapi
 from ...types import HypercallExit, IoExit
 from ..backends import BACKENDS, system
-from ..harness import CheckFailed, Context, Skip, Stats, at_least, fmt_stats
+from ..harness import CheckFailed, Context, Stats, at_least, fmt_stats
 from . import guests
 
 PAGE = uapi.PAGE_SIZE
@@ -79,7 +79,7 @@ def run(ctx: Context) -> None:
         for size, page_attr, name in SIZES:
             case = f"{name} private↔shared"
             goal = GOAL if size < (1 << 30) else None
-            try:
+            with ctx.guard(case, backend, goal):
                 with system(backend) as sys_:
                     g = guests.build(sys_, _asm(size, page_attr), cpl=0, vm_type=int(uapi.VmType.SW_PROTECTED),
                                      test="private", test_size=1 << 30, hypercalls=True)
@@ -94,14 +94,7 @@ def run(ctx: Context) -> None:
                             rates.append(conv / dt)
                     finally:
                         g.close()
-            except Skip as exc:
-                ctx.skip(case, backend, str(exc), goal)
-                continue
-            except OSError as exc:
-                ctx.skip(case, backend, f"{exc.strerror or exc} (no private memory or hypercall exits)", goal)
-                continue
-            st = Stats(tuple(rates))
-            ctx.add(case, backend, st.median, "conv/s",
-                    detail=f"{1e6 / st.median:.1f} µs/conversion; " + fmt_stats(st, unit="/s") + f", {n:,} round trips",
-                    goal=goal,
-                    samples=rates)
+                st = Stats(tuple(rates))
+                ctx.add(case, backend, st.median, "conv/s",
+                        detail=f"{1e6 / st.median:.1f} µs/conversion; " + fmt_stats(st, unit="/s") + f", {n:,} round trips",
+                        goal=goal, samples=rates)

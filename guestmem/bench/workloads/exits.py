@@ -80,7 +80,7 @@ def run(ctx: Context) -> None:
         kvm_skip = kvm_reason
         guest = None
         if not kvm_skip:
-            try:
+            with ctx.guard(case, "kvm"):
                 with system("kvm") as sys_:
                     guest = guests.build(sys_, ASM, cpl=cpl)
                     page = mmap.mmap(guest.vcpu.fileno(), sys_.vcpu_mmap_size())
@@ -100,8 +100,6 @@ def run(ctx: Context) -> None:
                     finally:
                         page.close()
                         guest.close()
-            except Skip as exc:
-                kvm_skip = str(exc)
         if c_ns:
             st = Stats(tuple(c_ns))
             ctx.add(case, "C", 1e9 / st.median, "exits/s", detail=fmt_stats(st, 1e-3, " µs/exit"), samples=c_ns)
@@ -131,7 +129,7 @@ def run(ctx: Context) -> None:
         if model_reason:
             ctx.skip(case, "model", model_reason)
             continue
-        try:
+        with ctx.guard(case, "model"):
             with system("model") as sys_:
                 guest = guests.build(sys_, ASM, cpl=cpl)
                 try:
@@ -144,5 +142,3 @@ def run(ctx: Context) -> None:
             st = Stats(tuple(m))
             ctx.add(case, "model", 1e9 / st.median, "exits/s", detail=fmt_stats(st, 1e-3, " µs/exit") + f", {n:,} exits",
                     samples=m)
-        except Skip as exc:
-            ctx.skip(case, "model", str(exc))

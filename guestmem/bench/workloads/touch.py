@@ -17,7 +17,7 @@ import time
 from ... import uapi
 from ...types import IoExit
 from ..backends import system, unavailable
-from ..harness import Context, Skip, Stats, at_least, check, fmt_stats
+from ..harness import FAIL, Context, Row, Skip, Stats, at_least, check, failure_note, fmt_stats
 from . import guests
 
 PORT = 0x11
@@ -58,6 +58,7 @@ def run(ctx: Context) -> None:
     pages = size // PAGE
     samples: dict[tuple[str, str], list[float]] = {c: [] for c in CASES}
     reasons: dict[tuple[str, str], str] = {}
+    failed: dict[tuple[str, str], str] = {}
     for c in CASES:
         r = unavailable(c[0])
         if r:
@@ -72,11 +73,17 @@ def run(ctx: Context) -> None:
             except Skip as exc:
                 reasons[case] = str(exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - this case fails, the others go on
+                failed[case] = reasons[case] = failure_note(exc)
+                continue
             if rep:
                 samples[case].append(dt)
     label = f"{size >> 20} MiB, 4 KiB stride"
     for case in CASES:
         backend, kind = case
+        if case in failed:
+            ctx.rows.append(Row(ctx.workload, f"{label}, {kind}", backend, None, "", status=FAIL, note=failed[case]))
+            continue
         if not samples[case]:
             ctx.skip(f"{label}, {kind}", backend, reasons.get(case, "not run"))
             continue
