@@ -108,6 +108,7 @@ class Row:
     kind: str = ""
     x: float | None = None
     samples: list[float] = dataclasses.field(default_factory=list)
+    label: str = ""  # short name for the plot
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,12 +162,12 @@ class Context:
 
     def add(self, case: str, backend: str, value: float | None, unit: str, *, detail: str = "",
             goal: Goal | None = None, note: str = "", kind: str = "", x: float | None = None,
-            samples: Iterable[float] = ()) -> Row:
+            samples: Iterable[float] = (), label: str = "") -> Row:
         status = INFO
         if goal is not None and value is not None:
             status = PASS if goal.met(value) else MISS
         row = Row(self.workload, case, backend, value, unit, detail, goal.text if goal else "",
-                  status, note, kind, x, [round(s, 6) for s in samples])
+                  status, note, kind, x, [round(s, 6) for s in samples], label)
         self.rows.append(row)
         return row
 

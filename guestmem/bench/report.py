@@ -100,8 +100,8 @@ def plot(report: Report, path: str | Path) -> None:
         ax1.axhline(1000.0, color="red", linestyle="--", linewidth=1, label="goal: 1 TiB ≤ 1 ms")
         ax1.set_xscale("log", base=2)
         ax1.set_yscale("log")
-        ticks = [4 << 10, 2 << 20, 1 << 30, 1 << 40]
-        ax1.set_xticks(ticks, ["4 KiB", "2 MiB", "1 GiB", "1 TiB"])
+        ticks = [4 << 10, 64 << 10, 2 << 20, 64 << 20, 1 << 30, 64 << 30, 1 << 40]
+        ax1.set_xticks(ticks, ["4K", "64K", "2M", "64M", "1G", "64G", "1T"])
         ax1.set_xlabel("range size")
         ax1.set_ylabel("µs per set_memory_attributes (median)")
         ax1.legend(fontsize=8)
@@ -110,7 +110,7 @@ def plot(report: Report, path: str | Path) -> None:
     ax1.set_title("model: attribute update cost vs range size")
 
     if ratios:
-        labels = [f"{r.workload}\n{r.case}" for r in ratios]
+        labels = [r.label or f"{r.workload}\n{r.case}" for r in ratios]
         colors = ["tab:green" if r.status == PASS else "tab:red" if r.status == MISS else "tab:gray" for r in ratios]
         xs = range(len(ratios))
         ax2.bar(xs, [r.value for r in ratios], color=colors)
@@ -118,9 +118,10 @@ def plot(report: Report, path: str | Path) -> None:
             goal = _goal_threshold(r.goal)
             if goal is not None:
                 ax2.hlines(goal, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.2)
+                ax2.text(x + 0.42, goal, "≥" if "≥" in r.goal else "≤", va="center", fontsize=8)
             ax2.text(x, r.value, f"{r.value:.2f}x", ha="center", va="bottom", fontsize=8)
-        ax2.set_xticks(list(xs), labels, fontsize=7, rotation=30, ha="right")
-        ax2.set_ylabel("ratio (dashed: goal; green PASS, red MISS)")
+        ax2.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
+        ax2.set_ylabel("ratio (dashed: goal, ≥ or ≤; green PASS, red MISS)")
     else:
         ax2.text(0.5, 0.5, "ratios: no data", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_title("ratios measured in the same run")

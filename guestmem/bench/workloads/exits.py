@@ -115,7 +115,7 @@ def run(ctx: Context) -> None:
             ctx.add(case, "kvm/C", statistics.median(c_ns) / statistics.median(py_ns), "x",
                     detail=f"exit rate ratio of medians; of minima {min(c_ns) / min(py_ns):.2f}; "
                            f"per-pair {min(ratios):.2f}..{max(ratios):.2f}",
-                    goal=GOAL, kind="ratio", samples=ratios)
+                    goal=GOAL, kind="ratio", samples=ratios, label=f"exits CPL{cpl}\nkvm / C")
         else:
             ctx.skip(case, "kvm/C", c_reason or kvm_skip or "one side missing", GOAL)
         if c_ns and floor_ns:

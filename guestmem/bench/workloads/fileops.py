@@ -140,7 +140,8 @@ def run(ctx: Context) -> None:
         detail = ", ".join(parts) + f" (medians, n={repeat})"
         if k is not None and m is not None:
             ratios = [a / b for a, b in zip(samples["model"][op], samples["kvm"][op])]
-            ctx.add(WHAT[op], "model/kvm", m / k, "x", detail=detail, goal=GOAL, kind="ratio", samples=ratios)
+            ctx.add(WHAT[op], "model/kvm", m / k, "x", detail=detail, goal=GOAL, kind="ratio", samples=ratios,
+                    label=f"{op}\nmodel / kvm")
         elif m is not None:
             ctx.add(WHAT[op], "model", m * unit_scale, unit, detail=detail,
                     note=f"no ratio: kvm {reasons.get('kvm', 'missing')}")

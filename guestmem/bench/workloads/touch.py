@@ -97,7 +97,8 @@ def run(ctx: Context) -> None:
         if kvm and m:
             ratios = [k / x for k, x in zip(kvm, m)]
             ctx.add(case, "model/kvm", statistics.median(kvm) / statistics.median(m), "x",
-                    detail="first-touch rate ratio", goal=GOAL, kind="ratio", samples=ratios)
+                    detail="first-touch rate ratio", goal=GOAL, kind="ratio", samples=ratios,
+                    label=f"touch {size >> 20} MiB\nmodel {kind} / kvm")
         else:
             ctx.skip(case, "model/kvm", reasons.get(("kvm", "gmem shared")) or reasons.get(("model", kind)) or "missing",
                      GOAL)
