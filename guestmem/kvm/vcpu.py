@@ -66,6 +66,8 @@ _FAIL = struct.Struct("<QI")         # hardware_entry_failure_reason, cpu
 
 _R = uapi.ExitReason
 _IO_OUT = uapi.IoDirection.OUT
+# Python's errno module has no EHWPOISON; the uapi table has the x86-64 value (133).
+_MEMORY_FAULT_ERRNOS = (errno.EFAULT, int(uapi.Errno.EHWPOISON))
 
 _kick_handler_lock = threading.Lock()
 
@@ -265,13 +267,13 @@ class Vcpu:
         try:
             fcntl.ioctl(fd, uapi.KVM_RUN)
         except OSError as exc:
-            reason = _U32.unpack_from(page, _OFF_REASON)[0]
-            if exc.errno in (errno.EFAULT, errno.EHWPOISON) and reason == _R.MEMORY_FAULT:
-                flags, gpa, size = _MF.unpack_from(page, _OFF_MF)
-                return MemoryFaultExit(flags=flags, gpa=gpa, size=size, errno=exc.errno)
             if exc.errno == errno.EINTR:
                 page[_OFF_IMMEDIATE_EXIT] = 0
                 return IntrExit()
+            reason = _U32.unpack_from(page, _OFF_REASON)[0]
+            if exc.errno in _MEMORY_FAULT_ERRNOS and reason == _R.MEMORY_FAULT:
+                flags, gpa, size = _MF.unpack_from(page, _OFF_MF)
+                return MemoryFaultExit(flags=flags, gpa=gpa, size=size, errno=exc.errno)
             raise oserror(exc.errno, f"KVM_RUN(vcpu {self.vcpu_id})") from None
         finally:
             self._runner = None
