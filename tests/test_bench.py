@@ -61,12 +61,6 @@ def test_goal_and_row_status() -> None:
     assert ctx.skip("c", "b", "why").note == "skipped: why"
 
 
-def test_sample_discards_warmup() -> None:
-    values = iter([100.0, 1.0, 2.0, 3.0])
-    stats = harness.sample(lambda: next(values), repeat=3, warmup=1)
-    assert stats.samples == (1.0, 2.0, 3.0) and stats.median == 2.0 and stats.min == 1.0
-
-
 def test_failing_workload_becomes_a_fail_row() -> None:
     def broken(ctx: harness.Context) -> None:
         harness.check(False, "the figure is wrong")

@@ -1,7 +1,8 @@
 """The benchmark harness: samples, goals, result rows, the machine description and the runner.
 
-A workload is a function ``run(ctx) -> None`` that adds ``Row``s to ``ctx``. It times with
-``ctx.sample`` (repeat, median and min), states every goal with ``Goal``, and raises
+A workload is a function ``run(ctx) -> None`` that adds ``Row``s to ``ctx``. It repeats
+each measurement (``Stats``: median and min, warm-up samples discarded), states every goal
+with ``Goal``, runs each case under ``ctx.guard``, and raises
 ``Skip`` for a whole workload or adds a ``ctx.skip`` row for one backend it cannot run on.
 A failed correctness check raises ``CheckFailed``; the runner records it as a FAIL row and
 goes on with the next workload, so one broken backend never hides the other rows.
@@ -68,12 +69,6 @@ class Goal:
 
     def met(self, value: float) -> bool:
         return value >= self.threshold if self.op == ">=" else value <= self.threshold
-
-    def margin(self, value: float) -> float:
-        """How far the value is from the goal as a factor (>= 1 means met)."""
-        if value <= 0:
-            return 0.0 if self.op == ">=" else float("inf")
-        return value / self.threshold if self.op == ">=" else self.threshold / value
 
 
 def at_least(threshold: float, text: str) -> Goal:
@@ -195,21 +190,6 @@ def failure_note(exc: BaseException) -> str:
     tb = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" ({os.path.basename(tb.filename)}:{tb.lineno})" if tb else ""
     return f"{type(exc).__name__}: {exc}{where}"
-
-
-def sample(fn: Callable[[], float | None], repeat: int, warmup: int = 1) -> Stats:
-    """Call ``fn`` ``warmup`` + ``repeat`` times; each call returns its own measurement
-    (or None to have the wall time of the call taken). The warm-up calls are discarded:
-    on this host the first touch of fresh memory is several times slower than later ones."""
-    out: list[float] = []
-    for i in range(warmup + repeat):
-        t0 = time.perf_counter()
-        value = fn()
-        if value is None:
-            value = time.perf_counter() - t0
-        if i >= warmup:
-            out.append(value)
-    return Stats(tuple(out))
 
 
 def fmt_stats(stats: Stats, scale: float = 1.0, unit: str = "", digits: int = 3) -> str:
