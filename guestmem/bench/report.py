@@ -40,7 +40,7 @@ def table(report: Report) -> Table:
         style = _STYLE.get(r.status, "")
         t.add_row(r.workload if r.workload != last else "", r.case, r.backend, fmt_value(r),
                   r.note if r.status in (SKIP, FAIL) else (r.detail + (f"; {r.note}" if r.note else "")),
-                  r.goal or "-", f"[{style}]{r.status}[/]" if style else r.status)
+                  r.goal or "none", f"[{style}]{r.status}[/]" if style else r.status)
         last = r.workload
     return t
 
@@ -62,7 +62,7 @@ def markdown(report: Report) -> str:
               "| --- | --- | --- | ---: | --- | --- | --- |"]
     for r in report.rows:
         how = r.note if r.status in (SKIP, FAIL) else r.detail + (f"; {r.note}" if r.note else "")
-        cells = [r.workload, r.case, r.backend, fmt_value(r), how, r.goal or "-", f"**{r.status}**"]
+        cells = [r.workload, r.case, r.backend, fmt_value(r), how, r.goal or "none", f"**{r.status}**"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

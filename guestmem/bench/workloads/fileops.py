@@ -135,7 +135,7 @@ def run(ctx: Context) -> None:
         unit_scale = 1e-6 if op.endswith("_1g") else 1e-3  # ms for the 1 GiB ops, else µs
         unit = "ms" if op.endswith("_1g") else "µs"
         parts = [f"{s} {v * unit_scale:.3g} {unit}" for s, v in (("model", m), ("kvm", k), ("C", c)) if v is not None]
-        if c is None and c_reason:
+        if c is None and c_reason and k is not None:
             parts.append(f"C skipped: {c_reason}")
         detail = ", ".join(parts) + f" (medians, n={repeat})"
         if k is not None and m is not None:
@@ -143,8 +143,7 @@ def run(ctx: Context) -> None:
             ctx.add(WHAT[op], "model/kvm", m / k, "x", detail=detail, goal=GOAL, kind="ratio", samples=ratios,
                     label=f"{op}\nmodel / kvm")
         elif m is not None:
-            ctx.add(WHAT[op], "model", m * unit_scale, unit, detail=detail,
-                    note=f"no ratio: kvm {reasons.get('kvm', 'missing')}")
+            ctx.add(WHAT[op], "model", m * unit_scale, unit, detail=detail)
             ctx.skip(WHAT[op], "model/kvm", reasons.get("kvm", "kvm missing"), GOAL)
         else:
             ctx.add(WHAT[op], "kvm", k * unit_scale if k is not None else None, unit, detail=detail)
