@@ -1,7 +1,7 @@
 """kvm.Vcpu against the real /dev/kvm: lifecycle, registers, exit decoding, completions, kicks.
 
-Guests here run on anonymous-free guest_memfd RAM (MMAP|INIT_SHARED, userspace_addr = the
-gmem mapping, which kvm_pvm needs). CPL0 guest code is emulated on this host (~1 µs per
+Guests here run on guest_memfd RAM (MMAP|INIT_SHARED, userspace_addr = the gmem mapping,
+which kvm_pvm needs). CPL0 guest code is emulated on this host (~1 µs per
 instruction), so CPL0 guests stay a few instructions long and spinning guests run at CPL3.
 """
 
@@ -197,6 +197,7 @@ def test_map_gpa_range_hypercall_exit(vm):
     timer.join()
     if exit_ == IntrExit():
         pytest.skip(f"no hypercall exit on this host: KVM_RUN spins at rip {vcpu.get_regs().rip:#x} (kvm_pvm)")
+    assert isinstance(exit_, HypercallExit), exit_
     assert (exit_.nr, exit_.args[:3], exit_.ret) == (Hypercall.MAP_GPA_RANGE, (0x100000, 2, 0x10), 0)
     vcpu.set_hypercall_ret(0x1234)
     assert vcpu.run() == HltExit()
