@@ -279,7 +279,13 @@ def test_kick_from_main_thread_interrupts_run_in_main_thread(vm):
 
 def test_pre_fault_memory(kvm_system, vm):
     vcpu, _, _ = boot(vm, guest.long_mode_guest("hlt"))
+    # Argument checks run before the capability-dependent part, on every kernel with the ioctl.
+    for args in ((0, 0x1000, 1), (0x10, 0x1000), (0, 0x10), (0, 0)):
+        with pytest.raises(OSError) as exc:
+            vcpu.pre_fault_memory(*args)
+        assert exc.value.errno in (errno.EINVAL, errno.ENOTTY), args
     if not kvm_system.check_extension(Cap.PRE_FAULT_MEMORY):
+        # Without TDP (kvm_pvm is shadow paging only) the ioctl exists but is EOPNOTSUPP.
         with pytest.raises(OSError) as exc:
             vcpu.pre_fault_memory(0, 0x1000)
         assert exc.value.errno in (errno.ENOTTY, errno.EOPNOTSUPP)
