@@ -26,7 +26,8 @@ Host <-> guest convention (for tests and workloads; the backends know nothing ab
   them with ``vcpu.get_regs()`` on the IoExit.
 - Code that falls off its end reaches an epilogue that loops on ``out PORT_DONE, eax``.
 
-CPL3 guests run with RFLAGS.IOPL = 3, so IN/OUT work; HLT and VMCALL raise #GP at CPL3, so a
+CPL3 guests run with RFLAGS.IOPL = 3 and a TSS I/O bitmap allowing every port, so IN/OUT
+work (kvm_pvm ignores IOPL at CPL3 and honours only the bitmap); HLT and VMCALL raise #GP at CPL3, so a
 CPL3 guest ends with an OUT (the epilogue does that). On this host CPL3 code runs natively and
 CPL0 code is emulated (~1 µs per instruction): put loops over much memory at CPL3.
 """
@@ -359,7 +360,7 @@ def real_mode_guest(code: str, *, load_address: int = 0x1000) -> GuestImage:
 # --- loading ----------------------------------------------------------------------------------------
 
 
-def load(image: GuestImage, memory: Any) -> None:
+def load(image: GuestImage, memory: dict[int, Writer] | Iterable[tuple[int, Writer]]) -> None:
     """Write ``image.chunks`` into guest memory.
 
     ``memory`` maps the GPA at which each writer's offset 0 sits to the writer
@@ -368,7 +369,7 @@ def load(image: GuestImage, memory: Any) -> None:
 
     :raises ValueError: a chunk that lies in no single writer.
     """
-    regions = list(memory.items() if hasattr(memory, "items") else memory)
+    regions = list(memory.items() if isinstance(memory, dict) else memory)
     for gpa, data in image.chunks:
         for base, writer in regions:
             if base <= gpa and gpa + len(data) <= base + len(writer):
