@@ -27,8 +27,8 @@ Host <-> guest convention (for tests and workloads; the backends know nothing ab
 - Code that falls off its end reaches an epilogue that loops on ``out PORT_DONE, eax``.
 
 CPL3 guests run with RFLAGS.IOPL = 3 and a TSS I/O bitmap allowing every port, so IN/OUT
-work (kvm_pvm ignores IOPL at CPL3 and honours only the bitmap); HLT and VMCALL raise #GP at CPL3, so a
-CPL3 guest ends with an OUT (the epilogue does that). On this host CPL3 code runs natively and
+work (kvm_pvm ignores IOPL at CPL3 and honours only the bitmap). HLT and VMCALL raise #GP at
+CPL3, so a CPL3 guest ends with an OUT (the epilogue does that). On this host CPL3 code runs natively and
 CPL0 code is emulated (~1 µs per instruction): put loops over much memory at CPL3.
 """
 
