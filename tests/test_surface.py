@@ -1,0 +1,79 @@
+"""The two backends export the same public surface, and both satisfy the interface Protocols."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import guestmem.kvm
+import guestmem.model
+from guestmem import interface
+
+CLASSES = ["System", "Vm", "GuestMemfd", "Vcpu"]
+# Model-only extensions, documented as such in guestmem.model.
+MODEL_EXTRAS = {"GUESTMEM_TDX_LIKE_VM", "Memslot", "Profile", "PROFILES"}
+
+
+def public_methods(cls: type) -> set[str]:
+    return {name for name, _ in inspect.getmembers(cls, callable) if not name.startswith("_")}
+
+
+def test_packages_export_the_same_names() -> None:
+    assert set(guestmem.kvm.__all__) == set(guestmem.model.__all__) - MODEL_EXTRAS
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_model_has_every_kvm_method(name: str) -> None:
+    kvm_cls, model_cls = getattr(guestmem.kvm, name), getattr(guestmem.model, name)
+    assert public_methods(kvm_cls) <= public_methods(model_cls)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("package", [guestmem.kvm, guestmem.model], ids=["kvm", "model"])
+def test_protocol_methods_have_the_same_signature(package, name: str) -> None:
+    proto = getattr(interface, name)
+    cls = getattr(package, name)
+    for meth in public_methods(proto):
+        want = inspect.signature(getattr(proto, meth))
+        got = inspect.signature(getattr(cls, meth))
+        assert list(got.parameters) == list(want.parameters), f"{package.__name__}.{name}.{meth}{got} != {want}"
+
+
+# Arguments no kernel field can hold are refused the same way on both backends (EINVAL naming
+# the field), while negative values wrap and reach the kernel's own checks.
+OUT_OF_RANGE_CALLS = [
+    ("create_guest_memfd", (1 << 64,), {}),
+    ("create_guest_memfd", (4096,), {"flags": -(1 << 63) - 1}),
+    ("create_guest_memfd", (4096,), {"reserved": [0] * 7}),
+    ("set_user_memory_region2", (1 << 32, 0, 0, 4096), {}),
+    ("set_user_memory_region2", (0, 0, 0, 4096), {"pad2": [1 << 64]}),
+    ("set_user_memory_region2", (0, 0, 0, 4096), {"guest_memfd": 1 << 32}),
+    ("set_user_memory_region", (0, 1 << 32, 0, 4096), {}),
+    ("set_memory_attributes", (0, 1 << 64, 0), {}),
+    ("enable_cap", (201, 1, 2, 3, 4, 5), {}),
+]
+
+
+@pytest.mark.parametrize("method,args,kwargs", OUT_OF_RANGE_CALLS, ids=[c[0] for c in OUT_OF_RANGE_CALLS])
+def test_unrepresentable_arguments_give_einval(system, method, args, kwargs) -> None:
+    import errno
+
+    with system.create_vm(0) as vm:
+        with pytest.raises(OSError) as exc:
+            getattr(vm, method)(*args, **kwargs)
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_negative_size_wraps_and_reaches_the_size_check(system) -> None:
+    import errno
+
+    with system.create_vm(0) as vm:
+        with pytest.raises(OSError) as exc:
+            vm.create_guest_memfd(-4096)
+        assert exc.value.errno == errno.EINVAL
+        gmem = vm.create_guest_memfd(4096)
+        with pytest.raises(OSError) as exc:
+            gmem.fallocate(0x3, 0, 1 << 64)
+        assert exc.value.errno == errno.EINVAL
+        gmem.close()
