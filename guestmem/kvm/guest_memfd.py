@@ -16,13 +16,13 @@ from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
 from ..types import FileStat
 from ..uapi import Falloc
-from ._ioctl import closed_error
+from ._fd import FdObject
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 
-class GuestMemfd:
+class GuestMemfd(FdObject):
     """An open guest_memfd of ``size`` bytes created with ``flags`` by ``vm``."""
 
     def __init__(self, vm: "Vm", fd: int, size: int, flags: int) -> None:
@@ -33,22 +33,6 @@ class GuestMemfd:
 
     def __repr__(self) -> str:
         return f"<kvm.GuestMemfd size={self.size:#x} flags={self.flags:#x} fd={self._fd}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def _check(self) -> int:
-        if self._fd < 0:
-            raise closed_error("GuestMemfd")
-        return self._fd
-
-    def fileno(self) -> int:
-        """The guest_memfd file descriptor.
-
-        :raises OSError: EBADF if closed.
-        """
-        return self._check()
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2) (api.rst 4.141, spec §2.2).
@@ -155,19 +139,4 @@ class GuestMemfd:
         The file is released when its last reference (fds and mappings) goes: then its
         memslots stay but lose their binding, and its VM reference is dropped.
         """
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> "GuestMemfd":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().close()

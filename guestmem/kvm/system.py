@@ -11,7 +11,8 @@ import os
 
 from .. import uapi
 from ..errors import oserror
-from ._ioctl import closed_error, int_arg, ioctl
+from ._fd import FdObject
+from ._ioctl import int_arg, ioctl
 from .vm import Vm
 
 
@@ -29,7 +30,7 @@ def open_system(device: str | None = None) -> "System":
     return System(fd, device)
 
 
-class System:
+class System(FdObject):
     """An open KVM device (``/dev/kvm``)."""
 
     backend = "kvm"
@@ -40,22 +41,6 @@ class System:
 
     def __repr__(self) -> str:
         return f"<kvm.System {self.device} fd={self._fd}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def _check(self) -> int:
-        if self._fd < 0:
-            raise closed_error("System")
-        return self._fd
-
-    def fileno(self) -> int:
-        """The /dev/kvm file descriptor.
-
-        :raises OSError: EBADF if closed.
-        """
-        return self._check()
 
     def api_version(self) -> int:
         """KVM_GET_API_VERSION (api.rst 4.1); 12 on every kernel since 2.6.22.
@@ -89,22 +74,4 @@ class System:
         vm_fd = ioctl(fd, uapi.KVM_CREATE_VM, "KVM_CREATE_VM", int_arg(type, "type"), f"type={type}")
         return Vm(self, vm_fd, int(type))
 
-    def close(self) -> None:
-        """close(2) the /dev/kvm fd; a second close is a no-op."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> "System":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 

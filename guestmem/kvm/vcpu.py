@@ -36,6 +36,7 @@ from ..types import (
     MemoryFaultExit, MmioExit, Regs, Segment, ShutdownExit, Sregs, UnknownExit,
 )
 from ..encoding import encode_unsigned
+from ._fd import FdObject
 from ._ioctl import closed_error, int_arg, ioctl
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def _sregs_to_struct(sregs: Sregs) -> uapi.kvm_sregs:
     return s
 
 
-class Vcpu:
+class Vcpu(FdObject):
     """An open KVM vCPU ``vcpu_id`` of ``vm``, with its kvm_run page mapped."""
 
     def __init__(self, vm: "Vm", vcpu_id: int) -> None:
@@ -205,21 +206,8 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"<kvm.Vcpu id={getattr(self, 'vcpu_id', '?')} fd={getattr(self, '_fd', -1)}>"
 
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def _check(self) -> int:
-        if self._fd < 0:
-            raise closed_error(f"Vcpu {self.vcpu_id}")
-        return self._fd
-
-    def fileno(self) -> int:
-        """The vCPU file descriptor.
-
-        :raises OSError: EBADF if closed.
-        """
-        return self._check()
+    def _what(self) -> str:
+        return f"Vcpu {self.vcpu_id}"
 
     # --- registers ---------------------------------------------------------------------------
 
@@ -412,23 +400,7 @@ class Vcpu:
                     except ProcessLookupError:
                         pass
 
-    def close(self) -> None:
-        """Unmap kvm_run and close(2) the vCPU fd; a second close is a no-op."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            self._page.release()
-            self._map.close()
-            os.close(fd)
-
-    def __enter__(self) -> "Vcpu":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _release(self) -> None:
+        """Unmap kvm_run before the vCPU fd closes."""
+        self._page.release()
+        self._map.close()

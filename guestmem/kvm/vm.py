@@ -11,19 +11,19 @@ stop fallocate/punch on its guest_memfds; vCPUs hold their own fds and are not c
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
 from ..encoding import encode_fd, encode_unsigned
-from ._ioctl import closed_error, fill_array, int_arg, ioctl
+from ._fd import FdObject
+from ._ioctl import fill_array, int_arg, ioctl
 
 if TYPE_CHECKING:
     from .guest_memfd import GuestMemfd
     from .system import System
 
 
-class Vm:
+class Vm(FdObject):
     """An open KVM VM of ``type`` created by ``system``."""
 
     def __init__(self, system: "System", fd: int, type: int) -> None:  # noqa: A002
@@ -34,22 +34,6 @@ class Vm:
 
     def __repr__(self) -> str:
         return f"<kvm.Vm type={self.type} fd={self._fd}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def _check(self) -> int:
-        if self._fd < 0:
-            raise closed_error("Vm")
-        return self._fd
-
-    def fileno(self) -> int:
-        """The VM file descriptor.
-
-        :raises OSError: EBADF if closed.
-        """
-        return self._check()
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (api.rst 4.4): the cap's value for this VM type.
@@ -180,19 +164,4 @@ class Vm:
 
         The kernel VM lives on while a guest_memfd, a mapping of one, or a vCPU fd holds it.
         """
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> "Vm":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().close()
