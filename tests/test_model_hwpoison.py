@@ -1,0 +1,119 @@
+"""hwpoison on guest_memfd pages (spec 3.2, 5.2 step 5.2, 6.5) on the model with real x86 guest code.
+
+Model-only: memory errors cannot be injected into this host's guest_memfd
+(``GuestMemfd.inject_hwpoison`` is a model extension). A poisoned page stays in the file;
+the guest's next access is a KVM_EXIT_MEMORY_FAULT with errno EHWPOISON (repeated until the
+host acts, since the access is not retired), a host mapping of the page SIGBUSes (probed in
+a forked child, ``probe.py``), and punching the page heals it: a fresh zero page for guest
+and host.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+pytest.importorskip("unicorn")
+pytest.importorskip("keystone")
+
+import probe  # noqa: E402
+from model_guests import GMEM, PAGE, PRIVATE, SW, Machine  # noqa: E402
+
+from guestmem.guest import PORT_SYNC  # noqa: E402
+from guestmem.types import IoExit, MemoryFaultExit  # noqa: E402
+from guestmem.uapi import Errno, GuestMemfdFlag  # noqa: E402
+
+GPA = 0xC000_0000
+MARK0, MARK1 = 0x0101_0101_0101_0101, 0x1111_1111_1111_1111
+
+# Write a mark to pages 0 and 1, sync; then read page 1 and page 0 and report both.
+GUEST = "\n".join([
+    f"mov r8, {GPA:#x}", f"mov r9, {GPA + PAGE:#x}",
+    f"mov rax, {MARK0:#x}", "mov [r8], rax", f"mov rax, {MARK1:#x}", "mov [r9], rax",
+    f"mov eax, 1\nout {PORT_SYNC}, eax",
+    "mov rsi, [r9]", "mov rdi, [r8]",
+    f"mov eax, 2\nout {PORT_SYNC}, eax",
+])
+
+
+def sync(v, step: int):
+    ex = v.run()
+    assert ex == IoExit(1, 4, PORT_SYNC, 1, step.to_bytes(4, "little")), ex
+    return v.get_regs()
+
+
+def poisoned(gpa: int, private: bool) -> MemoryFaultExit:
+    return MemoryFaultExit(flags=8 if private else 0, gpa=gpa, size=PAGE, errno=Errno.EHWPOISON)
+
+
+def test_private_page_hwpoison_exits_ehwpoison_until_punched_then_reads_zero(model_system):
+    m = Machine(model_system, SW)
+    gmem = m.vm.create_guest_memfd(2 * PAGE)
+    m.add_slot(10, GPA, 2 * PAGE, gmem)
+    m.vm.set_memory_attributes(GPA, 2 * PAGE, PRIVATE)
+    v, = m.load(GUEST, identity_map=[(GPA, 2 * PAGE)])
+    sync(v, 1)
+    gmem.inject_hwpoison(PAGE)  # page 1; the guest has it mapped: the poison invalidates it
+    assert v.run() == poisoned(GPA + PAGE, private=True)
+    assert v.run() == poisoned(GPA + PAGE, private=True)  # the access is not retired
+    gmem.punch_hole(PAGE, PAGE)
+    r = sync(v, 2)
+    assert (r.rsi, r.rdi) == (0, MARK0)  # a fresh zero page; page 0 untouched
+    m.close()
+    gmem.close()
+
+
+def test_poison_before_first_touch_exits_on_first_write_and_spares_the_neighbour(model_system):
+    """Poison is per page of the file: a neighbour of a poisoned page still works for the guest."""
+    m = Machine(model_system, SW)
+    gmem = m.vm.create_guest_memfd(2 * PAGE)
+    m.add_slot(10, GPA, 2 * PAGE, gmem)
+    m.vm.set_memory_attributes(GPA, 2 * PAGE, PRIVATE)
+    v, = m.load(GUEST, identity_map=[(GPA, 2 * PAGE)])
+    gmem.inject_hwpoison(0)  # before the guest ever touched page 0
+    assert v.run() == poisoned(GPA, private=True)  # the first write to page 0
+    gmem.punch_hole(0, PAGE)
+    sync(v, 1)
+    r = sync(v, 2)
+    assert (r.rsi, r.rdi) == (MARK1, MARK0)
+    m.close()
+    gmem.close()
+
+
+def test_shared_gmem_page_hwpoison_sigbus_on_host_and_ehwpoison_in_guest(model_system):
+    """Default VM, gmem MMAP|INIT_SHARED bound GMEM_ONLY: guest and host share the pages."""
+    m = Machine(model_system, 0, hypercalls=False)
+    flags = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
+    gmem = m.vm.create_guest_memfd(2 * PAGE, flags)
+    host = gmem.mmap()
+    m.vm.set_user_memory_region2(10, GMEM, GPA, 2 * PAGE, host.address, gmem, 0)
+    v, = m.load(GUEST, identity_map=[(GPA, 2 * PAGE)])
+    sync(v, 1)
+    assert host.read(PAGE, 8) == MARK1.to_bytes(8, "little")  # in-place shared memory
+    gmem.inject_hwpoison(PAGE)
+    assert probe.touch(host, PAGE) == "SIGBUS"
+    assert probe.touch(host, PAGE, value=0x42) == "SIGBUS"
+    assert probe.touch(host, 0) == MARK0 & 0xFF  # the neighbour still reads
+    assert v.run() == poisoned(GPA + PAGE, private=False)
+    gmem.punch_hole(PAGE, PAGE)
+    assert probe.touch(host, PAGE) == 0  # healed: a fresh zero page for the host ...
+    r = sync(v, 2)
+    assert (r.rsi, r.rdi) == (0, MARK0)  # ... and for the guest
+    host.close()
+    m.close()
+    gmem.close()
+
+
+def test_inject_hwpoison_rejects_unaligned_and_out_of_file_offsets(model_system):
+    vm = model_system.create_vm(SW)
+    gmem = vm.create_guest_memfd(PAGE)
+    for bad in (1, PAGE, -PAGE):
+        with pytest.raises(OSError) as exc:
+            gmem.inject_hwpoison(bad)
+        assert exc.value.errno == errno.EINVAL
+    gmem.close()
+    with pytest.raises(OSError) as exc:
+        gmem.inject_hwpoison(0)
+    assert exc.value.errno == errno.EBADF
+    vm.close()
