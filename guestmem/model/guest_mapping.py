@@ -1,15 +1,14 @@
-"""Guest-physical resolution for model vCPUs: the fault path and the Unicorn region manager.
+"""Guest-physical resolution for model vCPUs: the fault path, page walks, guest-physical reads.
 
 Data model. A model vCPU (``vcpu.py``) runs guest code on one Unicorn instance. Unicorn's
 "physical" address space plays the role of the TDP/EPT tables: a guest-physical range is
-mapped in Unicorn (``mem_map_ptr``) only while it is valid, pointing straight at the host
-memory that backs it:
+mapped in Unicorn only while it is valid, and what backs it is decided here:
 
-- gmem-backed (a private GFN, or any GFN of a GMEM_ONLY slot): ``gmem._host_address +
-  (pgoff + gfn - base_gfn) * 4096``, the model-owned MAP_SHARED mapping of the gmem inode;
+- gmem-backed (a private GFN, or any GFN of a GMEM_ONLY slot): the gmem inode at file page
+  ``pgoff + gfn - base_gfn`` (its memfd ``_memfd``; ``_host_address`` is the model's view);
 - shared, non-GMEM_ONLY: the memslot's ``userspace_addr`` memory of this process.
 
-An access to an unmapped range stops emulation and is resolved by ``resolve_fault`` in the
+An access to an unmapped range stops emulation and is resolved by ``lookup`` in the
 order of the kernel's fault path (``kvm_mmu_faultin_pfn`` / ``kvm_mmu_faultin_pfn_gmem`` /
 ``kvm_mmu_prepare_memory_fault_exit`` in arch/x86/kvm/mmu/mmu.c), spec section 5.2. It returns
 either ``None`` (mapped; retry the access), an exit, or raises ``OSError(EFAULT)`` (shared
@@ -17,12 +16,9 @@ host memory not mapped: KVM_RUN fails without a memory-fault exit).
 
 Mapping size: a fault maps the largest aligned block (1 GiB, 2 MiB, else 4 KiB) that lies
 inside one memslot, is not "mixed" (``Memslot.is_mixed``), has no poisoned gmem page and, for
-host memory, is fully mapped in this process. The region count stays small (Unicorn's map and
-unmap cost grows with it), and is capped: past ``MAX_REGIONS`` every region is dropped, like a
-TLB flush, and faults back in.
-
-Invariants: ``regions`` (Unicorn base address -> (size, level)) changes only while the caller
-holds both ``Vm._lock`` and the vCPU's ``uc_lock``; regions never overlap.
+host memory, is fully mapped in this process. ``regions.RegionMap`` maps the block in the
+engine (through a host window where it can) and re-checks it with the same rules on every
+invalidation.
 
 TDX-like VMs: the shared/private view comes from a GPA bit in the guest's page tables.
 Unicorn 2.1 (QEMU TCG) implements 40 physical address bits, so bit 51 would be a reserved-bit
@@ -48,7 +44,6 @@ PHYS_LIMIT = 1 << 39
 """Guest-physical addresses the emulated MMU can reach (QEMU TCG: 40 bits; bit 39 is the
 TDX-like shared bit)."""
 LEVEL_PAGES = {2: 1 << 18, 1: 1 << 9, 0: 1}
-MAX_REGIONS = 256
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
@@ -117,7 +112,7 @@ def lookup(vm, gfn: int, fault_private: bool | None):
     return Backing(slot, False, None, host), None
 
 
-def _block_ok(vm, b: Backing, level: int, start: int) -> bool:
+def block_ok(vm, b: Backing, level: int, start: int) -> bool:
     """Whether the aligned block at gfn ``start`` can be mapped as one region (kvm_mmu_hugepage_adjust)."""
     slot, n = b.slot, LEVEL_PAGES[level]
     if start < slot.base_gfn or start + n > slot.base_gfn + slot.npages:
@@ -134,7 +129,7 @@ def choose_block(vm, gfn: int, b: Backing) -> tuple[int, int, int]:
     for level in (2, 1):
         n = LEVEL_PAGES[level]
         start = gfn & ~(n - 1)
-        if _block_ok(vm, b, level, start):
+        if block_ok(vm, b, level, start):
             return start, n, level
     return gfn, 1, 0
 
@@ -143,42 +138,6 @@ def host_address(b: Backing, start_gfn: int) -> int:
     if b.gmem is not None:
         return b.gmem._host_address + (b.slot.pgoff + start_gfn - b.slot.base_gfn) * PAGE
     return b.slot.userspace_addr + (start_gfn - b.slot.base_gfn) * PAGE
-
-
-class RegionMap:
-    """The Unicorn regions of one vCPU; every method runs with uc_lock held (and Vm._lock to map)."""
-
-    def __init__(self) -> None:
-        self.regions: dict[int, tuple[int, int, int]] = {}  # base -> (size, level, prot)
-
-    def overlapping(self, lo: int, hi: int) -> list[int]:
-        return [a for a, (size, _, _) in self.regions.items() if a < hi and lo < a + size]
-
-    def unmap(self, uc, bases: list[int]) -> None:
-        for a in bases:
-            size, _, _ = self.regions.pop(a)
-            uc.mem_unmap(a, size)
-
-    def clear(self, uc) -> None:
-        self.unmap(uc, list(self.regions))
-
-    def map(self, uc, addr: int, size: int, level: int, host: int, prot: int) -> None:
-        if len(self.regions) >= MAX_REGIONS:
-            self.clear(uc)
-        self.unmap(uc, self.overlapping(addr, addr + size))
-        uc.mem_map_ptr(addr, size, prot, host)
-        self.regions[addr] = (size, level, prot)
-
-    def protect(self, uc, mask: int) -> None:
-        """Set every region's protection to its own ``& mask`` (mask = all bits: restore)."""
-        for a, (size, _, prot) in self.regions.items():
-            uc.mem_protect(a, size, prot & mask)
-
-    def counts(self) -> dict[int, int]:
-        out = {0: 0, 1: 0, 2: 0}
-        for _, level, _ in self.regions.values():
-            out[level] += 1
-        return out
 
 
 def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:

@@ -53,72 +53,20 @@ bit is bit 39 (``guest_mapping.TDX_SHARED_BIT``), not TDX's bit 51 or 47.
 from __future__ import annotations
 
 import errno as _errno
-import struct
 import threading
 import time
 
 from ..errors import oserror
-from ..types import (
-    DTable, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit,
-)
+from ..types import HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import Hypercall, HypercallExitFlag, IoDirection, KvmHypercallError, MemFlag
 from . import fdtable
 from . import guest_mapping as gm
+from .regions import RegionMap
+from .unicorn_cpu import MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id
+from .unicorn_cpu import unicorn as _unicorn
 
-_uc = None
-_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-         "r12", "r13", "r14", "r15")
 _END = 0xFFFF_FFFF_FFFF_FFFF
 _HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
-_IO_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65))
-EFER, FS_BASE, GS_BASE = 0xC0000080, 0xC0000100, 0xC0000101
-_MASK = {"16": 0xFFFF_FFFF, "32": 0xFFFF_FFFF, "64": 2**64 - 1}
-
-
-def _unicorn():
-    """Import Unicorn on first use: ``import guestmem`` never needs it."""
-    global _uc
-    if _uc is None:
-        try:
-            import unicorn
-            import unicorn.x86_const
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("model vCPUs run guest code on Unicorn: pip install unicorn") from exc
-        _uc = unicorn
-    return _uc
-
-
-def _mode_of(sregs: Sregs) -> str:
-    if sregs.efer & (1 << 10) and sregs.cs.l:
-        return "64"
-    return "32" if sregs.cr0 & 1 else "16"
-
-
-def _reg_id(mode: str, name: str) -> int:
-    x = _unicorn().x86_const
-    if mode != "64" and name in ("rip",) + _REGS[:8]:
-        name = "e" + name[1:]
-    if name == "rflags" and mode != "64":
-        name = "eflags"
-    return getattr(x, "UC_X86_REG_" + name.upper())
-
-
-def _decode_io(code: bytes) -> tuple[int, bool, bool] | None:
-    """(length, is_string, has_rep) of the IN/OUT/INS/OUTS at the start of ``code``, or None."""
-    n, rep = 0, False
-    while n < len(code) and (code[n] in _IO_PREFIXES or 0x40 <= code[n] <= 0x4F):
-        rep |= code[n] in (0xF2, 0xF3)
-        n += 1
-    if n >= len(code):
-        return None
-    op = code[n]
-    if 0xE4 <= op <= 0xE7:
-        return n + 2, False, False
-    if 0xEC <= op <= 0xEF:
-        return n + 1, False, False
-    if 0x6C <= op <= 0x6F:
-        return n + 1, True, rep
-    return None
 
 
 class Vcpu:
@@ -130,10 +78,10 @@ class Vcpu:
         self._closed = False
         self._ioctl_lock = threading.Lock()
         self.uc_lock = threading.Lock()
-        self._map = gm.RegionMap()
+        self._map = RegionMap()
         self._regs = Regs()
         self._sregs = Sregs()
-        self._mode = _mode_of(self._sregs)
+        self._mode = mode_of(self._sregs)
         self._u = None  # the Unicorn instance, built on first run
         self._sregs_dirty = True  # set_sregs happened: write everything before running
         self._regs_stale = False  # Unicorn's registers are newer than self._regs
@@ -189,15 +137,22 @@ class Vcpu:
         uc = u.Uc(c.UC_ARCH_X86, mode)
         uc.hook_add(c.UC_HOOK_MEM_UNMAPPED, self._hook_unmapped)
         uc.hook_add(c.UC_HOOK_MEM_WRITE_PROT, self._hook_wprot)
+        uc.hook_add(c.UC_HOOK_MEM_FETCH_PROT, self._hook_xprot)
         uc.hook_add(c.UC_HOOK_INTR, self._hook_intr)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_out, None, 1, 0, x.UC_X86_INS_OUT)
         for la, (n, _, _) in self._sites.items():
             uc.hook_add(c.UC_HOOK_CODE, self._hook_site, None, la + n, la + n)
         self._u = uc
-        self._gpr_ids = [_reg_id(self._mode, n) for n in _REGS[:16 if self._mode == "64" else 8]]
-        self._rip_id = _reg_id(self._mode, "rip")
-        self._flags_id = _reg_id(self._mode, "rflags")
+        self._ra = RegAccess(uc)
+        self._gpr_ids = [reg_id(self._mode, n) for n in REGS[:16 if self._mode == "64" else 8]]
+        self._rip_id = reg_id(self._mode, "rip")
+        self._flags_id = reg_id(self._mode, "rflags")
+        self._ids = {n: reg_id(self._mode, n) for n in REGS + ("rip", "rflags")}
+        self._all_ids = tuple(self._gpr_ids) + (self._rip_id, self._flags_id)
+        # RIP, plus CS in real mode (linear = CS << 4 + IP)
+        self._pc_ids = (self._rip_id, x.UC_X86_REG_CS) if self._mode == "16" else (self._rip_id,)
+        self._walk_ids = (x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4)
         return uc
 
     def _lock_uc(self) -> None:
@@ -221,7 +176,15 @@ class Vcpu:
             return
         self._lock_uc()
         try:
-            self._map.unmap(self._u, sorted(set(hit)))
+            uc = self._u
+            hit = sorted(set(hit))
+            if self._tdx():
+                drop, flush = hit, False  # both views of a GFN: always fault again
+            else:
+                drop, flush = self._map.refresh(uc, self._vm, hit)
+            self._map.unmap(uc, drop)
+            if flush:
+                uc.ctl_flush_tb()
             self._stop_gen += 1
         finally:
             self.uc_lock.release()
@@ -238,6 +201,11 @@ class Vcpu:
             self._event = ("wprot", access, addr, size, value)
         return False
 
+    def _hook_xprot(self, uc, access, addr, size, value, _):
+        if self._event is None:
+            self._event = ("xprot", access, addr, size, value)
+        return False
+
     def _hook_intr(self, uc, intno, _):
         if self._event is None:
             self._event = ("intr", intno)
@@ -250,12 +218,10 @@ class Vcpu:
         if self._event is not None:
             return  # the rest of a block after a first-seen IN/OUT: discarded
         self._event = ev
-        la = uc.reg_read(self._rip_id)
-        if self._mode == "16":
-            la += uc.reg_read(_unicorn().x86_const.UC_X86_REG_CS) << 4
+        la = self._read_pc()
         if la not in self._sites:
             code = self._read_uc_linear(uc, la, 15)
-            site = _decode_io(code) if code else None
+            site = decode_io(code) if code else None
             if site is None:
                 site = (1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
             self._new_site = (la, site)
@@ -277,9 +243,11 @@ class Vcpu:
         """The registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
         if self._regs_stale:
             with self.uc_lock:
-                vals = self._u.reg_read_batch(self._gpr_ids + [self._rip_id, self._flags_id])
-            names = _REGS[:len(self._gpr_ids)] + ("rip", "rflags")
-            self._regs = self._regs.replace(**dict(zip(names, vals)))
+                vals = self._ra.read(self._all_ids)
+            if len(vals) == 18:
+                self._regs = Regs(*vals)
+            else:
+                self._regs = self._regs.replace(**dict(zip(REGS[:8] + ("rip", "rflags"), vals)))
             self._regs_stale = False
         return self._regs
 
@@ -287,27 +255,15 @@ class Vcpu:
         """The special registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
         if not self._sregs_stale:
             return self._sregs
-        x = _unicorn().x86_const
         with self.uc_lock:
-            uc = self._u
-            segs = ("cs", "ds", "es", "ss", "fs", "gs")
-            vals = uc.reg_read_batch([getattr(x, "UC_X86_REG_" + n.upper()) for n in segs]
-                                     + [x.UC_X86_REG_CR0, x.UC_X86_REG_CR2, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4])
-            gdt, idt = uc.reg_read(x.UC_X86_REG_GDTR), uc.reg_read(x.UC_X86_REG_IDTR)
-            efer = uc.msr_read(EFER) if self._mode != "16" else self._sregs.efer
-        s = self._sregs
-        new = {n: getattr(s, n).replace(selector=v) for n, v in zip(segs, vals)}
-        if self._mode == "16":
-            new = {n: v.replace(base=v.selector << 4) for n, v in new.items()}
-        self._sregs = s.replace(cr0=vals[6], cr2=vals[7], cr3=vals[8], cr4=vals[9], efer=efer,
-                                gdt=DTable(base=gdt[1], limit=gdt[2]), idt=DTable(base=idt[1], limit=idt[2]), **new)
+            self._sregs = read_sregs(self._u, self._ra, self._mode, self._sregs)
         self._sregs_stale = False
         return self._sregs
 
     def _queue(self, **regs: int) -> None:
         """Change registers for the next run (caller holds _ioctl_lock; cache must be fresh)."""
         assert not self._regs_stale
-        m = _MASK[self._mode]
+        m = MASK[self._mode]
         for name, value in regs.items():
             self._wr[name] = value & m
         self._regs = self._regs.replace(**regs)
@@ -319,33 +275,11 @@ class Vcpu:
 
     def _sync_out(self) -> None:
         """Write all cached regs/sregs into Unicorn (caller holds uc_lock and Vm._lock)."""
-        x = _unicorn().x86_const
-        if self._u is None or _mode_of(self._sregs) != self._mode:
-            self._mode = _mode_of(self._sregs)
+        if self._u is None or mode_of(self._sregs) != self._mode:
+            self._mode = mode_of(self._sregs)
             self._build()
-        uc, s, r = self._u, self._sregs, self._regs
-        bits = 64 if self._mode == "64" else 32
-        if self._mode != "16":
-            uc.msr_write(EFER, s.efer)
-            uc.reg_write(x.UC_X86_REG_CR4, s.cr4 & (2**bits - 1))
-            uc.reg_write(x.UC_X86_REG_CR3, s.cr3 & (2**bits - 1))
-        uc.reg_write(x.UC_X86_REG_CR0, s.cr0 & 0xFFFF_FFFF)
-        uc.reg_write(x.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
-        uc.reg_write(x.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
-        if self._mode == "16":
-            for seg in ("cs", "ds", "es", "ss", "fs", "gs"):
-                uc.reg_write(getattr(x, "UC_X86_REG_" + seg.upper()), getattr(s, seg).selector)
-        elif self._mode == "64":
-            for seg in ("cs", "ds", "es", "ss"):
-                uc.reg_write(getattr(x, "UC_X86_REG_" + seg.upper()), getattr(s, seg).selector)
-            uc.msr_write(FS_BASE, s.fs.base)
-            uc.msr_write(GS_BASE, s.gs.base)
-        # 32-bit protected mode keeps Unicorn's flat segments: loading a selector would read
-        # the guest GDT before the fault path has mapped it.
-        m = _MASK[self._mode]
-        names = _REGS[:len(self._gpr_ids)]
-        uc.reg_write_batch([(i, getattr(r, n) & m) for i, n in zip(self._gpr_ids, names)]
-                           + [(self._rip_id, r.rip & m), (self._flags_id, r.rflags)])
+        r = self._regs
+        load_state(self._u, self._mode, r, self._sregs, self._gpr_ids, self._rip_id, self._flags_id)
         self._pc = self._linear(r.rip)
         self._wr.clear()
         self._xlate = None
@@ -362,7 +296,7 @@ class Vcpu:
         self._check()
         with self._ioctl_lock:
             old = self._read_regs()
-            self._queue(**{n: getattr(regs, n) for n in _REGS + ("rip", "rflags")
+            self._queue(**{n: getattr(regs, n) for n in REGS + ("rip", "rflags")
                            if getattr(regs, n) != getattr(old, n)})
             self._regs = regs
 
@@ -465,38 +399,33 @@ class Vcpu:
 
     # --- guest memory reads ------------------------------------------------------------------
 
-    def _cs_base(self, uc) -> int:
-        return uc.reg_read(_unicorn().x86_const.UC_X86_REG_CS) << 4 if self._mode == "16" else 0
+    def _cs_base(self) -> int:
+        return self._ra.read((_unicorn().x86_const.UC_X86_REG_CS,))[0] << 4 if self._mode == "16" else 0
+
+    def _read_pc(self) -> int:
+        """The linear address of the next instruction, from the engine (caller holds uc_lock)."""
+        v = self._ra.read(self._pc_ids)
+        return v[0] + (v[1] << 4) if len(v) == 2 else v[0]
 
     def _read_uc_linear(self, uc, la: int, n: int) -> bytes | None:
         """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
 
         Caller holds uc_lock (or runs inside a hook). None if a page on the way is not mapped.
         """
-        x = _unicorn().x86_const
-        UcError = _unicorn().UcError
-        cr0, cr3, cr4 = uc.reg_read_batch([x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4])
+        ra = self._ra
+        cr0, cr3, cr4 = ra.read(self._walk_ids)
         page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
         xl = self._xlate
         if xl is not None and xl[0] == cr3 and xl[1] == page:
             pa = xl[2]
         else:
-            def read(a: int, w: int) -> bytes | None:
-                try:
-                    return bytes(uc.mem_read(a, w))
-                except UcError:
-                    return None
-
             efer = (1 << 10) if self._mode == "64" else 0
-            pa, tables = gm.page_walk(read, cr0, cr3, cr4, efer, page)
+            pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
             if pa is None:
                 return None
             pa &= ~(gm.PAGE - 1)
             self._xlate = (cr3, page, pa, tuple(tables))
-        try:
-            return bytes(uc.mem_read(pa + off, min(n, gm.PAGE - off)))
-        except UcError:
-            return None
+        return ra.mem_read(pa + off, min(n, gm.PAGE - off))
 
     def _read_linear(self, la: int, n: int) -> bytes | None:
         """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
@@ -518,7 +447,8 @@ class Vcpu:
 
     def _flush_wr(self, uc) -> None:
         """Write the queued registers in one batch (caller holds uc_lock)."""
-        uc.reg_write_batch([(_reg_id(self._mode, n), v) for n, v in self._wr.items()])
+        ids = self._ids
+        self._ra.write([(ids[n], v) for n, v in self._wr.items()])
         self._wr.clear()
 
     def _complete_pending(self) -> None:
@@ -566,7 +496,7 @@ class Vcpu:
                     uc.mem_unmap(page, gm.PAGE)
                     self._event = None
                 self._regs_stale = self._sregs_stale = True
-                self._pc = uc.reg_read(self._rip_id) + self._cs_base(uc)
+                self._pc = self._read_pc()
             finally:
                 self.uc_lock.release()
 
@@ -619,7 +549,7 @@ class Vcpu:
                 self._discard = None
                 uc.context_restore(ctx)
                 self._map.protect(uc, u.unicorn_const.UC_PROT_ALL)
-                uc.reg_write(self._rip_id, after - self._cs_base(uc))
+                uc.reg_write(self._rip_id, after - self._cs_base())
                 err = None
             if self._new_site is not None:
                 la, site = self._new_site
@@ -627,7 +557,7 @@ class Vcpu:
                 self._sites[la] = site
                 uc.hook_add(u.unicorn_const.UC_HOOK_CODE, self._hook_site, None, la + site[0], la + site[0])
                 uc.ctl_flush_tb()  # retranslate with the stop check after the site
-            self._pc = uc.reg_read(self._rip_id) + self._cs_base(uc)
+            self._pc = self._read_pc()
         c = u.unicorn_const
         if ev is not None:
             kind = ev[0]
@@ -639,6 +569,8 @@ class Vcpu:
                 return IoExit(int(IoDirection.IN), ev[2], ev[1], 1, b"")
             if kind in ("fault", "wprot"):
                 return self._handle_fault(ev)
+            if kind == "xprot":
+                return self._handle_xprot(ev)
             if kind == "intr":
                 return self._handle_exception(ev[1])
         if err == c.UC_ERR_INSN_INVALID:
@@ -686,16 +618,36 @@ class Vcpu:
         return MmioExit(phys_addr=gpa, data=data, len=size, is_write=is_write)
 
     def _map_backing(self, gfn: int, b, alias: int) -> None:
-        """Map the block holding gfn (caller holds Vm._lock)."""
+        """Map the block holding gfn (caller holds Vm._lock); see ``regions`` for the two kinds."""
         start, n, level = gm.choose_block(self._vm, gfn, b)
         prot = _unicorn().unicorn_const.UC_PROT_ALL
         if b.gmem is None and b.slot.flags & MemFlag.READONLY:
             prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
+        window = not self._tdx() and self._map.can_window(b)
+        if not window and level == 2 and self._vm._private_mem:
+            # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn
+            # unmaps at ~13 us per MiB: keep direct regions of convertible VMs at 2 MiB.
+            start, n, level = (gfn & ~511, 512, 1) if gm.block_ok(self._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
         self._lock_uc()
         try:
-            self._map.map(self._u, (start * gm.PAGE) | alias, n * gm.PAGE, level, gm.host_address(b, start), prot)
+            self._map.map(self._u, (start * gm.PAGE) | alias, n * gm.PAGE, level, b, start, prot, window)
         finally:
             self.uc_lock.release()
+
+    def _handle_xprot(self, ev):
+        """A fetch from a window region not yet marked as code (``regions`` module doc)."""
+        _, access, addr, size, value = ev
+        with self._vm._lock:
+            self._lock_uc()
+            try:
+                base = self._map.containing(addr)
+                r = self._map.regions.get(base) if base is not None else None
+                if r is not None and r.window and not r.code:
+                    self._map.mark_code(self._u, base)
+                    return None
+            finally:
+                self.uc_lock.release()
+        return InternalErrorExit(suberror=1, data=(addr,))  # fetch from a non-executable mapping
 
     def _tdx(self) -> bool:
         if self._is_tdx is None:
@@ -731,7 +683,7 @@ class Vcpu:
         x = _unicorn().x86_const
         r = self._read_regs()
         with self.uc_lock:
-            cs, cr0 = self._u.reg_read_batch([x.UC_X86_REG_CS, x.UC_X86_REG_CR0])
+            cs, cr0 = self._ra.read((x.UC_X86_REG_CS, x.UC_X86_REG_CR0))
         long_mode = self._mode == "64"
         m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
         nr, gpa, npages, attrs = r.rax & m, r.rbx & m, r.rcx & m, r.rdx & m
