@@ -57,16 +57,17 @@ import threading
 import time
 
 from ..errors import oserror
-from ..types import HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
-from ..uapi import Hypercall, HypercallExitFlag, IoDirection, KvmHypercallError, MemFlag
+from ..types import HltExit, HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
+from ..uapi import IoDirection
 from . import fdtable
+from . import exits
 from . import guest_mapping as gm
 from .regions import RegionMap
 from .unicorn_cpu import MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id
 from .unicorn_cpu import unicorn as _unicorn
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
-_HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
+_REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
 
 
 class Vcpu:
@@ -220,7 +221,7 @@ class Vcpu:
         self._event = ev
         la = self._read_pc()
         if la not in self._sites:
-            code = self._read_uc_linear(uc, la, 15)
+            code = exits.read_uc_linear(self, uc, la, 15)
             site = decode_io(code) if code else None
             if site is None:
                 site = (1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
@@ -266,7 +267,8 @@ class Vcpu:
         m = MASK[self._mode]
         for name, value in regs.items():
             self._wr[name] = value & m
-        self._regs = self._regs.replace(**regs)
+        r = self._regs  # Regs(*...) rather than dataclasses.replace: ~5x cheaper on this hot path
+        self._regs = Regs(*[regs.get(f, getattr(r, f)) for f in _REG_FIELDS])
         if "rip" in regs:
             self._pc = self._linear(regs["rip"])
 
@@ -407,41 +409,12 @@ class Vcpu:
         v = self._ra.read(self._pc_ids)
         return v[0] + (v[1] << 4) if len(v) == 2 else v[0]
 
-    def _read_uc_linear(self, uc, la: int, n: int) -> bytes | None:
-        """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
+    def _tdx(self) -> bool:
+        if self._is_tdx is None:
+            from .profile import GUESTMEM_TDX_LIKE_VM
 
-        Caller holds uc_lock (or runs inside a hook). None if a page on the way is not mapped.
-        """
-        ra = self._ra
-        cr0, cr3, cr4 = ra.read(self._walk_ids)
-        page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
-        xl = self._xlate
-        if xl is not None and xl[0] == cr3 and xl[1] == page:
-            pa = xl[2]
-        else:
-            efer = (1 << 10) if self._mode == "64" else 0
-            pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
-            if pa is None:
-                return None
-            pa &= ~(gm.PAGE - 1)
-            self._xlate = (cr3, page, pa, tuple(tables))
-        return ra.mem_read(pa + off, min(n, gm.PAGE - off))
-
-    def _read_linear(self, la: int, n: int) -> bytes | None:
-        """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
-        with self.uc_lock:
-            data = self._read_uc_linear(self._u, la, n)
-        if data is not None:
-            return data
-        vm = self._vm
-        with vm._lock:
-            s = self._read_sregs()
-
-            def read(a: int, w: int) -> bytes | None:
-                return gm.read_guest_phys(vm, a, w)
-
-            pa, _ = gm.page_walk(read, s.cr0, s.cr3, s.cr4, s.efer, la)
-            return None if pa is None else gm.read_guest_phys(vm, pa, n)
+            self._is_tdx = self._vm.type == GUESTMEM_TDX_LIKE_VM
+        return self._is_tdx
 
     # --- KVM_RUN ---------------------------------------------------------------------------
 
@@ -466,39 +439,8 @@ class Vcpu:
             r = self._read_regs()
             self._queue(rax=self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF), rip=r.rip + 3)
         elif p[0] == "mmio":
-            self._step_mmio(p[1], p[2], p[3])
+            exits.step_mmio(self, p[1], p[2], p[3])
         self._io_data = None
-
-    def _step_mmio(self, addr: int, size: int, is_write: bool) -> None:
-        """Re-execute the faulting instruction once against a one-page MMIO shim."""
-        data = self._mmio_data or bytes(size)
-        self._mmio_data = None
-        page = addr & ~(gm.PAGE - 1)
-        with self._vm._lock:
-            self._lock_uc()
-            try:
-                uc = self._u
-                if self._wr:
-                    self._flush_wr(uc)
-                self._map.unmap(uc, self._map.overlapping(page, page + gm.PAGE))
-
-                def rd(uc_, off, sz, _):
-                    rel = page + off - addr  # Unicorn may split the access
-                    d = data[rel:rel + sz] if 0 <= rel < len(data) else b""
-                    return int.from_bytes(d.ljust(sz, b"\0"), "little")
-
-                uc.mmio_map(page, gm.PAGE, rd, None, lambda *a: None, None)
-                try:
-                    self._event = None
-                    uc.ctl_flush_tb()  # blocks translated without the count hook would run past it
-                    uc.emu_start(self._pc, _END, count=1)
-                finally:
-                    uc.mem_unmap(page, gm.PAGE)
-                    self._event = None
-                self._regs_stale = self._sregs_stale = True
-                self._pc = self._read_pc()
-            finally:
-                self.uc_lock.release()
 
     def run(self):
         """KVM_RUN (api.rst 4.10): run until an exit; mirrors vcpu_run/vcpu_enter_guest.
@@ -568,13 +510,13 @@ class Vcpu:
                 self._pending = ("io", ev[2])
                 return IoExit(int(IoDirection.IN), ev[2], ev[1], 1, b"")
             if kind in ("fault", "wprot"):
-                return self._handle_fault(ev)
+                return exits.handle_fault(self, ev)
             if kind == "xprot":
-                return self._handle_xprot(ev)
+                return exits.handle_xprot(self, ev)
             if kind == "intr":
-                return self._handle_exception(ev[1])
+                return exits.handle_exception(self, ev[1])
         if err == c.UC_ERR_INSN_INVALID:
-            return self._handle_ud()
+            return exits.handle_ud(self)
         if err is not None:
             return ShutdownExit()
         if self._kick:
@@ -587,120 +529,10 @@ class Vcpu:
         # A quiet stop: HLT, or (after Unicorn has delivered an exception to a hook once) a #UD
         # that Unicorn no longer reports as an error.
         pc = self._pc
-        if self._read_linear(pc, 3) in _HYPERCALL_INSNS:
-            return self._handle_ud()
-        return HltExit() if pc and self._read_linear(pc - 1, 1) == b"\xf4" else ShutdownExit()
-
-    def _handle_fault(self, ev):
-        _, access, addr, size, value = ev
-        c = _unicorn().unicorn_const
-        tdx = self._tdx()
-        fault_private = None
-        if tdx:
-            fault_private = not addr & gm.TDX_SHARED_BIT
-        gpa = addr % gm.PHYS_LIMIT if tdx else addr
-        gfn = gpa // gm.PAGE
-        is_write = access in (c.UC_MEM_WRITE_UNMAPPED, c.UC_MEM_WRITE_PROT)
-        with self._vm._lock:
-            if ev[0] == "wprot":  # a write to a READONLY slot is emulated as MMIO
-                b, ex = None, None
-            else:
-                b, ex = gm.lookup(self._vm, gfn, fault_private)
-            if ex is not None:
-                return ex
-            if b is not None:
-                self._map_backing(gfn, b, addr & gm.TDX_SHARED_BIT if tdx else 0)
-                return None
-        if access == c.UC_MEM_FETCH_UNMAPPED:
-            return InternalErrorExit(suberror=1, data=(gpa,))  # KVM_INTERNAL_ERROR_EMULATION
-        self._pending = ("mmio", addr, size, is_write)
-        data = (value & (2 ** (8 * size) - 1)).to_bytes(size, "little") if is_write else b""
-        return MmioExit(phys_addr=gpa, data=data, len=size, is_write=is_write)
-
-    def _map_backing(self, gfn: int, b, alias: int) -> None:
-        """Map the block holding gfn (caller holds Vm._lock); see ``regions`` for the two kinds."""
-        start, n, level = gm.choose_block(self._vm, gfn, b)
-        prot = _unicorn().unicorn_const.UC_PROT_ALL
-        if b.gmem is None and b.slot.flags & MemFlag.READONLY:
-            prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
-        window = not self._tdx() and self._map.can_window(b)
-        if not window and level == 2 and self._vm._private_mem:
-            # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn
-            # unmaps at ~13 us per MiB: keep direct regions of convertible VMs at 2 MiB.
-            start, n, level = (gfn & ~511, 512, 1) if gm.block_ok(self._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
-        self._lock_uc()
-        try:
-            self._map.map(self._u, (start * gm.PAGE) | alias, n * gm.PAGE, level, b, start, prot, window)
-        finally:
-            self.uc_lock.release()
-
-    def _handle_xprot(self, ev):
-        """A fetch from a window region not yet marked as code (``regions`` module doc)."""
-        _, access, addr, size, value = ev
-        with self._vm._lock:
-            self._lock_uc()
-            try:
-                base = self._map.containing(addr)
-                r = self._map.regions.get(base) if base is not None else None
-                if r is not None and r.window and not r.code:
-                    self._map.mark_code(self._u, base)
-                    return None
-            finally:
-                self.uc_lock.release()
-        return InternalErrorExit(suberror=1, data=(addr,))  # fetch from a non-executable mapping
-
-    def _tdx(self) -> bool:
-        if self._is_tdx is None:
-            from .profile import GUESTMEM_TDX_LIKE_VM
-
-            self._is_tdx = self._vm.type == GUESTMEM_TDX_LIKE_VM
-        return self._is_tdx
-
-    def _handle_exception(self, vector: int):
-        """#PF from a walk through unmapped page tables: map them and retry; else shutdown."""
-        if vector != 14:
-            return ShutdownExit()
-        vm = self._vm
-        with vm._lock:
-            s = self._read_sregs()
-            pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, s.cr2)
-            missing = [t for t in tables if not self._map.overlapping(t, t + 1)]
-            if not missing:
-                return ShutdownExit()
-            for t in missing:
-                b, ex = gm.lookup(vm, t // gm.PAGE, None)
-                if ex is not None:
-                    return ex
-                if b is None:
-                    return ShutdownExit()
-                self._map_backing(t // gm.PAGE, b, 0)
-        return None
-
-    def _handle_ud(self):
-        """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
-        if self._read_linear(self._pc, 3) not in _HYPERCALL_INSNS:
-            return ShutdownExit()
-        x = _unicorn().x86_const
-        r = self._read_regs()
-        with self.uc_lock:
-            cs, cr0 = self._ra.read((x.UC_X86_REG_CS, x.UC_X86_REG_CR0))
-        long_mode = self._mode == "64"
-        m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
-        nr, gpa, npages, attrs = r.rax & m, r.rbx & m, r.rcx & m, r.rdx & m
-        cpl = cs & 3 if cr0 & 1 else 0
-        if cpl != 0:
-            ret = -KvmHypercallError.EPERM
-        elif nr != Hypercall.MAP_GPA_RANGE or not self._vm._exit_hypercall_mask & (1 << Hypercall.MAP_GPA_RANGE):
-            ret = -KvmHypercallError.ENOSYS
-        elif gpa % gm.PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
-            ret = -KvmHypercallError.EINVAL
-        else:
-            self._hc_ret = 0
-            self._pending = ("hc", long_mode)
-            return HypercallExit(nr=int(nr), args=(gpa, npages, attrs, 0, 0, 0), ret=0,
-                                 flags=int(HypercallExitFlag.LONG_MODE) if long_mode else 0)
-        self._queue(rax=ret & m, rip=r.rip + 3)
-        return None
+        code = exits.read_linear(self, pc, 3)
+        if code in exits.HYPERCALL_INSNS:
+            return exits.handle_ud(self, code)
+        return HltExit() if pc and exits.read_linear(self, pc - 1, 1) == b"\xf4" else ShutdownExit()
 
     # --- KVM_PRE_FAULT_MEMORY --------------------------------------------------------------
 
@@ -729,28 +561,4 @@ class Vcpu:
                 with self._vm._lock:
                     with self.uc_lock:
                         self._sync_out()
-            done = False
-            while size:
-                gfn = gpa // gm.PAGE
-                with self._vm._lock:
-                    try:
-                        b, ex = gm.lookup(self._vm, gfn, None)
-                    except OSError:
-                        if done:
-                            break
-                        raise
-                    if b is None:
-                        if done:
-                            break
-                        if ex is None:
-                            raise oserror(_errno.ENOENT, f"gpa {gpa:#x} has no memslot")
-                        raise oserror(ex.errno, f"gpa {gpa:#x} cannot be faulted in")
-                    if b.gmem is not None:
-                        gm.allocate_gmem_page(b)
-                    start, n, _ = gm.choose_block(self._vm, gfn, b)
-                    if b.private:
-                        start, n = gfn, 1  # private memory advances 4 KiB per step (spec 5.4)
-                    self._map_backing(gfn, b, 0)
-                step = min((start + n) * gm.PAGE - gpa, size)
-                gpa, size, done = gpa + step, size - step, True
-            return gpa, size
+            return exits.pre_fault(self, gpa, size)

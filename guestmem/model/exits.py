@@ -1,0 +1,232 @@
+"""KVM_RUN's exit handling for model vCPUs: faults, hypercalls, exceptions, MMIO, pre-faulting.
+
+Data model. These functions are the vCPU's half of the kernel's fault and exit paths
+(``kvm_mmu_page_fault``/``kvm_mmu_faultin_pfn``, ``kvm_emulate_hypercall``,
+``kvm_arch_vcpu_pre_fault_memory``); they work on one ``vcpu.Vcpu`` and its private state and
+follow its lock order (``Vm._lock`` -> ``uc_lock``). Resolution rules live in
+``guest_mapping`` (what backs a GFN) and ``regions`` (how a block is mapped in the engine); this
+module decides which exit an event becomes. Instruction bytes are read through the engine's
+own mapped memory with the last code translation cached (``read_uc_linear``), falling back to
+a page walk over the backing (``read_linear``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from ..errors import oserror
+from ..types import HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
+from ..uapi import Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
+from . import guest_mapping as gm
+from .unicorn_cpu import unicorn as _unicorn
+
+_END = 0xFFFF_FFFF_FFFF_FFFF
+HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
+
+
+def read_uc_linear(v, uc, la: int, n: int) -> bytes | None:
+    """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
+
+    Caller holds uc_lock (or runs inside a hook). None if a page on the way is not mapped.
+    """
+    ra = v._ra
+    cr0, cr3, cr4 = ra.read(v._walk_ids)
+    page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
+    xl = v._xlate
+    if xl is not None and xl[0] == cr3 and xl[1] == page:
+        pa = xl[2]
+    else:
+        efer = (1 << 10) if v._mode == "64" else 0
+        pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
+        if pa is None:
+            return None
+        pa &= ~(gm.PAGE - 1)
+        v._xlate = (cr3, page, pa, tuple(tables))
+    return ra.mem_read(pa + off, min(n, gm.PAGE - off))
+
+
+def read_linear(v, la: int, n: int) -> bytes | None:
+    """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
+    with v.uc_lock:
+        data = read_uc_linear(v, v._u, la, n)
+    if data is not None:
+        return data
+    vm = v._vm
+    with vm._lock:
+        s = v._read_sregs()
+
+        def read(a: int, w: int) -> bytes | None:
+            return gm.read_guest_phys(vm, a, w)
+
+        pa, _ = gm.page_walk(read, s.cr0, s.cr3, s.cr4, s.efer, la)
+        return None if pa is None else gm.read_guest_phys(vm, pa, n)
+
+
+def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
+    """Re-execute the faulting instruction once against a one-page MMIO shim."""
+    data = v._mmio_data or bytes(size)
+    v._mmio_data = None
+    page = addr & ~(gm.PAGE - 1)
+    with v._vm._lock:
+        v._lock_uc()
+        try:
+            uc = v._u
+            if v._wr:
+                v._flush_wr(uc)
+            v._map.unmap(uc, v._map.overlapping(page, page + gm.PAGE))
+
+            def rd(uc_, off, sz, _):
+                rel = page + off - addr  # Unicorn may split the access
+                d = data[rel:rel + sz] if 0 <= rel < len(data) else b""
+                return int.from_bytes(d.ljust(sz, b"\0"), "little")
+
+            uc.mmio_map(page, gm.PAGE, rd, None, lambda *a: None, None)
+            try:
+                v._event = None
+                uc.ctl_flush_tb()  # blocks translated without the count hook would run past it
+                uc.emu_start(v._pc, _END, count=1)
+            finally:
+                uc.mem_unmap(page, gm.PAGE)
+                v._event = None
+            v._regs_stale = v._sregs_stale = True
+            v._pc = v._read_pc()
+        finally:
+            v.uc_lock.release()
+
+
+def handle_fault(v, ev):
+    _, access, addr, size, value = ev
+    c = _unicorn().unicorn_const
+    tdx = v._tdx()
+    fault_private = None
+    if tdx:
+        fault_private = not addr & gm.TDX_SHARED_BIT
+    gpa = addr % gm.PHYS_LIMIT if tdx else addr
+    gfn = gpa // gm.PAGE
+    is_write = access in (c.UC_MEM_WRITE_UNMAPPED, c.UC_MEM_WRITE_PROT)
+    with v._vm._lock:
+        if ev[0] == "wprot":  # a write to a READONLY slot is emulated as MMIO
+            b, ex = None, None
+        else:
+            b, ex = gm.lookup(v._vm, gfn, fault_private)
+        if ex is not None:
+            return ex
+        if b is not None:
+            map_backing(v, gfn, b, addr & gm.TDX_SHARED_BIT if tdx else 0)
+            return None
+    if access == c.UC_MEM_FETCH_UNMAPPED:
+        return InternalErrorExit(suberror=1, data=(gpa,))  # KVM_INTERNAL_ERROR_EMULATION
+    v._pending = ("mmio", addr, size, is_write)
+    data = (value & (2 ** (8 * size) - 1)).to_bytes(size, "little") if is_write else b""
+    return MmioExit(phys_addr=gpa, data=data, len=size, is_write=is_write)
+
+
+def map_backing(v, gfn: int, b, alias: int) -> None:
+    """Map the block holding gfn (caller holds Vm._lock); see ``regions`` for the two kinds."""
+    start, n, level = gm.choose_block(v._vm, gfn, b)
+    prot = _unicorn().unicorn_const.UC_PROT_ALL
+    if b.gmem is None and b.slot.flags & MemFlag.READONLY:
+        prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
+    window = not v._tdx() and v._map.can_window(b)
+    if not window and level == 2 and v._vm._private_mem:
+        # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn
+        # unmaps at ~13 us per MiB: keep direct regions of convertible VMs at 2 MiB.
+        start, n, level = (gfn & ~511, 512, 1) if gm.block_ok(v._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
+    v._lock_uc()
+    try:
+        v._map.map(v._u, (start * gm.PAGE) | alias, n * gm.PAGE, level, b, start, prot, window)
+    finally:
+        v.uc_lock.release()
+
+
+def handle_xprot(v, ev):
+    """A fetch from a window region not yet marked as code (``regions`` module doc)."""
+    _, access, addr, size, value = ev
+    with v._vm._lock:
+        v._lock_uc()
+        try:
+            base = v._map.containing(addr)
+            r = v._map.regions.get(base) if base is not None else None
+            if r is not None and r.window and not r.code:
+                v._map.mark_code(v._u, base)
+                return None
+        finally:
+            v.uc_lock.release()
+    return InternalErrorExit(suberror=1, data=(addr,))  # fetch from a non-executable mapping
+
+
+def handle_exception(v, vector: int):
+    """#PF from a walk through unmapped page tables: map them and retry; else shutdown."""
+    if vector != 14:
+        return ShutdownExit()
+    vm = v._vm
+    with vm._lock:
+        s = v._read_sregs()
+        pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, s.cr2)
+        missing = [t for t in tables if not v._map.overlapping(t, t + 1)]
+        if not missing:
+            return ShutdownExit()
+        for t in missing:
+            b, ex = gm.lookup(vm, t // gm.PAGE, None)
+            if ex is not None:
+                return ex
+            if b is None:
+                return ShutdownExit()
+            map_backing(v, t // gm.PAGE, b, 0)
+    return None
+
+
+def handle_ud(v, code: bytes | None = None):
+    """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
+    if (code or read_linear(v, v._pc, 3)) not in HYPERCALL_INSNS:
+        return ShutdownExit()
+    x = _unicorn().x86_const
+    r = v._read_regs()
+    with v.uc_lock:
+        cs, cr0 = v._ra.read((x.UC_X86_REG_CS, x.UC_X86_REG_CR0))
+    long_mode = v._mode == "64"
+    m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
+    nr, gpa, npages, attrs = r.rax & m, r.rbx & m, r.rcx & m, r.rdx & m
+    cpl = cs & 3 if cr0 & 1 else 0
+    if cpl != 0:
+        ret = -KvmHypercallError.EPERM
+    elif nr != Hypercall.MAP_GPA_RANGE or not v._vm._exit_hypercall_mask & (1 << Hypercall.MAP_GPA_RANGE):
+        ret = -KvmHypercallError.ENOSYS
+    elif gpa % gm.PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
+        ret = -KvmHypercallError.EINVAL
+    else:
+        v._hc_ret = 0
+        v._pending = ("hc", long_mode)
+        return HypercallExit(nr=int(nr), args=(gpa, npages, attrs, 0, 0, 0), ret=0,
+                             flags=int(HypercallExitFlag.LONG_MODE) if long_mode else 0)
+    v._queue(rax=ret & m, rip=r.rip + 3)
+    return None
+
+
+def pre_fault(v, gpa: int, size: int) -> tuple[int, int]:
+    """The steps of KVM_PRE_FAULT_MEMORY after its checks (caller holds the ioctl lock)."""
+    done = False
+    while size:
+        gfn = gpa // gm.PAGE
+        with v._vm._lock:
+            try:
+                b, ex = gm.lookup(v._vm, gfn, None)
+            except OSError:
+                if done:
+                    break
+                raise
+            if b is None:
+                if done:
+                    break
+                if ex is None:
+                    raise oserror(_errno.ENOENT, f"gpa {gpa:#x} has no memslot")
+                raise oserror(ex.errno, f"gpa {gpa:#x} cannot be faulted in")
+            if b.gmem is not None:
+                gm.allocate_gmem_page(b)
+            start, n, _ = gm.choose_block(v._vm, gfn, b)
+            if b.private:
+                start, n = gfn, 1  # private memory advances 4 KiB per step (spec 5.4)
+            map_backing(v, gfn, b, 0)
+        step = min((start + n) * gm.PAGE - gpa, size)
+        gpa, size, done = gpa + step, size - step, True
+    return gpa, size
