@@ -4,8 +4,10 @@ Data model. A ``Vcpu`` belongs to one model ``Vm`` (it holds a VM reference, lik
 kvm_vm_ioctl_create_vcpu's kvm_get_kvm, and a reserved fd from ``fdtable``) and owns one
 Unicorn instance; every vCPU of a VM maps the same host memory (gmem or userspace_addr), so
 they share guest memory like hardware vCPUs share RAM. Unicorn's physical address space
-stands for the TDP tables: ``guest_mapping.RegionMap`` holds what is mapped, and the fault
-path in ``guest_mapping`` decides what may be (spec section 5).
+stands for the TDP tables: ``regions.RegionMap`` holds what is mapped (through host windows
+whose backing an invalidation switches without touching the engine), the fault path in
+``guest_mapping`` decides what may be (spec section 5), ``exits`` turns engine events into
+KVM exits and ``unicorn_cpu`` holds the engine plumbing (registers through libunicorn).
 
 Locks (order: ``Vm._lock`` -> ``uc_lock``):
 - ``_ioctl_lock``: vcpu->mutex; every vCPU ioctl holds it, so they serialise like in KVM.
@@ -23,7 +25,7 @@ Locks (order: ``Vm._lock`` -> ``uc_lock``):
 Registers. Unicorn holds the truth while the vCPU runs; ``get_regs``/``get_sregs`` read it
 lazily, ``set_regs`` and exit completions queue only the registers that change, and the
 queue is written in one batch before the next ``emu_start``. An exit therefore costs a RIP
-read, not a full register round trip.
+read, not a full register round trip; reads and writes go through ``unicorn_cpu.RegAccess``.
 
 Exact IN/OUT exits without an instruction count. Unicorn (QEMU TCG) checks a stop request
 only at the start of a translation block, or before an instruction that carries a
@@ -31,8 +33,9 @@ only at the start of a translation block, or before an instruction that carries 
 run, and writing RIP from that hook does not end the block either (measured, 2.1.4). So each
 IN/OUT site gets a one-instruction code hook on the instruction after it (``_sites``), which
 makes the stop exact from then on. The first time a site is seen, the hook saves the CPU
-context and unmaps all regions, so what the rest of the block executes touches no memory
-(the next access faults and ends emulation); the context is then restored, RIP set past the
+context and makes every region read-only (``RegionMap.protect``), so what the rest of the
+block executes writes no memory (the next write ends emulation); the context is then
+restored, the protections too, RIP set past the
 IN/OUT and the translation cache flushed. Counting instructions (the previous design) made
 every instruction pay for a hook call: ~2.7x slower.
 
