@@ -251,15 +251,6 @@ class UnexpectedExit(AssertionError):
     """The vCPU left with an exit the selftest forbids (anything but a hypercall or port I/O)."""
 
 
-# Model bug (guestmem/model/guest_mapping.py RegionMap.map + vcpu.py), found by this port:
-REGION_FLUSH_BUG = (
-    "model bug: once a vCPU holds MAX_REGIONS (256) Unicorn regions, RegionMap.map drops them "
-    "all (code, stack and page-table pages included) and the next emu_start stops at once with "
-    "no hook event and no error (Unicorn reports the #PF of the page walk through the unmapped "
-    "tables only the first time), so run() returns ShutdownExit. The selftest's explicit "
-    "conversions touch the 513 4 KiB-mapped pages of a mixed 2 MiB block, so they hit it; "
-    "with MAX_REGIONS raised every case here passes.")
-XFAIL_FLUSH = pytest.mark.xfail(strict=True, raises=UnexpectedExit, reason=REGION_FLUSH_BUG)
 SLOW = pytest.mark.slow
 
 
@@ -296,7 +287,7 @@ def pc06_fallocate_after_vm_freed(vm: ConversionsVm) -> None:
 
 FLOW_CASES = [
     pytest.param(flow, n, m, id=f"{flow}-{n}vcpu-{m}slot",
-                 marks=[*([XFAIL_FLUSH] if flow < "pc03" else []), *([SLOW] if n == 4 else [])])
+                 marks=[SLOW] if n == 4 else [])
     for flow in FLOWS for n in (1, 4) for m in (1, 2)
 ]
 
@@ -311,7 +302,7 @@ def test_pc_flow_reaches_done_without_memory_fault_then_pc06(model_system, flow,
 
 
 @pytest.mark.parametrize("nr_vcpus,nr_memslots", [
-    shape(1, 1, XFAIL_FLUSH), shape(1, 2, XFAIL_FLUSH), shape(4, 1, XFAIL_FLUSH, SLOW), shape(4, 2, XFAIL_FLUSH),
+    shape(1, 1), shape(1, 2), shape(4, 1, SLOW), shape(4, 2),
 ])
 def test_pc05_full_selftest_guest_code_never_exits_with_memory_fault(model_system, nr_vcpus, nr_memslots):
     """PC-05: the selftest's whole guest_code (PC-01, PC-02, PC-03, PC-04 in one run per vCPU,

@@ -104,12 +104,14 @@ class RegionMap:
 
     def __init__(self) -> None:
         self.regions: dict[int, Region] = {}
+        self.unmapped = False  # a region was unmapped: Unicorn may believe a #PF is in flight
         self._aliasable: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Memslot -> bool
 
     def overlapping(self, lo: int, hi: int) -> list[int]:
         return [a for a, r in self.regions.items() if a < hi and lo < a + r.size]
 
     def unmap(self, uc, bases: list[int]) -> None:
+        self.unmapped |= bool(bases)  # unmapping the code page raises #PF inside Unicorn (2.1.4)
         for a in bases:
             r = self.regions.pop(a)
             uc.mem_unmap(a, r.size)

@@ -66,7 +66,9 @@ from . import fdtable
 from . import exits
 from . import guest_mapping as gm
 from .regions import RegionMap
-from .unicorn_cpu import MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id
+from .unicorn_cpu import (
+    MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id,
+)
 from .unicorn_cpu import unicorn as _unicorn
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
@@ -93,6 +95,7 @@ class Vcpu:
         self._wr: dict[str, int] = {}  # queued register writes (only while not _regs_stale)
         self._pc = 0  # linear address the next emu_start begins at
         self._event = None
+        self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
         self._discard = None  # CPU context saved at a first-seen IN/OUT (see module docstring)
         self._new_site = None
         self._sites: dict[int, tuple[int, bool, bool]] = {}  # IN/OUT linear address -> decoded
@@ -480,6 +483,8 @@ class Vcpu:
                 self._flush_wr(uc)
             gen = self._stop_gen
             self._event = None
+            if self._exc_dirty or self._map.unmapped:  # else a later #PF is a silent triple fault
+                self._exc_dirty = self._map.unmapped = not self._ra.clear_exception_in_flight()
             self._in_emu = True
             try:
                 uc.emu_start(self._pc, _END)
@@ -489,6 +494,8 @@ class Vcpu:
                 self._in_emu = False
             self._regs_stale = self._sregs_stale = True
             ev, self._event = self._event, None
+            if ev is not None and ev[0] not in ("in", "out"):
+                self._exc_dirty = True
             if self._discard is not None:  # first-seen IN/OUT: undo the rest of its block
                 ctx, after = self._discard
                 self._discard = None
