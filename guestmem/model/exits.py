@@ -180,13 +180,13 @@ def handle_ud(v, code: bytes | None = None):
     """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
     if (code or read_linear(v, v._pc, 3)) not in HYPERCALL_INSNS:
         return ShutdownExit()
-    x = _unicorn().x86_const
-    r = v._read_regs()
+    # Called right after a stop, so no register write is queued: read only what the hypercall
+    # needs, in one call, and leave the register cache stale.
     with v.uc_lock:
-        cs, cr0 = v._ra.read((x.UC_X86_REG_CS, x.UC_X86_REG_CR0))
+        rax, rbx, rcx, rdx, rip, cs, cr0 = v._ra.read(v._hc_ids)
     long_mode = v._mode == "64"
     m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
-    nr, gpa, npages, attrs = r.rax & m, r.rbx & m, r.rcx & m, r.rdx & m
+    nr, gpa, npages, attrs = rax & m, rbx & m, rcx & m, rdx & m
     cpl = cs & 3 if cr0 & 1 else 0
     if cpl != 0:
         ret = -KvmHypercallError.EPERM
@@ -196,10 +196,10 @@ def handle_ud(v, code: bytes | None = None):
         ret = -KvmHypercallError.EINVAL
     else:
         v._hc_ret = 0
-        v._pending = ("hc", long_mode)
+        v._pending = ("hc", long_mode, rip)
         return HypercallExit(nr=int(nr), args=(gpa, npages, attrs, 0, 0, 0), ret=0,
                              flags=int(HypercallExitFlag.LONG_MODE) if long_mode else 0)
-    v._queue(rax=ret & m, rip=r.rip + 3)
+    v._queue(rax=ret & m, rip=rip + 3)
     return None
 
 

@@ -92,7 +92,7 @@ class Vcpu:
         self._sregs_dirty = True  # set_sregs happened: write everything before running
         self._regs_stale = False  # Unicorn's registers are newer than self._regs
         self._sregs_stale = False
-        self._wr: dict[str, int] = {}  # queued register writes (only while not _regs_stale)
+        self._wr: dict[str, int] = {}  # register writes queued for the next emu_start
         self._pc = 0  # linear address the next emu_start begins at
         self._event = None
         self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
@@ -160,6 +160,7 @@ class Vcpu:
         # RIP, plus CS in real mode (linear = CS << 4 + IP)
         self._pc_ids = (self._rip_id, x.UC_X86_REG_CS) if self._mode == "16" else (self._rip_id,)
         self._walk_ids = (x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4)
+        self._hc_ids = (*self._gpr_ids[:4], self._rip_id, x.UC_X86_REG_CS, x.UC_X86_REG_CR0)  # exits.handle_ud
         return uc
 
     def _lock_uc(self) -> None:
@@ -247,14 +248,15 @@ class Vcpu:
     # --- registers -------------------------------------------------------------------------
 
     def _read_regs(self) -> Regs:
-        """The registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
+        """The registers: Unicorn's if it is newer, with queued writes on top (caller holds _ioctl_lock)."""
         if self._regs_stale:
             with self.uc_lock:
                 vals = self._ra.read(self._all_ids)
             if len(vals) == 18:
-                self._regs = Regs(*vals)
+                r = Regs(*vals)
             else:
-                self._regs = self._regs.replace(**dict(zip(REGS[:8] + ("rip", "rflags"), vals)))
+                r = self._regs.replace(**dict(zip(REGS[:8] + ("rip", "rflags"), vals)))
+            self._regs = r.replace(**self._wr) if self._wr else r
             self._regs_stale = False
         return self._regs
 
@@ -268,13 +270,17 @@ class Vcpu:
         return self._sregs
 
     def _queue(self, **regs: int) -> None:
-        """Change registers for the next run (caller holds _ioctl_lock; cache must be fresh)."""
-        assert not self._regs_stale
+        """Change registers for the next run (caller holds _ioctl_lock).
+
+        The writes wait in ``_wr`` until the next ``emu_start``; while the cache is stale
+        (Unicorn is newer) they are not read back, ``_read_regs`` lays them over Unicorn's.
+        """
         m = MASK[self._mode]
         for name, value in regs.items():
             self._wr[name] = value & m
-        r = self._regs  # Regs(*...) rather than dataclasses.replace: ~5x cheaper on this hot path
-        self._regs = Regs(*[regs.get(f, getattr(r, f)) for f in _REG_FIELDS])
+        if not self._regs_stale:
+            r = self._regs  # Regs(*...) rather than dataclasses.replace: ~5x cheaper on this hot path
+            self._regs = Regs(*[regs.get(f, getattr(r, f)) for f in _REG_FIELDS])
         if "rip" in regs:
             self._pc = self._linear(regs["rip"])
 
@@ -441,9 +447,8 @@ class Vcpu:
             r = self._read_regs()
             keep = {1: ~0xFF, 2: ~0xFFFF, 4: 0}[size]
             self._queue(rax=(r.rax & keep) | int.from_bytes(data, "little"))
-        elif p[0] == "hc":
-            r = self._read_regs()
-            self._queue(rax=self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF), rip=r.rip + 3)
+        elif p[0] == "hc":  # ("hc", long mode, rip of the VMCALL)
+            self._queue(rax=self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF), rip=p[2] + 3)
         elif p[0] == "mmio":
             exits.step_mmio(self, p[1], p[2], p[3])
         self._io_data = None

@@ -5,8 +5,9 @@ same guest runs on kvm and on the model. The test slot sits at GPA 1 GiB:
 
 * ``"gmem-shared"``: a guest_memfd with MMAP|INIT_SHARED whose mapping is the slot's
   userspace_addr (what this host's kvm_pvm needs, and shared memory on the model);
-* ``"private"``: a guest_memfd without flags plus an anonymous userspace range, on a
-  SW_PROTECTED VM, for private memory and conversions (model only on this host).
+* ``"private"``: a guest_memfd without flags plus a shared anonymous userspace range (what a
+  VMM's memfd/shmem RAM backend gives), on a SW_PROTECTED VM, for private memory and
+  conversions (model only on this host).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _add_test_slot(g: Guest, kind: str, size: int) -> None:
         gmem = g.vm.create_guest_memfd(size, 0)
         g._closers.append(gmem.close)
         addr = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE,
-                            hostmem.MAP_PRIVATE | hostmem.MAP_ANONYMOUS | hostmem.MAP_NORESERVE, -1, 0)
+                            hostmem.MAP_SHARED | hostmem.MAP_ANONYMOUS | hostmem.MAP_NORESERVE, -1, 0)
         g._closers.append(lambda: hostmem.munmap(addr, size))
     else:
         raise ValueError(f"unknown test slot kind {kind!r}")
