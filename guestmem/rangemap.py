@@ -3,100 +3,116 @@
 Data model
 ----------
 A RangeMap assigns a value to every integer point; points nobody set carry ``default``
-(0 unless chosen otherwise). Only non-default values are stored, as maximal runs:
+(0 unless chosen otherwise). Only non-default values are stored, as maximal runs, in
+three parallel chunked lists (a B+ tree's leaf level, as in sortedcontainers, but with
+the run's end and value beside its start so no per-run dict or tuple is needed):
 
-* ``_starts`` — a ``SortedList`` of run starts (O(log n) bisect, insert and delete);
-* ``_spans``  — a dict ``start -> (end, value)`` for each run ``[start, end)``.
+* ``_s``, ``_e``, ``_v`` — lists of chunks; chunk ``c`` holds the starts, ends and values
+  of consecutive runs, ``_s[c][i]``, ``_e[c][i]``, ``_v[c][i]`` describing run ``[s, e)``;
+* ``_firsts`` — ``_firsts[c] == _s[c][0]``, bisected to find a point's chunk;
+* ``_len`` — the number of stored runs.
+
+Every lookup is two C bisects. ``set`` replaces all runs it covers with at most three
+(the left remainder, the new run, the right remainder) by slice assignment inside the
+two edge chunks and one slice deletion of the whole chunks between them, so covering
+thousands of runs costs a few memmoves, not a Python step per run.
 
 Invariants (checked by ``check()``, which the tests call after every operation):
 
 1. runs are non-empty and sorted: ``start < end <= next.start``;
 2. no run stores the default value (a gap *is* the default);
-3. touching runs (``end == next.start``) have different values: equal neighbours merge.
+3. touching runs (``end == next.start``) have different values: equal neighbours merge;
+4. chunks are non-empty, hold at most ``2 * _LOAD`` runs, the three lists of a chunk have
+   equal lengths and ``_firsts`` holds each chunk's first start.
 
-So the representation of a given point->value function is unique, equality is a cheap
-comparison of snapshots, and memory is proportional to the number of runs, never to the
-length they cover: setting 2^40 pages costs the same as setting one.
+So the representation of a given point->value function is unique up to chunking,
+equality compares the runs, and memory is proportional to the number of runs, never to
+the length they cover: setting 2^40 pages costs the same as setting one.
 
-Both the model (memory attributes, memslot lookup, gmem bindings) and the vmm use it;
-it imports nothing from guestmem.
+Both the model (memory attributes, mixed hugepage blocks, memslot lookup, gmem bindings)
+and the vmm use it; it imports nothing from guestmem.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
-
-from sortedcontainers import SortedList
 
 V = TypeVar("V")
 
 __all__ = ["RangeMap"]
 
+_LOAD = 512
+"""Target runs per chunk: a chunk splits above 2 * _LOAD and joins a neighbour below _LOAD // 4,
+so inserting into a chunk is a short memmove and there are at most ~4n/_LOAD chunks."""
+
 
 class RangeMap(Generic[V]):
     """Sorted, non-overlapping, merged intervals ``[start, end) -> value``; gaps read ``default``."""
 
-    __slots__ = ("_starts", "_spans", "default")
+    __slots__ = ("_firsts", "_s", "_e", "_v", "_len", "default")
 
-    def __init__(self, default: Any = 0, items: Any = ()) -> None:
-        self._starts: SortedList = SortedList()
-        self._spans: dict[int, tuple[int, V]] = {}
+    def __init__(self, default: Any = 0, items: Iterable[tuple[int, int, V]] = ()) -> None:
+        self._firsts: list[int] = []
+        self._s: list[list[int]] = []
+        self._e: list[list[int]] = []
+        self._v: list[list[V]] = []
+        self._len = 0
         self.default = default
         for start, end, value in items:
             self.set(start, end, value)
+
+    @classmethod
+    def from_sorted(cls, runs: Iterable[tuple[int, int, V]], default: Any = 0) -> "RangeMap[V]":
+        """A map holding exactly ``runs``, which must already be sorted, disjoint, merged and
+        non-default (asserted). O(n), against O(n log n) for n ``set`` calls."""
+        m: RangeMap[V] = cls(default)
+        s: list[int] = []
+        e: list[int] = []
+        v: list[V] = []
+        prev_end, prev_value = None, None
+        for start, end, value in runs:
+            assert start < end and value != default, f"bad run [{start:#x}, {end:#x})={value!r}"
+            assert prev_end is None or prev_end < start or (prev_end == start and prev_value != value), \
+                f"run at {start:#x} overlaps or should merge with its predecessor"
+            s.append(start)
+            e.append(end)
+            v.append(value)
+            prev_end, prev_value = end, value
+        for i in range(0, len(s), _LOAD):
+            m._s.append(s[i:i + _LOAD])
+            m._e.append(e[i:i + _LOAD])
+            m._v.append(v[i:i + _LOAD])
+            m._firsts.append(s[i])
+        m._len = len(s)
+        return m
 
     # --- queries ------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         """Number of stored (non-default) runs."""
-        return len(self._spans)
-
-    def _floor(self, point: int) -> int | None:
-        """The greatest run start <= ``point``, or None.
-
-        Positional ``SortedList[i]`` costs a tree walk (~3 us at 500k runs), so this bisects
-        the list's sublists directly (``_maxes``/``_lists``, stable across sortedcontainers
-        2.x): two C bisects, ~0.5 us. Hot path of every point query and attribute lookup.
-        """
-        starts = self._starts
-        maxes = starts._maxes
-        if not maxes:
-            return None
-        pos = bisect_right(maxes, point)
-        if pos == len(maxes):
-            return maxes[-1]
-        sub = starts._lists[pos]
-        idx = bisect_right(sub, point)
-        if idx:
-            return sub[idx - 1]
-        return maxes[pos - 1] if pos else None
-
-    def _successor(self, point: int) -> int | None:
-        """The least run start > ``point``, or None (same sublist bisect as ``_floor``)."""
-        starts = self._starts
-        maxes = starts._maxes
-        pos = bisect_right(maxes, point)
-        if pos == len(maxes):
-            return None
-        sub = starts._lists[pos]
-        return sub[bisect_right(sub, point)]
-
-    def _run_at(self, point: int) -> tuple[int, int, V] | None:
-        """The stored run containing ``point``, as (start, end, value), or None."""
-        s = self._floor(point)
-        if s is None:
-            return None
-        e, v = self._spans[s]
-        return (s, e, v) if point < e else None
+        return self._len
 
     def get(self, point: int) -> V:
-        """The value at ``point``."""
-        run = self._run_at(point)
-        return self.default if run is None else run[2]
+        """The value at ``point``. Hot path of every attribute and memslot lookup: two bisects."""
+        c = bisect_right(self._firsts, point) - 1
+        if c >= 0:
+            i = bisect_right(self._s[c], point) - 1  # >= 0: the chunk's first start is <= point
+            if point < self._e[c][i]:
+                return self._v[c][i]
+        return self.default
 
     __getitem__ = get
+
+    def __contains__(self, point: object) -> bool:
+        """Whether a stored (non-default) run covers ``point``: the map as a set of points."""
+        if not isinstance(point, int):
+            return False
+        c = bisect_right(self._firsts, point) - 1
+        if c < 0:
+            return False
+        return point < self._e[c][bisect_right(self._s[c], point) - 1]
 
     def uniform(self, start: int, end: int) -> V | None:
         """The single value covering all of ``[start, end)``, or None if it holds several.
@@ -105,12 +121,22 @@ class RangeMap(Generic[V]):
         """
         if start >= end:
             return None
-        run = self._run_at(start)
-        if run is not None:
-            return run[2] if run[1] >= end else None
-        # start lies in a gap: uniform iff no run begins before end
-        nxt = self._successor(start)
-        return self.default if nxt is None or nxt >= end else None
+        firsts = self._firsts
+        c = bisect_right(firsts, start) - 1
+        if c < 0:
+            nxt = firsts[0] if firsts else end
+        else:
+            starts = self._s[c]
+            i = bisect_right(starts, start) - 1
+            e = self._e[c][i]
+            if start < e:
+                return self._v[c][i] if e >= end else None
+            # start lies in a gap: uniform iff no run begins before end
+            if i + 1 < len(starts):
+                nxt = starts[i + 1]
+            else:
+                nxt = firsts[c + 1] if c + 1 < len(firsts) else end
+        return self.default if nxt >= end else None
 
     def ranges(self, start: int, end: int) -> list[tuple[int, int, V]]:
         """Runs covering ``[start, end)`` clipped to it, gaps included as default-valued runs.
@@ -122,13 +148,14 @@ class RangeMap(Generic[V]):
         if start >= end:
             return out
         pos = start
+        default = self.default
         for s, e, v in self.stored(start, end):
             if s > pos:
-                out.append((pos, s, self.default))
+                out.append((pos, s, default))
             out.append((s, e, v))
             pos = e
         if pos < end:
-            out.append((pos, end, self.default))
+            out.append((pos, end, default))
         return out
 
     def stored(self, start: int, end: int) -> list[tuple[int, int, V]]:
@@ -136,21 +163,36 @@ class RangeMap(Generic[V]):
         out: list[tuple[int, int, V]] = []
         if start >= end:
             return out
-        spans = self._spans
-        run = self._run_at(start)
-        if run is not None:
-            out.append((start, min(run[1], end), run[2]))
-        for s in self._starts.irange(start, end, inclusive=(run is None, False)):
-            e, v = spans[s]
-            out.append((s, min(e, end), v))
+        firsts = self._firsts
+        c = bisect_right(firsts, start) - 1
+        if c < 0:
+            c, i = 0, 0
+        else:
+            i = bisect_right(self._s[c], start) - 1
+            if self._e[c][i] <= start:
+                i += 1
+        nchunks = len(firsts)
+        while c < nchunks:
+            starts = self._s[c]
+            j = bisect_left(starts, end, i)  # runs [i, j) of this chunk start before end
+            out.extend(zip(starts[i:j], self._e[c][i:j], self._v[c][i:j]))
+            if j < len(starts):
+                break
+            c, i = c + 1, 0
+        if out:
+            # only the first run can begin before start, only the last can end after end
+            s, e, v = out[0]
+            if s < start:
+                out[0] = (start, e, v)
+            s, e, v = out[-1]
+            if e > end:
+                out[-1] = (s, end, v)
         return out
 
     def __iter__(self) -> Iterator[tuple[int, int, V]]:
         """All stored runs in order, as (start, end, value)."""
-        spans = self._spans
-        for s in self._starts:
-            e, v = spans[s]
-            yield (s, e, v)
+        for starts, ends, values in zip(self._s, self._e, self._v):
+            yield from zip(starts, ends, values)
 
     def snapshot(self) -> tuple[tuple[int, int, V], ...]:
         """An immutable, comparable copy of the stored runs."""
@@ -158,14 +200,18 @@ class RangeMap(Generic[V]):
 
     def copy(self) -> "RangeMap[V]":
         other: RangeMap[V] = RangeMap(self.default)
-        other._starts = self._starts.copy()
-        other._spans = dict(self._spans)
+        other._firsts = self._firsts[:]
+        other._s = [chunk[:] for chunk in self._s]
+        other._e = [chunk[:] for chunk in self._e]
+        other._v = [chunk[:] for chunk in self._v]
+        other._len = self._len
         return other
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RangeMap):
             return NotImplemented
-        return self.default == other.default and self._spans == other._spans
+        # chunk boundaries depend on history, so compare the runs themselves
+        return self.default == other.default and self._len == other._len and list(self) == list(other)
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -176,58 +222,127 @@ class RangeMap(Generic[V]):
     # --- update -------------------------------------------------------------------------------
 
     def set(self, start: int, end: int, value: V) -> None:
-        """Give every point of ``[start, end)`` the value ``value``. O((k + 1) log n) for k runs replaced."""
+        """Give every point of ``[start, end)`` the value ``value``.
+
+        O(log n + k / _LOAD) for k runs replaced: the covered runs go in slice operations.
+        """
         if start > end:
             raise ValueError(f"empty range [{start:#x}, {end:#x})")
         if start == end:
             return
-        starts, spans = self._starts, self._spans
+        firsts, S, E, Vs = self._firsts, self._s, self._e, self._v
+        default = self.default
+        if not firsts:
+            if value != default:
+                firsts.append(start)
+                S.append([start])
+                E.append([end])
+                Vs.append([value])
+                self._len = 1
+            return
+
+        # The runs to replace are those overlapping or touching [start, end]: from L, the
+        # first run with end >= start, through R, the last run with start <= end. They are
+        # [(cl, il), (cr, jr)) in (chunk, index) positions; (cr, jr) is exclusive.
         new_start, new_end = start, end
-        victims: list[int] = []
-        pieces: list[tuple[int, int, V]] = []
+        left_s = left_e = None
+        left_v: Any = None
+        cl = bisect_right(firsts, start - 1) - 1
+        if cl < 0:
+            cl = il = 0
+        else:
+            il = bisect_right(S[cl], start - 1) - 1  # the last run starting before `start`
+            if E[cl][il] >= start:
+                left_s, left_e, left_v = S[cl][il], E[cl][il], Vs[cl][il]
+            else:
+                il += 1
+        cr = bisect_right(firsts, end) - 1
+        if cr < 0:
+            cr = jr = 0
+        else:
+            jr = bisect_right(S[cr], end)
+        # cl < cr implies chunk cr's first run starts in [start, end], so the set is non-empty
+        empty = cl == cr and il == jr
 
-        # A run starting before `start` may overlap or touch the range from the left.
-        s_left = self._floor(start - 1)
-        if s_left is not None:
-            s = s_left
-            e, v = spans[s]
-            if e >= start:
-                if v == value:
-                    victims.append(s)
-                    new_start = s
-                    new_end = max(new_end, e)
-                elif e > start:
-                    victims.append(s)
-                    pieces.append((s, start, v))
-                    if e > end:
-                        pieces.append((end, e, v))
-        # Runs starting inside [start, end], the last one possibly touching/overhanging the right.
-        for s in starts.irange(start, end):
-            e, v = spans[s]
-            if v == value:
-                victims.append(s)
-                new_end = max(new_end, e)
-            elif s < end:
-                victims.append(s)
-                if e > end:
-                    pieces.append((end, e, v))
-            # else: a different-valued run starting exactly at `end` stays untouched
+        ns: list[int] = []
+        ne: list[int] = []
+        nv: list[Any] = []
+        tail = None
+        if left_s is not None:
+            if left_v == value:
+                new_start = left_s
+            else:  # keep the part before `start` (the whole run if it only touches)
+                ns.append(left_s)
+                ne.append(start)
+                nv.append(left_v)
+        if not empty:
+            right_s, right_e, right_v = S[cr][jr - 1], E[cr][jr - 1], Vs[cr][jr - 1]
+            if right_v == value:
+                new_end = max(end, right_e)
+            elif right_e > end:  # keep the part after `end` (the whole run if it only touches)
+                tail = (max(right_s, end), right_e, right_v)
+        if value != default:
+            ns.append(new_start)
+            ne.append(new_end)
+            nv.append(value)
+        if tail is not None:
+            ns.append(tail[0])
+            ne.append(tail[1])
+            nv.append(tail[2])
 
-        for s in victims:
-            del spans[s]
-            starts.remove(s)
-        for s, e, v in pieces:
-            spans[s] = (e, v)
-            starts.add(s)
-        if value != self.default:
-            spans[new_start] = (new_end, value)
-            starts.add(new_start)
+        if cl == cr:
+            self._len += len(ns) - (jr - il)
+            S[cl][il:jr] = ns
+            E[cl][il:jr] = ne
+            Vs[cl][il:jr] = nv
+            self._fix(cl)
+        else:
+            removed = len(S[cl]) - il + jr
+            for c in range(cl + 1, cr):
+                removed += len(S[c])
+            self._len += len(ns) - removed
+            S[cl][il:] = ns
+            E[cl][il:] = ne
+            Vs[cl][il:] = nv
+            del S[cr][:jr], E[cr][:jr], Vs[cr][:jr]
+            del S[cl + 1:cr], E[cl + 1:cr], Vs[cl + 1:cr], firsts[cl + 1:cr]
+            self._fix(cl + 1)  # the old chunk cr; fixed first so that cl's index holds
+            self._fix(cl)
+
+    def _fix(self, c: int) -> None:
+        """Restore invariant 4 for chunk ``c`` after an edit: drop it if empty, join it to a
+        neighbour if small, split it if large, and refresh ``_firsts``. Only edited chunks
+        can shrink, and each edit joins a small one, so chunks stay within a factor of the
+        load and their number O(n / _LOAD)."""
+        firsts, S, E, Vs = self._firsts, self._s, self._e, self._v
+        if c >= len(S):
+            return
+        n = len(S[c])
+        if n == 0:
+            del S[c], E[c], Vs[c], firsts[c]
+            return
+        if n < _LOAD // 4 and len(S) > 1:
+            if c == 0:
+                c = 1  # join the successor instead
+            S[c - 1] += S[c]
+            E[c - 1] += E[c]
+            Vs[c - 1] += Vs[c]
+            del S[c], E[c], Vs[c], firsts[c]
+            c -= 1
+            n = len(S[c])
+        if n > 2 * _LOAD:
+            half = n // 2
+            S.insert(c + 1, S[c][half:])
+            E.insert(c + 1, E[c][half:])
+            Vs.insert(c + 1, Vs[c][half:])
+            firsts.insert(c + 1, S[c][half])
+            del S[c][half:], E[c][half:], Vs[c][half:]
+        firsts[c] = S[c][0]
 
     def clear(self, start: int | None = None, end: int | None = None) -> None:
         """Reset ``[start, end)`` (everything if no bounds) to the default."""
         if start is None and end is None:
-            self._starts.clear()
-            self._spans.clear()
+            self._firsts, self._s, self._e, self._v, self._len = [], [], [], [], 0
             return
         assert start is not None and end is not None
         self.set(start, end, self.default)
@@ -236,7 +351,12 @@ class RangeMap(Generic[V]):
 
     def check(self) -> None:
         """Assert the invariants in the module docstring (the model's WARN_ON)."""
-        assert len(self._starts) == len(self._spans), "index and spans disagree"
+        assert len(self._s) == len(self._e) == len(self._v) == len(self._firsts), "chunk lists disagree"
+        for c, starts in enumerate(self._s):
+            assert 0 < len(starts) <= 2 * _LOAD, f"chunk {c} holds {len(starts)} runs"
+            assert len(starts) == len(self._e[c]) == len(self._v[c]), f"chunk {c} lists disagree"
+            assert self._firsts[c] == starts[0], f"chunk {c} first start is stale"
+        assert sum(map(len, self._s)) == self._len, "run count is stale"
         prev_end: int | None = None
         prev_value: Any = None
         for s, e, v in self:

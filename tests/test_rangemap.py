@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guestmem import rangemap
 from guestmem.rangemap import RangeMap
 
 SPACE = 64
@@ -138,3 +140,147 @@ def test_many_random_sets_keep_invariants():
     m.check()
     for s, e, v in m.ranges(0, 4096):
         assert set(pages[s:e]) == {v}
+
+
+# --- chunked storage: sets spanning many runs and many chunks ------------------------------------
+
+
+def reference_set(runs: list[tuple[int, int, int]], start: int, end: int, value: int) -> list[tuple[int, int, int]]:
+    """The obvious O(n) interval assignment over a plain list of stored runs (default 0)."""
+    out = []
+    for s, e, v in runs:
+        if s < start:
+            out.append((s, min(e, start), v))
+        if e > end:
+            out.append((max(s, end), e, v))
+    if value != 0 and start < end:
+        out.append((start, end, value))
+    out.sort()
+    merged: list[tuple[int, int, int]] = []
+    for s, e, v in out:
+        if merged and merged[-1][1] == s and merged[-1][2] == v:
+            merged[-1] = (merged[-1][0], e, v)
+        else:
+            merged.append((s, e, v))
+    return merged
+
+
+def reference_stored(runs: list[tuple[int, int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
+    return [(max(s, start), min(e, end), v) for s, e, v in runs if s < end and e > start and start < end]
+
+
+ops_wide = st.lists(  # (start, length, value): mostly short sets to build many runs, some wide ones
+    st.tuples(st.integers(0, 400), st.one_of(st.integers(0, 4), st.integers(0, 4), st.integers(0, 400)),
+              st.sampled_from([0, 8, 8, 1, 2])),
+    max_size=150,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([0, 2, 3, 7]), ops_wide, st.integers(0, 400), st.integers(0, 400))
+def test_tiny_chunks_match_reference(prefill_stride, operations, qa, qb):
+    """With 4 runs per chunk, every set splits, joins or drops chunks; the runs must still
+    be exactly the reference's. A prefill of one-point runs every ``prefill_stride``
+    points (alternating values) starts from dozens of chunks."""
+    with mock.patch.object(rangemap, "_LOAD", 4):
+        m: RangeMap[int] = RangeMap()
+        ref: list[tuple[int, int, int]] = []
+        for i, p in enumerate(range(0, 400, prefill_stride or 400)):
+            if prefill_stride:
+                v = 1 + i % 2
+                m.set(p, p + 1, v)
+                ref = reference_set(ref, p, p + 1, v)
+        m.check()
+        assert list(m) == ref
+        for a, length, v in operations:
+            lo, hi = a, min(400, a + length)
+            m.set(lo, hi, v)
+            ref = reference_set(ref, lo, hi, v)
+            m.check()
+            assert list(m) == ref and len(m) == len(ref)
+        lo, hi = min(qa, qb), max(qa, qb)
+        assert m.stored(lo, hi) == reference_stored(ref, lo, hi)
+        for p in (lo, hi, lo + 1, hi - 1):
+            inside = [v for s, e, v in ref if s <= p < e]
+            assert m.get(p) == (inside[0] if inside else 0)
+            assert (p in m) == bool(inside)
+        tiles = m.ranges(lo, hi)
+        assert m.uniform(lo, hi) == (tiles[0][2] if len(tiles) == 1 else None)
+
+
+def fragmented(n: int, stride: int, value: int = 8) -> tuple[RangeMap[int], list[tuple[int, int, int]]]:
+    """n one-point runs, one every ``stride`` points starting at stride // 2."""
+    runs = [(stride // 2 + i * stride, stride // 2 + i * stride + 1, value) for i in range(n)]
+    m: RangeMap[int] = RangeMap()
+    for s, e, v in runs:
+        m.set(s, e, v)
+    return m, runs
+
+
+@pytest.mark.parametrize("start_off, end_off", [(0, 0), (-1, 1), (1, -1), (0, 1), (1, 0)])
+@pytest.mark.parametrize("value", [0, 8, 2])
+def test_set_spanning_thousands_of_runs_across_chunks(start_off, end_off, value):
+    """A set covering runs 1000..8999 of 10,000 (many whole chunks plus two partial edge
+    chunks), with its ends exactly on, just before and just after the edge runs."""
+    stride = 1000
+    m, runs = fragmented(10_000, stride)
+    start = runs[1000][0] + start_off
+    end = runs[8999][1] + end_off
+    m.set(start, end, value)
+    m.check()
+    assert list(m) == reference_set(runs, start, end, value)
+
+
+def test_set_covering_everything_then_fragmenting_again():
+    m, runs = fragmented(5000, 64)
+    m.set(0, 64 * 5000, 2)
+    m.check()
+    assert list(m) == [(0, 64 * 5000, 2)]
+    m.set(0, 64 * 5000, 0)
+    assert len(m) == 0 and list(m) == [] and m.uniform(0, 1 << 40) == 0
+    m2, runs2 = fragmented(5000, 64)
+    for s, e, v in runs2:
+        m.set(s, e, v)
+    m.check()
+    assert m == m2
+
+
+def test_stored_and_uniform_across_chunk_edges():
+    m, runs = fragmented(3000, 10)
+    lo, hi = runs[500][0] - 3, runs[2500][0] + 1
+    assert m.stored(lo, hi) == reference_stored(runs, lo, hi)
+    assert m.stored(runs[7][0], runs[7][0] + 1) == [runs[7]]
+    assert m.uniform(runs[7][1], runs[8][0]) == 0  # the gap between two runs
+    assert m.uniform(runs[7][1], runs[8][0] + 1) is None
+    assert m.uniform(runs[-1][1], 1 << 40) == 0  # beyond the last run
+    assert m.uniform(0, runs[0][0]) == 0  # before the first
+
+
+def test_equality_ignores_chunking():
+    m, runs = fragmented(3000, 10)
+    built_backwards: RangeMap[int] = RangeMap()
+    for s, e, v in reversed(runs):
+        built_backwards.set(s, e, v)
+    assert built_backwards == m and built_backwards.snapshot() == m.snapshot()
+    built_backwards.set(runs[1500][0], runs[1500][1], 0)
+    assert built_backwards != m
+
+
+def test_from_sorted_equals_incremental_build():
+    m, runs = fragmented(2000, 5)
+    bulk = RangeMap.from_sorted(runs)
+    bulk.check()
+    assert bulk == m and len(bulk) == 2000
+    bulk.set(0, 5 * 1000, 0)
+    bulk.check()
+    assert list(bulk) == runs[1000:]
+    with pytest.raises(AssertionError):
+        RangeMap.from_sorted([(0, 2, 8), (2, 4, 8)])  # should have been merged
+    with pytest.raises(AssertionError):
+        RangeMap.from_sorted([(0, 2, 0)])  # stores the default
+
+
+def test_contains_means_a_stored_run_covers_the_point():
+    m: RangeMap[bool] = RangeMap(default=False)
+    m.set(10, 20, True)
+    assert 10 in m and 19 in m and 20 not in m and 9 not in m and "x" not in m
