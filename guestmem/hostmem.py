@@ -55,6 +55,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise oserror(err, f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
 
 
+_fallocate = _libc.fallocate
+
+
+def fallocate_encoded(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) for arguments the caller has already encoded (s32 mode, loff_t offset and len).
+
+    For the model's own memfds, whose arguments passed the guest_memfd checks; same errors
+    as ``fallocate``.
+    """
+    if _fallocate(fd, mode, offset, length):
+        err = ctypes.get_errno()
+        raise oserror(err, f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
+
+
 def madvise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()

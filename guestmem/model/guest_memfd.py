@@ -10,6 +10,12 @@ Data model
   zeroing and cost are the kernel's. ``_host_address`` is a model-owned MAP_SHARED |
   MAP_NORESERVE view of the whole memfd for the model's vCPUs; it is never handed to users
   (0 if the file is larger than the address space can map).
+* **Both are created at first use**, not at KVM_CREATE_GUEST_MEMFD: ``_memfd`` at the first
+  allocation, INIT_SHARED mmap or vCPU access, ``_host_address`` at the first vCPU access.
+  Until then ``_memfd_fd`` is -1 and ``_host_addr`` None, and no page of the file exists, so
+  a punch has nothing to free. Nothing user-visible depends on them (fstat reports
+  ``st_blocks`` 0 either way). Keeping the view unmapped until a vCPU needs it also spares
+  every punch-hole the kernel's zap of that view. After release both read -1 and 0.
 * ``_bindings`` maps file page -> Memslot (a RangeMap; absent = unbound). Invariant: bound
   ranges never overlap, and each slot's range is ``[slot.pgoff, slot.pgoff + npages)``.
 * ``_poisoned`` holds the byte offsets (page aligned) of hwpoisoned pages; a punch clears
@@ -57,10 +63,18 @@ _MAP_SHARED_VALIDATE = 0x03
 
 # 6.11+ VFS: FALLOC_FL_MODE_MASK (6.17 added WRITE_ZEROES); 6.8 VFS: FALLOC_FL_SUPPORTED_MASK.
 # Plain ints: ``~`` on an IntFlag only complements the known bits.
+_KEEP_SIZE = int(Falloc.KEEP_SIZE)  # plain ints: IntFlag operators cost ~1 us each on the fallocate path
+_PUNCH_HOLE = int(Falloc.PUNCH_HOLE)
+_PUNCH_KEEP = _PUNCH_HOLE | _KEEP_SIZE
+_ZERO_RANGE = int(Falloc.ZERO_RANGE)
+_UNSHARE_RANGE = int(Falloc.UNSHARE_RANGE)
 _MODE_MASK_E2 = int(Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE
                     | Falloc.UNSHARE_RANGE | Falloc.WRITE_ZEROES)
 _SUPPORTED_MASK_E1 = int(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE | Falloc.NO_HIDE_STALE | Falloc.COLLAPSE_RANGE
                          | Falloc.ZERO_RANGE | Falloc.INSERT_RANGE | Falloc.UNSHARE_RANGE)
+_KNOWN_E2 = _MODE_MASK_E2 | _KEEP_SIZE
+_SEVERAL_OPS_OK_E2 = (0, _UNSHARE_RANGE, _ZERO_RANGE)  # ops that take KEEP_SIZE or not
+_NO_KEEP_E2 = (int(Falloc.COLLAPSE_RANGE), int(Falloc.INSERT_RANGE), int(Falloc.WRITE_ZEROES))
 
 
 class _FilePin:
@@ -76,16 +90,12 @@ class GuestMemfd:
         self.vm = vm
         self.size = size
         self.flags = flags
-        self._memfd = hostmem.memfd("guestmem-gmem", size)
-        try:
-            self._host_address = hostmem.mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED | hostmem.MAP_NORESERVE,
-                                              self._memfd, 0)
-        except OSError:
-            self._host_address = 0  # larger than the address space (sizes up to 2**63 are legal)
+        self._memfd_fd = -1  # created at first use (``_memfd``)
+        self._host_addr: int | None = None  # mapped at first use (``_host_address``)
         self._bindings: RangeMap["Memslot | None"] = RangeMap(default=None)
         self._poisoned: set[int] = set()
         self._released = False
-        self._mappings: "weakref.WeakKeyDictionary[Mapping, int]" = weakref.WeakKeyDictionary()  # -> file offset
+        self._mappings: "weakref.WeakKeyDictionary[Mapping, int] | None" = None  # -> file offset; at first mmap
         self._ino = next(_ino_counter)
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._mtime_ns = self._ctime_ns = time.time_ns()
@@ -95,6 +105,38 @@ class GuestMemfd:
     def __repr__(self) -> str:
         state = "released" if self._released else f"fd={self._fd}"
         return f"<model GuestMemfd size={self.size:#x} flags={self.flags:#x} {state}>"
+
+    @property
+    def _memfd(self) -> int:
+        """The backing memfd, created at first use; -1 once released.
+
+        :raises OSError: memfd_create/ftruncate's errno (EMFILE, ENOMEM) if it cannot be created.
+        """
+        fd = self._memfd_fd
+        if fd < 0:
+            with self.vm._lock:
+                fd = self._memfd_fd
+                if fd < 0 and not self._released:
+                    fd = self._memfd_fd = hostmem.memfd("guestmem-gmem", self.size)
+        return fd
+
+    @property
+    def _host_address(self) -> int:
+        """The model's view of the whole memfd, mapped at first use; 0 if unmappable or released."""
+        addr = self._host_addr
+        if addr is None:
+            with self.vm._lock:
+                addr = self._host_addr
+                if addr is None:
+                    if self._released:
+                        return 0
+                    try:
+                        addr = hostmem.mmap(self.size, PROT_READ | PROT_WRITE, MAP_SHARED | hostmem.MAP_NORESERVE,
+                                            self._memfd, 0)
+                    except OSError:
+                        addr = 0  # larger than the address space (sizes up to 2**63 are legal)
+                    self._host_addr = addr
+        return addr
 
     # --- fd ---------------------------------------------------------------------------------
 
@@ -131,19 +173,21 @@ class GuestMemfd:
         """Last reference gone: null bindings, invalidate, free memory, unpin the VM (kvm_gmem_release)."""
         vm = self.vm
         with vm._lock:
-            bound = list(self._bindings)
+            bound = list(self._bindings) if self._bindings else ()
             for _, _, slot in bound:
                 slot.gmem = None
-            self._bindings.clear()
+            if bound:
+                self._bindings.clear()
             self._released = True
             for pg_start, pg_end, slot in bound:
                 gfn = slot.base_gfn + (pg_start - slot.pgoff)
                 vm._invalidate_range(gfn, gfn + (pg_end - pg_start))
-            if self._host_address:
-                hostmem.munmap(self._host_address, self.size)
-                self._host_address = 0
-            os.close(self._memfd)
-            self._memfd = -1
+            if self._host_addr:
+                hostmem.munmap(self._host_addr, self.size)
+            self._host_addr = 0
+            if self._memfd_fd >= 0:
+                os.close(self._memfd_fd)
+                self._memfd_fd = -1
             vm._gmems.discard(self)
         vm._put_kvm()
 
@@ -165,17 +209,23 @@ class GuestMemfd:
         Mirrors kvm_gmem_fallocate (punch: kvm_gmem_punch_hole; allocate: kvm_gmem_allocate).
         """
         with self.vm._lock:
-            self._check_open()
-            mode = encode_signed(mode, 32, "mode") & 0xFFFFFFFF
-            offset, length = encode_signed(offset, 64, "offset"), encode_signed(length, 64, "len")
+            if self._fd is None:
+                raise oserror(errno.EBADF, "guest_memfd is closed")
+            # Plain ints already in range encode to themselves; anything else takes the full encoder.
+            if type(mode) is not int or not 0 <= mode <= 0xFFFFFFFF:
+                mode = encode_signed(mode, 32, "mode") & 0xFFFFFFFF
+            if type(offset) is not int or not 0 <= offset <= _S64_MAX:
+                offset = encode_signed(offset, 64, "offset")
+            if type(length) is not int or not 0 <= length <= _S64_MAX:
+                length = encode_signed(length, 64, "len")
             self._vfs_fallocate_checks(mode, offset, length)
-            if not mode & Falloc.KEEP_SIZE:
+            if not mode & _KEEP_SIZE:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: guest_memfd requires KEEP_SIZE")
-            if mode & ~int(Falloc.KEEP_SIZE | Falloc.PUNCH_HOLE):
+            if mode & ~_PUNCH_KEEP:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: only KEEP_SIZE and PUNCH_HOLE")
-            if offset % PAGE_SIZE or length % PAGE_SIZE:
+            if (offset | length) & (PAGE_SIZE - 1):
                 raise oserror(errno.EINVAL, f"offset {offset:#x} / len {length:#x} not page aligned")
-            if mode & Falloc.PUNCH_HOLE:
+            if mode & _PUNCH_HOLE:
                 self._gmem_punch_hole(offset, length)
             else:
                 if offset + length > self.size:
@@ -188,61 +238,73 @@ class GuestMemfd:
         """vfs_fallocate's generic checks, in the order of the profile's kernel."""
         if offset < 0 or length <= 0:
             raise oserror(errno.EINVAL, f"fallocate offset {offset} / len {length} out of range")
-        keep = int(Falloc.KEEP_SIZE)
+        keep = _KEEP_SIZE
         if self.vm._profile.era >= 2:
-            if mode & ~(_MODE_MASK_E2 | keep):
+            if mode & ~_KNOWN_E2:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
             op = mode & _MODE_MASK_E2
-            if op == Falloc.PUNCH_HOLE:
+            if op == _PUNCH_HOLE:
                 if not mode & keep:
                     raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE requires KEEP_SIZE")
-            elif op in (Falloc.COLLAPSE_RANGE, Falloc.INSERT_RANGE, Falloc.WRITE_ZEROES):
+            elif op in _NO_KEEP_E2:
                 if mode & keep:
                     raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} does not take KEEP_SIZE")
-            elif op not in (0, Falloc.UNSHARE_RANGE, Falloc.ZERO_RANGE):
+            elif op not in _SEVERAL_OPS_OK_E2:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} combines several operations")
         else:
             if mode & ~_SUPPORTED_MASK_E1:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
-            if mode & (Falloc.PUNCH_HOLE | Falloc.ZERO_RANGE) == Falloc.PUNCH_HOLE | Falloc.ZERO_RANGE:
+            if mode & (_PUNCH_HOLE | _ZERO_RANGE) == _PUNCH_HOLE | _ZERO_RANGE:
                 raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE and ZERO_RANGE are exclusive")
-            if mode & Falloc.PUNCH_HOLE and not mode & keep:
+            if mode & _PUNCH_HOLE and not mode & keep:
                 raise oserror(errno.EOPNOTSUPP, "PUNCH_HOLE requires KEEP_SIZE")
             for op in (Falloc.COLLAPSE_RANGE, Falloc.INSERT_RANGE):
-                if mode & op and mode & ~int(op):
+                if mode & op.value and mode & ~op.value:
                     raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: {op.name} must be used alone")
-            if mode & Falloc.UNSHARE_RANGE and mode & ~(int(Falloc.UNSHARE_RANGE) | keep):
+            if mode & _UNSHARE_RANGE and mode & ~(_UNSHARE_RANGE | keep):
                 raise oserror(errno.EINVAL, f"fallocate mode {mode:#x}: UNSHARE_RANGE only with KEEP_SIZE")
         if offset + length > _S64_MAX:
             raise oserror(errno.EFBIG, f"fallocate range [{offset:#x}, +{length:#x}) exceeds the maximum file size")
 
     def allocate(self, offset: int, length: int) -> None:
         """fallocate(KEEP_SIZE): allocate pages of [offset, offset+length); errors as ``fallocate``."""
-        self.fallocate(Falloc.KEEP_SIZE, offset, length)
+        self.fallocate(_KEEP_SIZE, offset, length)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """fallocate(PUNCH_HOLE|KEEP_SIZE): free pages; never fails past EOF. Errors as ``fallocate``."""
-        self.fallocate(Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, offset, length)
+        self.fallocate(_PUNCH_KEEP, offset, length)
 
     def _gmem_allocate(self, offset: int, length: int) -> None:
-        """Allocate missing pages (kvm_gmem_allocate); E1 zeroes here, E2 at first use: both read zero."""
+        """Allocate missing pages (kvm_gmem_allocate); E1 zeroes here, E2 at first use: both read zero.
+
+        Creating the backing memfd on the first allocation can fail too; like a failed page
+        allocation, that is ENOMEM (the kernel's only allocation-failure errno here besides EINTR).
+        """
         try:
-            hostmem.fallocate(self._memfd, 0, offset, length)
+            fd = self._memfd_fd
+            if fd < 0:
+                fd = self._memfd
+            hostmem.fallocate_encoded(fd, 0, offset, length)
         except OSError as exc:
-            err = errno.ENOMEM if exc.errno == errno.ENOSPC else exc.errno
+            err = errno.ENOMEM if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENFILE) else exc.errno
             raise oserror(err, f"allocating [{offset:#x}, {offset + length:#x})") from None
 
     def _gmem_punch_hole(self, offset: int, length: int) -> None:
         """Free [offset, offset+length), clear hwpoison there, then invalidate bound GFNs (kvm_gmem_punch_hole)."""
-        end = min(offset + length, self.size)
+        end = offset + length
+        if end > self.size:
+            end = self.size
         if offset >= end:
             return  # entirely past EOF: success, nothing to do
-        hostmem.fallocate(self._memfd, Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, offset, end - offset)
-        healed = sorted(p for p in self._poisoned if offset <= p < end)
-        for page in healed:
-            self._poisoned.discard(page)
-            self._remap_user_page(page, poisoned=False)
-        self._invalidate_file_range(offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
+        if self._memfd_fd >= 0:  # without a memfd no page was ever allocated
+            hostmem.fallocate_encoded(self._memfd_fd, _PUNCH_KEEP, offset, end - offset)
+        if self._poisoned:
+            healed = sorted(p for p in self._poisoned if offset <= p < end)
+            for page in healed:
+                self._poisoned.discard(page)
+                self._remap_user_page(page, poisoned=False)
+        if self._bindings:  # no memslot maps the file: no GFN to invalidate
+            self._invalidate_file_range(offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
 
     def _invalidate_file_range(self, pg_start: int, pg_end: int) -> None:
         """Notify the VM for every bound part of file pages [pg_start, pg_end) (kvm_gmem_invalidate_begin)."""
@@ -272,8 +334,8 @@ class GuestMemfd:
 
     def _remap_user_page(self, offset: int, poisoned: bool) -> None:
         """Make every live user mapping of ``offset`` SIGBUS (poisoned) or show the page again."""
-        if not self.flags & GuestMemfdFlag.INIT_SHARED:
-            return  # such mappings SIGBUS everywhere anyway
+        if not self.flags & GuestMemfdFlag.INIT_SHARED or self._mappings is None:
+            return  # such mappings SIGBUS everywhere anyway; or there are none
         for m, base in list(self._mappings.items()):
             if m.closed or not base <= offset < base + m.length:
                 continue
@@ -326,6 +388,8 @@ class GuestMemfd:
             self._refs += 1
             fin = weakref.finalize(pin, self._fput)  # munmap (or GC of the Mapping) drops the file reference
             fin.atexit = False
+            if self._mappings is None:
+                self._mappings = weakref.WeakKeyDictionary()
             self._mappings[mapping] = offset
             for page in self._poisoned:
                 if offset <= page < offset + length:
