@@ -163,12 +163,18 @@ class Vm:
         """
         with self._lock:
             self._check_open()
-            size, flags = encode_unsigned(size, 64, "size"), encode_unsigned(flags, 64, "flags")
-            encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
-            supported = self._profile.gmem_flags(self._private_mem)
-            if flags & ~supported:
-                raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x} outside supported {supported:#x}")
-            if size == 0 or size >= 1 << 63 or size % PAGE_SIZE:
+            # Plain ints already in range encode to themselves; anything else takes the full encoder.
+            if type(size) is not int or not 0 <= size <= _U64:
+                size = encode_unsigned(size, 64, "size")
+            if type(flags) is not int or not 0 <= flags <= _U64:
+                flags = encode_unsigned(flags, 64, "flags")
+            if reserved is not None:
+                encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
+            if flags:
+                supported = self._profile.gmem_flags(self._private_mem)
+                if flags & ~supported:
+                    raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x} outside supported {supported:#x}")
+            if size == 0 or size >= 1 << 63 or size & (PAGE_SIZE - 1):
                 raise oserror(errno.EINVAL, f"guest_memfd size {size:#x} must be positive and page aligned")
             gmem = GuestMemfd(self, size, flags)
             self._users += 1  # the file pins the VM
