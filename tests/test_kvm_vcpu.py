@@ -18,7 +18,7 @@ from guestmem import guest
 from guestmem.types import (
     HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs, ShutdownExit,
 )
-from guestmem.uapi import Cap, GuestMemfdFlag, Hypercall, MemFlag, MemoryExitFlag
+from guestmem.uapi import Cap, GuestMemfdFlag, Hypercall, IoDirection, MemFlag, MemoryExitFlag
 
 RAM_SIZE = 0x200000
 SHARED = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
@@ -148,6 +148,27 @@ def test_string_io_data_is_size_times_count_bytes(vm):
             words = words[n:]
     assert console == b"hello"
     assert ram.read(0x100000, 6) == bytes(range(6))
+
+
+def test_repeated_out_exits_are_equal_and_carry_only_their_own_bytes(vm):
+    """run() may hand out one IoExit per distinct exit: an OUT repeated with the same data is an
+    equal exit, and a shorter OUT after a longer one carries only its own bytes (the rest of the
+    kernel's PIO data page is left over from the earlier exit)."""
+    code = ("mov eax, 0x44332211\nout 0x10, eax\nmov al, 0x55\nout 0x10, al\n"
+            "mov eax, 0x44332255\nout 0x10, eax\nout 0x10, al\nout 0x10, ax\n"
+            "mov ecx, 3\nagain: out 0x11, al\nloop again\nhlt")
+    vcpu, _, _ = boot(vm, guest.long_mode_guest(code))
+    exits = []
+    while (exit_ := vcpu.run()) != HltExit():
+        exits.append(exit_)
+    out = int(IoDirection.OUT)
+    assert exits == [
+        IoExit(direction=out, size=4, port=0x10, count=1, data=bytes.fromhex("11223344")),
+        IoExit(direction=out, size=1, port=0x10, count=1, data=b"\x55"),
+        IoExit(direction=out, size=4, port=0x10, count=1, data=bytes.fromhex("55223344")),
+        IoExit(direction=out, size=1, port=0x10, count=1, data=b"\x55"),
+        IoExit(direction=out, size=2, port=0x10, count=1, data=bytes.fromhex("5522")),
+    ] + [IoExit(direction=out, size=1, port=0x11, count=1, data=b"\x55")] * 3
 
 
 def test_mmio_exit_for_gpa_without_memslot(vm):

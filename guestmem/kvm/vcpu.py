@@ -59,7 +59,6 @@ _OFF_FAIL = _EXIT + uapi.kvm_run_exit.fail_entry.offset
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _IO = struct.Struct("<BBHIQ")        # direction, size, port, count, data_offset
-_REASON_IO = struct.Struct(f"<I{_OFF_IO - _OFF_REASON - 4}x" + _IO.format[1:])  # exit_reason + io
 _ioctl, _get_ident, _KVM_RUN = fcntl.ioctl, threading.get_ident, uapi.KVM_RUN
 _MMIO = struct.Struct("<Q8sIB")      # phys_addr, data, len, is_write
 _HC = struct.Struct("<Q6QQQ")        # nr, args[6], ret, flags (E1: u32 longmode + garbage)
@@ -78,8 +77,26 @@ _IO_OUT = int(uapi.IoDirection.OUT)
 _MEMORY_FAULT_ERRNOS = (errno.EFAULT, int(uapi.Errno.EHWPOISON))
 
 _HLT, _SHUTDOWN, _INTR = HltExit(), ShutdownExit(), IntrExit()
+
+# IO exits are immutable values and a run loop repeats a few of them, so run() hands out one
+# shared IoExit per distinct exit instead of building a frozen dataclass (~1 µs, as much as
+# the rest of the exit path). The hot path is one unpack and one dict lookup: _RAW reads
+# exit_reason, the io member (as bytes) and the first 8 bytes of the PIO data page (on x86
+# io.data_offset is KVM_PIO_PAGE_OFFSET pages into the mapping, asm/kvm.h; as a u64, the
+# cheapest key) into a tuple, and _raw_exits maps such tuples to their IoExit. A tuple is only
+# entered when it determines the exit: reason IO and, for OUT, data_offset at the PIO page and
+# size*count <= 8. Bytes past size*count are stale, so they can only cause a miss, which
+# decodes and caches. _io_exits keeps the canonical instance per (direction, size, port,
+# count, data).
+_PIO_DATA_OFFSET = 1 * 4096
+_RAW_DATA = 8
+_RAW = struct.Struct(f"<I{_OFF_IO - _OFF_REASON - 4}x{_IO.size}s"
+                     f"{_PIO_DATA_OFFSET - _OFF_IO - _IO.size}xQ")
+_RAW_END = _OFF_REASON + _RAW.size
+_unpack_raw = _RAW.unpack_from
 _IO_EXIT_CACHE = 256
 _io_exits: dict[tuple[int, int, int, int, bytes], IoExit] = {}
+_raw_exits: dict[tuple[int, bytes, int], IoExit] = {}
 
 _kick_handler_lock = threading.Lock()
 
@@ -172,6 +189,49 @@ def _sregs_to_struct(sregs: Sregs) -> uapi.kvm_sregs:
     return s
 
 
+def _decode_exit(page: memoryview, raw: tuple[int, bytes, int]) -> Exit:
+    """Decode the exit in kvm_run after a successful KVM_RUN (``raw`` is ``_RAW`` of it)."""
+    reason = raw[0]
+    if reason == _EXIT_IO:
+        direction, size, port, count, data_offset = _IO.unpack(raw[1])
+        length = size * count
+        out = direction == _IO_OUT
+        data = bytes(page[data_offset:data_offset + length]) if out else b""
+        key = (direction, size, port, count, data)
+        exit_ = _io_exits.get(key)
+        if exit_ is None:
+            if len(_io_exits) >= _IO_EXIT_CACHE:
+                _io_exits.clear()
+            exit_ = _io_exits[key] = IoExit(direction=direction, size=size, port=port, count=count,
+                                            data=data)
+        if not out or (data_offset == _PIO_DATA_OFFSET and length <= _RAW_DATA):
+            if len(_raw_exits) >= _IO_EXIT_CACHE:
+                _raw_exits.clear()
+            _raw_exits[raw] = exit_
+        return exit_
+    if reason == _EXIT_MMIO:
+        phys_addr, data, length, is_write = _MMIO.unpack_from(page, _OFF_MMIO)
+        return MmioExit(phys_addr=phys_addr, data=data[:length] if is_write else b"", len=length,
+                        is_write=bool(is_write))
+    if reason == _EXIT_HLT:
+        return _HLT
+    if reason == _EXIT_HYPERCALL:
+        nr, *args, ret, flags = _HC.unpack_from(page, _OFF_HC)
+        return HypercallExit(nr=nr, args=tuple(args), ret=ret, flags=flags)
+    if reason == _EXIT_SHUTDOWN:
+        return _SHUTDOWN
+    if reason == _EXIT_INTR:
+        page[_OFF_IMMEDIATE_EXIT] = 0
+        return _INTR
+    if reason == _EXIT_INTERNAL_ERROR:
+        suberror, ndata, *data = _INTERNAL.unpack_from(page, _OFF_INTERNAL)
+        return InternalErrorExit(suberror=suberror, data=tuple(data[:min(ndata, 16)]))
+    if reason == _EXIT_FAIL_ENTRY:
+        hw_reason, cpu = _FAIL.unpack_from(page, _OFF_FAIL)
+        return FailEntryExit(hardware_entry_failure_reason=hw_reason, cpu=cpu)
+    return UnknownExit(reason=reason)
+
+
 class Vcpu(FdObject):
     """An open KVM vCPU ``vcpu_id`` of ``vm``, with its kvm_run page mapped."""
 
@@ -186,6 +246,7 @@ class Vcpu(FdObject):
                    f"vcpu_id={vcpu_id}")
         try:
             size = vm.system.vcpu_mmap_size()
+            assert size >= _RAW_END, f"vCPU mapping of {size} bytes lacks the PIO data page"
             address = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
             self._map = hostmem.Mapping(address, size)
             cpuid = _supported_cpuid(vm.system.fileno())
@@ -263,56 +324,29 @@ class Vcpu(FdObject):
         fd = self._fd
         if fd < 0:
             raise closed_error(f"Vcpu {self.vcpu_id}")
-        page = self._page
         self._runner = _get_ident()
         try:
             _ioctl(fd, _KVM_RUN)
         except OSError as exc:
-            if exc.errno == errno.EINTR:
-                page[_OFF_IMMEDIATE_EXIT] = 0
-                return _INTR
-            reason = _U32.unpack_from(page, _OFF_REASON)[0]
-            if exc.errno in _MEMORY_FAULT_ERRNOS and reason == _EXIT_MEMORY_FAULT:
-                flags, gpa, size = _MF.unpack_from(page, _OFF_MF)
-                return MemoryFaultExit(flags=flags, gpa=gpa, size=size, errno=exc.errno)
-            raise oserror(exc.errno, f"KVM_RUN(vcpu {self.vcpu_id})") from None
+            return self._run_failed(exc.errno)
         finally:
             self._runner = None
-        # One unpack reads exit_reason and the io member; for other exits those fields are unused.
-        reason, direction, size, port, count, data_offset = _REASON_IO.unpack_from(page, _OFF_REASON)
-        if reason == _EXIT_IO:
-            data = bytes(page[data_offset:data_offset + size * count]) if direction == _IO_OUT else b""
-            # Building a frozen dataclass costs ~1 µs here, as much as the rest of the exit
-            # path; exits are immutable values, so a loop's repeating exits share one instance.
-            key = (direction, size, port, count, data)
-            exit_ = _io_exits.get(key)
-            if exit_ is None:
-                if len(_io_exits) >= _IO_EXIT_CACHE:
-                    _io_exits.clear()
-                exit_ = _io_exits[key] = IoExit(direction=direction, size=size, port=port, count=count,
-                                                data=data)
-            return exit_
-        if reason == _EXIT_MMIO:
-            phys_addr, data, length, is_write = _MMIO.unpack_from(page, _OFF_MMIO)
-            return MmioExit(phys_addr=phys_addr, data=data[:length] if is_write else b"", len=length,
-                            is_write=bool(is_write))
-        if reason == _EXIT_HLT:
-            return _HLT
-        if reason == _EXIT_HYPERCALL:
-            nr, *args, ret, flags = _HC.unpack_from(page, _OFF_HC)
-            return HypercallExit(nr=nr, args=tuple(args), ret=ret, flags=flags)
-        if reason == _EXIT_SHUTDOWN:
-            return _SHUTDOWN
-        if reason == _EXIT_INTR:
+        raw = _unpack_raw(self._page, _OFF_REASON)
+        try:
+            return _raw_exits[raw]
+        except KeyError:
+            return _decode_exit(self._page, raw)
+
+    def _run_failed(self, err: int) -> Exit:
+        """The exit or error for a KVM_RUN that failed with ``err`` (see ``run``)."""
+        page = self._page
+        if err == errno.EINTR:
             page[_OFF_IMMEDIATE_EXIT] = 0
             return _INTR
-        if reason == _EXIT_INTERNAL_ERROR:
-            suberror, ndata, *data = _INTERNAL.unpack_from(page, _OFF_INTERNAL)
-            return InternalErrorExit(suberror=suberror, data=tuple(data[:min(ndata, 16)]))
-        if reason == _EXIT_FAIL_ENTRY:
-            hw_reason, cpu = _FAIL.unpack_from(page, _OFF_FAIL)
-            return FailEntryExit(hardware_entry_failure_reason=hw_reason, cpu=cpu)
-        return UnknownExit(reason=reason)
+        if err in _MEMORY_FAULT_ERRNOS and _U32.unpack_from(page, _OFF_REASON)[0] == _EXIT_MEMORY_FAULT:
+            flags, gpa, size = _MF.unpack_from(page, _OFF_MF)
+            return MemoryFaultExit(flags=flags, gpa=gpa, size=size, errno=err)
+        raise oserror(err, f"KVM_RUN(vcpu {self.vcpu_id})") from None
 
     def _pending(self, reason: int, what: str) -> None:
         if _U32.unpack_from(self._page, _OFF_REASON)[0] != reason:
