@@ -18,6 +18,7 @@ from ..errors import oserror
 from ..types import HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
 from ..uapi import Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
 from . import guest_mapping as gm
+from . import interrupts
 from .unicorn_cpu import unicorn as _unicorn
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
@@ -155,31 +156,38 @@ def handle_xprot(v, ev):
     return InternalErrorExit(suberror=1, data=(addr,))  # fetch from a non-executable mapping
 
 
-def handle_exception(v, vector: int):
-    """#PF from a walk through unmapped page tables: map them and retry; else shutdown."""
-    if vector != 14:
-        return ShutdownExit()
+def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: int):
+    """An exception Unicorn raised: a #PF from a walk through page tables the model has not
+    mapped yet is resolved (map them, retry); anything else goes to the guest's IDT
+    (``interrupts``), as on a real CPU. ``info`` is (error code, software interrupt?, next
+    RIP) and ``cr2`` the faulting address, both as the engine had them when it raised.
+    """
     vm = v._vm
-    with vm._lock:
-        s = v._read_sregs()
-        pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, s.cr2)
-        missing = [t for t in tables if not v._map.overlapping(t, t + 1)]
-        if not missing:
-            return ShutdownExit()
-        for t in missing:
-            b, ex = gm.lookup(vm, t // gm.PAGE, None)
-            if ex is not None:
-                return ex
-            if b is None:
-                return ShutdownExit()
-            map_backing(v, t // gm.PAGE, b, 0)
-    return None
+    if vector == 14:
+        with vm._lock:
+            s = v._read_sregs()
+            pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, cr2)
+            missing = [t for t in tables if not v._map.overlapping(t, t + 1)]
+            for t in missing:
+                b, ex = gm.lookup(vm, t // gm.PAGE, None)
+                if ex is not None:
+                    return ex
+                if b is None:
+                    return ShutdownExit()
+                map_backing(v, t // gm.PAGE, b, 0)
+            if missing:
+                return None
+    if info is None:  # Unicorn's context layout unknown: no error code to push
+        return ShutdownExit()
+    error_code, software, next_rip = info
+    return interrupts.deliver(v, vector, error_code, next_rip if software else None, software,
+                              cr2 if vector == 14 else None)
 
 
 def handle_ud(v, code: bytes | None = None):
     """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
     if (code or read_linear(v, v._pc, 3)) not in HYPERCALL_INSNS:
-        return ShutdownExit()
+        return interrupts.deliver(v, 6)  # #UD through the guest's IDT
     # Called right after a stop, so no register write is queued: read only what the hypercall
     # needs, in one call, and leave the register cache stale.
     with v.uc_lock:

@@ -165,6 +165,22 @@ def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:
     return ctypes.string_at(b.host + off, size)
 
 
+def write_guest_phys(vm, gpa: int, data: bytes) -> bool:
+    """Write guest-physical memory (within one page) through its backing (caller holds vm._lock).
+
+    Used to push exception frames; False if the page is not backed (MMIO, no slot, fault exit).
+    """
+    gpa %= PHYS_LIMIT
+    try:
+        b, ex = lookup(vm, gpa // PAGE, None)
+    except OSError:
+        return False
+    if b is None or len(data) > PAGE - gpa % PAGE:
+        return False
+    ctypes.memmove(b.host + gpa % PAGE, data, len(data))
+    return True
+
+
 def page_walk(read, cr0: int, cr3: int, cr4: int, efer: int, la: int) -> tuple[int | None, list[int]]:
     """Translate linear address ``la`` with the guest's page tables (paging64_walk_addr style).
 

@@ -20,7 +20,6 @@ before each read. Registers wider than 64 bits (GDTR/IDTR) still go through the 
 from __future__ import annotations
 
 import ctypes
-import threading
 
 from ..types import DTable, Regs, Sregs
 
@@ -93,28 +92,6 @@ class RegAccess:
         self._error = unicorn().UcError
         self._batches: dict[tuple[int, ...], tuple] = {}
         self._mem = ctypes.create_string_buffer(4096)
-        self._lib = lib
-        self._ctx = ctypes.c_void_p()  # a uc_context for clear_exception_in_flight, made on first use
-
-    def __del__(self) -> None:
-        if self._ctx.value:
-            self._lib.uc_context_free(self._ctx)
-
-    def clear_exception_in_flight(self) -> bool:
-        """Forget the exception the engine believes it is delivering (see the section below).
-
-        Call after every emulation stop that came from a memory or exception event. ~2.3 us
-        (one context save and restore). False if this Unicorn build could not be calibrated.
-        """
-        offset = _old_exception_offset()
-        if offset is None:
-            return False
-        if not self._ctx.value and self._lib.uc_context_alloc(self._h, ctypes.byref(self._ctx)):
-            return False
-        self._lib.uc_context_save(self._h, self._ctx)
-        ctypes.c_int32.from_address(self._ctx.value + offset).value = -1
-        self._lib.uc_context_restore(self._h, self._ctx)
-        return True
 
     def _batch(self, ids: tuple[int, ...]):
         b = self._batches.get(ids)
@@ -192,81 +169,3 @@ def read_sregs(uc, ra: RegAccess, mode: str, old: Sregs) -> Sregs:
     return old.replace(cr0=vals[6], cr2=vals[7], cr3=vals[8], cr4=vals[9], efer=efer,
                        gdt=DTable(base=gdt[1], limit=gdt[2]), idt=DTable(base=idt[1], limit=idt[2]), **new)
 
-
-# --- the exception in flight -----------------------------------------------------------------
-#
-# QEMU remembers the exception being delivered (CPUX86State.old_exception) so that a #PF raised
-# while delivering a #PF becomes a #DF, and a fault during a #DF a triple fault. Delivery to
-# the guest IDT resets it; Unicorn's UC_HOOK_INTR path skips delivery and never resets it
-# (2.1.4: cpu_handle_exception only clears exception_index). After one hooked #PF, the next
-# #PF of the same engine is therefore a silent triple fault: emu_start returns with no hook
-# call and no error. A vCPU that resolves a #PF itself (page tables not yet mapped) must clear
-# the field before it resumes. Measured on 2.1.4, a stop from a memory hook (unmapped or
-# protected access) and unmapping the region that holds the current code leave it set too, so
-# the vCPU clears it before an emu_start that follows either. Unicorn offers no call for that,
-# but its CPU context is a byte copy of CPUX86State: ``_old_exception_offset`` finds the field
-# in that copy once per process (the only int that is -1 before a hooked #PF and not after,
-# confirmed by a second #PF that reaches the hook again) and
-# ``RegAccess.clear_exception_in_flight`` writes -1 there.
-
-_OLD_EXCEPTION_UNKNOWN = -2
-_old_exception_at: int | None = _OLD_EXCEPTION_UNKNOWN
-_calibration_lock = threading.Lock()
-
-
-def _page_fault_engine():
-    """A 64-bit engine whose every fetch raises #PF (CR3 points at unmapped memory)."""
-    u = unicorn()
-    x = u.x86_const
-    uc = u.Uc(u.UC_ARCH_X86, u.UC_MODE_64)
-    seen: list[int] = []
-    uc.hook_add(u.UC_HOOK_INTR, lambda uc_, intno, _: (seen.append(intno), uc_.emu_stop()))
-    uc.hook_add(u.UC_HOOK_MEM_UNMAPPED, lambda *a: False)
-    uc.reg_write(x.UC_X86_REG_CR3, 0x100000)
-    uc.reg_write(x.UC_X86_REG_CR4, 1 << 5)  # PAE
-    uc.msr_write(EFER, 1 << 8)  # LME
-    uc.reg_write(x.UC_X86_REG_CR0, 0x8000_0011)  # PG | ET | PE
-
-    def fault() -> int:
-        before = len(seen)
-        try:
-            uc.emu_start(0x40_0000, 0x50_0000)
-        except u.UcError:
-            pass
-        return len(seen) - before
-
-    return uc, fault
-
-
-def _context_bytes(ctx) -> bytes:
-    return ctypes.string_at(ctx.context.value, ctx.size)
-
-
-def _old_exception_offset() -> int | None:
-    """Offset of old_exception in a saved context of this Unicorn build, or None if not found."""
-    global _old_exception_at
-    with _calibration_lock:
-        if _old_exception_at == _OLD_EXCEPTION_UNKNOWN:
-            _old_exception_at = _calibrate()
-    return _old_exception_at
-
-
-def _calibrate() -> int | None:
-    uc, fault = _page_fault_engine()
-    before = _context_bytes(uc.context_save())
-    if fault() != 1:
-        return None
-    after = _context_bytes(uc.context_save())
-    minus_one = (-1).to_bytes(4, "little", signed=True)
-    candidates = [off for off in range(0, min(len(before), len(after)) - 3, 4)
-                  if before[off:off + 4] == minus_one and after[off:off + 4] != minus_one]
-    if len(candidates) != 1:
-        return None
-    _clear_at(uc, candidates[0])
-    return candidates[0] if fault() == 1 else None  # a second hooked #PF: it was the field
-
-
-def _clear_at(uc, offset: int) -> None:
-    ctx = uc.context_save()
-    ctypes.c_int32.from_address(ctx.context.value + offset).value = -1
-    uc.context_restore(ctx)

@@ -46,8 +46,9 @@ The Python page walk in ``guest_mapping`` is the fallback.
 
 Exceptions. Unicorn does not deliver exceptions through the guest IDT. #UD at VMCALL/VMMCALL
 is the hypercall path; a #PF whose page-table pages are not yet mapped is resolved by our own
-page walk and retried; any other exception ends in ``ShutdownExit``, which is what KVM reports
-for a guest without working exception handlers (triple fault).
+page walk and retried; every other exception (and INT n) is delivered through the guest's IDT
+by ``interrupts``, and a guest without working handlers ends in ``ShutdownExit`` (triple fault),
+as under KVM.
 
 Physical address width: Unicorn's CPU has 40 physical address bits, so the TDX-like shared
 bit is bit 39 (``guest_mapping.TDX_SHARED_BIT``), not TDX's bit 51 or 47.
@@ -65,6 +66,7 @@ from ..uapi import IoDirection
 from . import fdtable
 from . import exits
 from . import guest_mapping as gm
+from .hidden_state import HiddenState
 from .regions import RegionMap
 from .unicorn_cpu import (
     MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id,
@@ -152,6 +154,7 @@ class Vcpu:
             uc.hook_add(c.UC_HOOK_CODE, self._hook_site, None, la + n, la + n)
         self._u = uc
         self._ra = RegAccess(uc)
+        self._hidden = HiddenState(uc)
         self._gpr_ids = [reg_id(self._mode, n) for n in REGS[:16 if self._mode == "64" else 8]]
         self._rip_id = reg_id(self._mode, "rip")
         self._flags_id = reg_id(self._mode, "rflags")
@@ -216,7 +219,10 @@ class Vcpu:
 
     def _hook_intr(self, uc, intno, _):
         if self._event is None:
-            self._event = ("intr", intno)
+            # The error code and CR2 are only right here: after emu_stop, Unicorn 2.1.4 leaves
+            # error code 0 and CR2 = -2 behind (measured).
+            cr2 = self._ra.read((_unicorn().x86_const.UC_X86_REG_CR2,))[0]
+            self._event = ("intr", intno, self._hidden.exception_info(), cr2)
         uc.emu_stop()
 
     def _hook_site(self, uc, address, size, _):
@@ -294,6 +300,8 @@ class Vcpu:
             self._build()
         r = self._regs
         load_state(self._u, self._mode, r, self._sregs, self._gpr_ids, self._rip_id, self._flags_id)
+        if self._mode == "64":
+            self._hidden.set_cpl(self._sregs.cs.selector & 3)  # loading CS/SS leaves Unicorn at CPL 0
         self._pc = self._linear(r.rip)
         self._wr.clear()
         self._xlate = None
@@ -489,7 +497,7 @@ class Vcpu:
             gen = self._stop_gen
             self._event = None
             if self._exc_dirty or self._map.unmapped:  # else a later #PF is a silent triple fault
-                self._exc_dirty = self._map.unmapped = not self._ra.clear_exception_in_flight()
+                self._exc_dirty = self._map.unmapped = not self._hidden.clear_exception_in_flight()
             self._in_emu = True
             try:
                 uc.emu_start(self._pc, _END)
@@ -529,7 +537,7 @@ class Vcpu:
             if kind == "xprot":
                 return exits.handle_xprot(self, ev)
             if kind == "intr":
-                return exits.handle_exception(self, ev[1])
+                return exits.handle_exception(self, ev[1], ev[2], ev[3])
         if err == c.UC_ERR_INSN_INVALID:
             return exits.handle_ud(self)
         if err is not None:
