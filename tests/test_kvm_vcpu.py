@@ -16,7 +16,7 @@ import pytest
 
 from guestmem import guest
 from guestmem.types import (
-    HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs, ShutdownExit,
+    HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs,
 )
 from guestmem.uapi import Cap, GuestMemfdFlag, Hypercall, IoDirection, MemFlag, MemoryExitFlag
 
@@ -223,24 +223,6 @@ def test_map_gpa_range_hypercall_exit(vm):
     vcpu.set_hypercall_ret(0x1234)
     assert vcpu.run() == HltExit()
     assert vcpu.get_regs().rax == 0x1234
-
-
-def test_guest_exception_reports_vector_on_fail_port(vm):
-    """The builder's IDT turns a #UD at CPL3 into an OUT to PORT_FAIL with the vector in EAX and
-    RDI and the faulting RIP in RDX. (The model ends any guest exception in ShutdownExit.)"""
-    image = guest.long_mode_guest("nop\nud2", cpl=3)
-    vcpu, _, _ = boot(vm, image)
-    exit_ = vcpu.run()
-    assert isinstance(exit_, IoExit) and exit_.port == guest.PORT_FAIL, exit_
-    regs = vcpu.get_regs()
-    assert (exit_.data, regs.rdi, regs.rdx) == (struct.pack("<I", 6), 6, image.entry + 1)
-
-
-def test_guest_without_idt_shuts_down_on_exception(vm):
-    image = guest.long_mode_guest("ud2")
-    vcpu, _, _ = boot(vm, image)
-    vcpu.set_sregs(vcpu.get_sregs().replace(idt=image.sregs.idt.__class__(base=0, limit=0)))
-    assert vcpu.run() == ShutdownExit()
 
 
 def test_memory_fault_exit_after_gmem_released(vm):
