@@ -267,6 +267,23 @@ def test_punch_far_beyond_eof_succeeds(vm):
     g.punch_hole(1 << 40, 1 << 30)
 
 
+def test_never_allocated_file_punches_stats_and_allocates(vm, flags):
+    """A file with no page yet: punching inside it succeeds, fstat is unchanged, memory reads zero."""
+    g = vm.create_guest_memfd(4 * P, flags)
+    before = g.fstat()
+    g.punch_hole(0, 4 * P)
+    g.punch_hole(P, P)
+    after = g.fstat()
+    assert (after.st_size, after.st_blocks, after.st_ino) == (before.st_size, before.st_blocks, before.st_ino)
+    raises(errno.EINVAL, g.allocate, 0, 5 * P)  # past EOF is refused before anything is allocated
+    g.allocate(P, P)
+    if flags & INIT_SHARED:
+        m = g.mmap()
+        assert m.read(0, 4 * P) == b"\0" * (4 * P)
+        m.close()
+    g.close()
+
+
 def test_punch_hole_then_host_sees_zero_page(vm):
     require(vm, MMAP | INIT_SHARED)
     g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
