@@ -27,17 +27,7 @@ lazily, ``set_regs`` and exit completions queue only the registers that change, 
 queue is written in one batch before the next ``emu_start``. An exit therefore costs a RIP
 read, not a full register round trip; reads and writes go through ``unicorn_cpu.RegAccess``.
 
-Exact IN/OUT exits without an instruction count. Unicorn (QEMU TCG) checks a stop request
-only at the start of a translation block, or before an instruction that carries a
-``UC_HOOK_CODE`` hook; a stop requested from the IN/OUT hook would let the rest of the block
-run, and writing RIP from that hook does not end the block either (measured, 2.1.4). So each
-IN/OUT site gets a one-instruction code hook on the instruction after it (``_sites``), which
-makes the stop exact from then on. The first time a site is seen, the hook saves the CPU
-context and makes every region read-only (``RegionMap.protect``), so what the rest of the
-block executes writes no memory (the next write ends emulation); the context is then
-restored, the protections too, RIP set past the
-IN/OUT and the translation cache flushed. Counting instructions (the previous design) made
-every instruction pay for a hook call: ~2.7x slower.
+Exact IN/OUT exits: ``io_sites`` hooks the instruction after each IN/OUT the guest executes.
 
 Instruction bytes (hypercall check, HLT, IN/OUT length) are read through a page walk over
 Unicorn's own mapped memory (the CPU just fetched them, so the page-table and code pages are
@@ -67,10 +57,9 @@ from . import fdtable
 from . import exits
 from . import guest_mapping as gm
 from .hidden_state import HiddenState
+from .io_sites import IoSites
 from .regions import RegionMap
-from .unicorn_cpu import (
-    MASK, REGS, RegAccess, decode_io, load_state, mode_of, read_sregs, reg_id,
-)
+from .unicorn_cpu import MASK, REGS, RegAccess, load_state, mode_of, read_sregs, reg_id
 from .unicorn_cpu import unicorn as _unicorn
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
@@ -98,9 +87,7 @@ class Vcpu:
         self._pc = 0  # linear address the next emu_start begins at
         self._event = None
         self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
-        self._discard = None  # CPU context saved at a first-seen IN/OUT (see module docstring)
-        self._new_site = None
-        self._sites: dict[int, tuple[int, bool, bool]] = {}  # IN/OUT linear address -> decoded
+        self._io = IoSites()
         self._xlate = None  # (cr3, linear page, physical page, table pages): last code translation
         self._in_emu = False
         self._kick = False
@@ -133,7 +120,7 @@ class Vcpu:
     def _stats(self) -> dict:
         c = self._map.counts()
         p = f"vcpu{self.vcpu_id}_mappings"
-        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._sites)}
+        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._io)}
 
     def _build(self):
         """(Re)create the Unicorn instance for the current CPU mode (caller holds both locks)."""
@@ -150,8 +137,7 @@ class Vcpu:
         uc.hook_add(c.UC_HOOK_INTR, self._hook_intr)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_out, None, 1, 0, x.UC_X86_INS_OUT)
-        for la, (n, _, _) in self._sites.items():
-            uc.hook_add(c.UC_HOOK_CODE, self._hook_site, None, la + n, la + n)
+        self._io.install(uc)
         self._u = uc
         self._ra = RegAccess(uc)
         self._hidden = HiddenState(uc)
@@ -225,23 +211,13 @@ class Vcpu:
             self._event = ("intr", intno, self._hidden.exception_info(), cr2)
         uc.emu_stop()
 
-    def _hook_site(self, uc, address, size, _):
-        """Code hook after an IN/OUT: exists so that Unicorn checks the stop request here."""
-
     def _hook_io(self, uc, ev) -> None:
         if self._event is not None:
             return  # the rest of a block after a first-seen IN/OUT: discarded
         self._event = ev
         la = self._read_pc()
-        if la not in self._sites:
-            code = exits.read_uc_linear(self, uc, la, 15)
-            site = decode_io(code) if code else None
-            if site is None:
-                site = (1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
-            self._new_site = (la, site)
-            if not site[2]:  # a REP string op ends its block after each iteration anyway
-                self._discard = (uc.context_save(), la + site[0])
-                self._map.protect(uc, _unicorn().unicorn_const.UC_PROT_READ | _unicorn().unicorn_const.UC_PROT_EXEC)
+        if la not in self._io.sites:
+            self._io.first_seen(uc, la, exits.read_uc_linear(self, uc, la, 15), self._map)
         uc.emu_stop()
 
     def _hook_in(self, uc, port, size, _):
@@ -509,19 +485,8 @@ class Vcpu:
             ev, self._event = self._event, None
             if ev is not None and ev[0] not in ("in", "out"):
                 self._exc_dirty = True
-            if self._discard is not None:  # first-seen IN/OUT: undo the rest of its block
-                ctx, after = self._discard
-                self._discard = None
-                uc.context_restore(ctx)
-                self._map.protect(uc, u.unicorn_const.UC_PROT_ALL)
-                uc.reg_write(self._rip_id, after - self._cs_base())
+            if self._io.settle(uc, self._map, self._rip_id, self._cs_base):
                 err = None
-            if self._new_site is not None:
-                la, site = self._new_site
-                self._new_site = None
-                self._sites[la] = site
-                uc.hook_add(u.unicorn_const.UC_HOOK_CODE, self._hook_site, None, la + site[0], la + site[0])
-                uc.ctl_flush_tb()  # retranslate with the stop check after the site
             self._pc = self._read_pc()
         c = u.unicorn_const
         if ev is not None:
