@@ -18,7 +18,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-__all__ = ["WORKLOADS", "DEFAULT", "get", "source"]
+__all__ = ["WORKLOADS", "DEFAULT", "get", "source", "sync_op"]
 
 DEFAULT = "conversions"
 WORKLOADS = ("conversions", "secret", "touch")
@@ -28,6 +28,16 @@ def source(name: str) -> str:
     """The assembly text of workload ``name`` with its ``#`` comment lines removed."""
     text = resources.files(__name__).joinpath(f"{name}.S").read_text()
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def sync_op(vcpu: Any, exit: Any) -> int | None:
+    """The op code of a PORT_SYNC OUT (its first 4 data bytes); an IN is answered with zeros (None)."""
+    from ..uapi import IoDirection
+
+    if exit.direction != IoDirection.OUT:
+        vcpu.complete_io(bytes(exit.size))
+        return None
+    return int.from_bytes(exit.data[:4], "little")
 
 
 def get(name: str, **options: Any) -> Any:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import threading
 
 from ..guest import PORT_SYNC
-from ..uapi import IoDirection
 from ..vmm.memory import Region
 from ..vmm.runloop import Outcome
-from . import source
+from . import source, sync_op
 
 DATA_GPA = 1 << 32
 WINDOW = 4 << 20
@@ -65,10 +64,9 @@ class Conversions:
         machine.io_handlers[PORT_SYNC] = self.on_sync
 
     def on_sync(self, vcpu, exit) -> Outcome:  # noqa: ANN001
-        if exit.direction != IoDirection.OUT:
-            vcpu.complete_io(bytes(exit.size))
+        op = sync_op(vcpu, exit)
+        if op is None:
             return Outcome.HANDLED
-        op = int.from_bytes(exit.data[:4], "little")
         if op == OP_PROGRESS:
             with self._lock:
                 self.done += 1

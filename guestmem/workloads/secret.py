@@ -24,10 +24,9 @@ from typing import Any
 
 from ..guest import PORT_SYNC
 from ..hostmem import Mapping
-from ..uapi import IoDirection
 from ..vmm.memory import Region
 from ..vmm.runloop import Outcome
-from . import source
+from . import source, sync_op
 
 DATA_GPA = 1 << 32
 SECRET_SIZE = 2 * 4096
@@ -111,10 +110,9 @@ class Secret:
         machine.io_handlers[PORT_SYNC] = self.on_sync
 
     def on_sync(self, vcpu, exit) -> Outcome:  # noqa: ANN001
-        if exit.direction != IoDirection.OUT:
-            vcpu.complete_io(bytes(exit.size))
+        op = sync_op(vcpu, exit)
+        if op is None:
             return Outcome.HANDLED
-        op = int.from_bytes(exit.data[:4], "little")
         if op == 1:
             self.probes = self.probe_all()
         elif op == 2:
