@@ -18,6 +18,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from ..uapi import IoDirection
+
 __all__ = ["WORKLOADS", "DEFAULT", "get", "source", "sync_op"]
 
 DEFAULT = "conversions"
@@ -32,8 +34,6 @@ def source(name: str) -> str:
 
 def sync_op(vcpu: Any, exit: Any) -> int | None:
     """The op code of a PORT_SYNC OUT (its first 4 data bytes); an IN is answered with zeros (None)."""
-    from ..uapi import IoDirection
-
     if exit.direction != IoDirection.OUT:
         vcpu.complete_io(bytes(exit.size))
         return None
