@@ -1,7 +1,7 @@
 """Build the C reference programs at bench time with the system C compiler.
 
-The sources ship as package data (``guestmem/bench/c/*.c``). Each is compiled once into a
-cache directory keyed by a hash of the source and the compiler, so a changed source or
+The sources ship as package data (``guestmem/bench/c/*.c`` and the shared ``*.h``). Each is compiled once into a
+cache directory keyed by a hash of the sources and the compiler, so a changed source or
 compiler rebuilds and an unchanged one costs nothing. Without a compiler, or if the build
 fails, the caller gets ``Skip`` with the reason, and the rows that need the C side say so.
 """
@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 
 from .harness import Skip
+
+HEADERS = ("gmem_uapi.h",)  # shared by the programs in c/, copied next to each source it builds
 
 
 def cache_dir() -> Path:
@@ -40,17 +42,23 @@ def build(name: str) -> Path:
     cc = compiler()
     if cc is None:
         raise Skip("no C compiler found (install gcc or set CC)")
-    source = importlib.resources.files("guestmem.bench").joinpath("c", f"{name}.c").read_bytes()
+    sources = importlib.resources.files("guestmem.bench").joinpath("c")
+    source = sources.joinpath(f"{name}.c").read_bytes()
+    headers = {h: sources.joinpath(h).read_bytes() for h in HEADERS}
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise Skip(f"C compiler {cc} does not run: {exc}") from exc
-    key = hashlib.sha256(source + b"\0" + cc.encode() + b"\0" + version).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, *headers.values(), cc.encode(), version])).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    src = out.parent / f"{name}-{key}.c"
+    src_dir = out.parent / f"{name}-{key}.src"
+    src_dir.mkdir(exist_ok=True)
+    for header, text in headers.items():
+        (src_dir / header).write_bytes(text)
+    src = src_dir / f"{name}.c"
     src.write_bytes(source)
     tmp = out.parent / f".{name}-{key}.{os.getpid()}"
     proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=120)
