@@ -3,12 +3,17 @@
 Data model
 ----------
 A RangeMap assigns a value to every integer point; points nobody set carry ``default``
-(0 unless chosen otherwise). Only non-default values are stored, as maximal runs, in
-three parallel chunked lists (a B+ tree's leaf level, as in sortedcontainers, but with
-the run's end and value beside its start so no per-run dict or tuple is needed):
+(0 unless chosen otherwise). Points are signed 64-bit integers (page numbers, file pages,
+guest-physical addresses); queries may use any int. Only non-default values are stored, as
+maximal runs, in three parallel chunked sequences (a B+ tree's leaf level, as in
+sortedcontainers, but with the run's end and value beside its start so no per-run dict or
+tuple is needed):
 
 * ``_s``, ``_e``, ``_v`` — lists of chunks; chunk ``c`` holds the starts, ends and values
-  of consecutive runs, ``_s[c][i]``, ``_e[c][i]``, ``_v[c][i]`` describing run ``[s, e)``;
+  of consecutive runs, ``_s[c][i]``, ``_e[c][i]``, ``_v[c][i]`` describing run ``[s, e)``.
+  Starts and ends are ``array('q')``: no int object per bound, so dropping thousands of
+  runs is a memmove rather than thousands of deallocations, and a run costs 16 bytes
+  plus its value's list slot;
 * ``_firsts`` — ``_firsts[c] == _s[c][0]``, bisected to find a point's chunk;
 * ``_len`` — the number of stored runs.
 
@@ -35,6 +40,7 @@ and the vmm use it; it imports nothing from guestmem.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -55,8 +61,8 @@ class RangeMap(Generic[V]):
 
     def __init__(self, default: Any = 0, items: Iterable[tuple[int, int, V]] = ()) -> None:
         self._firsts: list[int] = []
-        self._s: list[list[int]] = []
-        self._e: list[list[int]] = []
+        self._s: list[array[int]] = []
+        self._e: list[array[int]] = []
         self._v: list[list[V]] = []
         self._len = 0
         self.default = default
@@ -81,8 +87,8 @@ class RangeMap(Generic[V]):
             v.append(value)
             prev_end, prev_value = end, value
         for i in range(0, len(s), _LOAD):
-            m._s.append(s[i:i + _LOAD])
-            m._e.append(e[i:i + _LOAD])
+            m._s.append(array("q", s[i:i + _LOAD]))
+            m._e.append(array("q", e[i:i + _LOAD]))
             m._v.append(v[i:i + _LOAD])
             m._firsts.append(s[i])
         m._len = len(s)
@@ -224,7 +230,8 @@ class RangeMap(Generic[V]):
     def set(self, start: int, end: int, value: V) -> None:
         """Give every point of ``[start, end)`` the value ``value``.
 
-        O(log n + k / _LOAD) for k runs replaced: the covered runs go in slice operations.
+        O(log n + k / _LOAD) Python steps for k runs replaced: the covered runs go in slice
+        operations. Raises OverflowError, changing nothing, for a bound outside 64 bits.
         """
         if start > end:
             raise ValueError(f"empty range [{start:#x}, {end:#x})")
@@ -234,9 +241,10 @@ class RangeMap(Generic[V]):
         default = self.default
         if not firsts:
             if value != default:
+                s, e = array("q", (start,)), array("q", (end,))  # OverflowError before any change
                 firsts.append(start)
-                S.append([start])
-                E.append([end])
+                S.append(s)
+                E.append(e)
                 Vs.append([value])
                 self._len = 1
             return
@@ -245,7 +253,7 @@ class RangeMap(Generic[V]):
         # first run with end >= start, through R, the last run with start <= end. They are
         # [(cl, il), (cr, jr)) in (chunk, index) positions; (cr, jr) is exclusive.
         new_start, new_end = start, end
-        left_s = left_e = None
+        left_s = None
         left_v: Any = None
         cl = bisect_right(firsts, start - 1) - 1
         if cl < 0:
@@ -253,7 +261,7 @@ class RangeMap(Generic[V]):
         else:
             il = bisect_right(S[cl], start - 1) - 1  # the last run starting before `start`
             if E[cl][il] >= start:
-                left_s, left_e, left_v = S[cl][il], E[cl][il], Vs[cl][il]
+                left_s, left_v = S[cl][il], Vs[cl][il]
             else:
                 il += 1
         cr = bisect_right(firsts, end) - 1
@@ -264,8 +272,8 @@ class RangeMap(Generic[V]):
         # cl < cr implies chunk cr's first run starts in [start, end], so the set is non-empty
         empty = cl == cr and il == jr
 
-        ns: list[int] = []
-        ne: list[int] = []
+        ns = array("q")
+        ne = array("q")
         nv: list[Any] = []
         tail = None
         if left_s is not None:

@@ -284,3 +284,18 @@ def test_contains_means_a_stored_run_covers_the_point():
     m: RangeMap[bool] = RangeMap(default=False)
     m.set(10, 20, True)
     assert 10 in m and 19 in m and 20 not in m and 9 not in m and "x" not in m
+
+
+def test_bounds_outside_64_bits_raise_and_change_nothing():
+    m, _ = fragmented(3, 10)
+    before = m.snapshot()
+    for start, end in ((1 << 63, (1 << 63) + 5), (0, 1 << 63), (-(1 << 63) - 1, 0)):
+        with pytest.raises(OverflowError):
+            m.set(start, end, 2)
+        assert m.snapshot() == before
+        m.check()
+    empty: RangeMap[int] = RangeMap()
+    with pytest.raises(OverflowError):
+        empty.set(0, 1 << 64, 8)
+    empty.check()
+    assert len(empty) == 0 and empty.get(1 << 70) == 0  # queries take any int
