@@ -87,7 +87,8 @@ _HLT, _SHUTDOWN, _INTR = HltExit(), ShutdownExit(), IntrExit()
 # entered when it determines the exit: reason IO and, for OUT, data_offset at the PIO page and
 # size*count <= 8. Bytes past size*count are stale, so they can only cause a miss, which
 # decodes and caches. _io_exits keeps the canonical instance per (direction, size, port,
-# count, data).
+# count, data). Each Vcpu also remembers its last hit (``_last_io``), so a loop repeating one
+# exit compares one tuple instead of hashing it.
 _PIO_DATA_OFFSET = 1 * 4096
 _RAW_DATA = 8
 _RAW = struct.Struct(f"<I{_OFF_IO - _OFF_REASON - 4}x{_IO.size}s"
@@ -261,6 +262,7 @@ class Vcpu(FdObject):
         self._fd = fd
         self._page = self._map.buffer()
         self._runner: int | None = None  # pthread id of the thread inside KVM_RUN
+        self._last_io: tuple[Any, Any] = (None, None)  # the last _raw_exits hit: (raw, IoExit)
         self._runner_lock = threading.Lock()
         self._can_signal = _ensure_kick_handler()
 
@@ -321,21 +323,25 @@ class Vcpu(FdObject):
         :raises OSError: EBADF if closed; any other KVM_RUN errno (EFAULT without a memory
             fault exit, ENOEXEC for a vCPU state KVM cannot run, EIO for a dead VM, ...).
         """
-        fd = self._fd
-        if fd < 0:
-            raise closed_error(f"Vcpu {self.vcpu_id}")
         self._runner = _get_ident()
         try:
-            _ioctl(fd, _KVM_RUN)
+            _ioctl(self._fd, _KVM_RUN)
         except OSError as exc:
             return self._run_failed(exc.errno)
+        except ValueError:  # fcntl refuses fd -1: the vCPU is closed (no check on the hot path)
+            raise closed_error(self._what()) from None
         finally:
             self._runner = None
         raw = _unpack_raw(self._page, _OFF_REASON)
+        last = self._last_io
+        if raw == last[0]:
+            return last[1]
         try:
-            return _raw_exits[raw]
+            exit_ = _raw_exits[raw]
         except KeyError:
             return _decode_exit(self._page, raw)
+        self._last_io = (raw, exit_)
+        return exit_
 
     def _run_failed(self, err: int) -> Exit:
         """The exit or error for a KVM_RUN that failed with ``err`` (see ``run``)."""
