@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 from .errors import oserror
 
+_U64_LIMIT = 1 << 64
+
 
 def encode_unsigned(value: int, bits: int, field: str) -> int:
     """``value`` as the two's-complement unsigned ``bits``-wide field the kernel reads.
@@ -23,6 +25,13 @@ def encode_unsigned(value: int, bits: int, field: str) -> int:
     if not -(1 << (bits - 1)) <= value < (1 << bits):
         raise oserror(errno.EINVAL, f"{field}={value:#x} does not fit in a u{bits}")
     return value & ((1 << bits) - 1)
+
+
+def encode_u64(value: int, field: str) -> int:
+    """``encode_unsigned(value, 64, field)`` with a fast path for an int already in range."""
+    if value.__class__ is int and 0 <= value < _U64_LIMIT:
+        return value
+    return encode_unsigned(value, 64, field)
 
 
 def encode_signed(value: int, bits: int, field: str) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno as _errno
 
 from ..errors import oserror
-from ..types import HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
+from ..types import HltExit, HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
 from ..uapi import Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
 from . import guest_mapping as gm
 from . import interrupts
@@ -23,15 +23,20 @@ from .unicorn_cpu import unicorn as _unicorn
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
+# plain ints: enum operators cost microseconds on the hypercall exit path
+_MAP_GPA_RANGE, _LONG_MODE = int(Hypercall.MAP_GPA_RANGE), int(HypercallExitFlag.LONG_MODE)
+_HC_EPERM, _HC_ENOSYS, _HC_EINVAL = (int(KvmHypercallError.EPERM), int(KvmHypercallError.ENOSYS),
+                                     int(KvmHypercallError.EINVAL))
 
 
-def read_uc_linear(v, uc, la: int, n: int) -> bytes | None:
+def read_uc_linear(v, uc, la: int, n: int, crs: tuple[int, int, int] | None = None) -> bytes | None:
     """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
 
-    Caller holds uc_lock (or runs inside a hook). None if a page on the way is not mapped.
+    ``crs`` is (CR0, CR3, CR4) if the caller just read them. Caller holds uc_lock (or runs
+    inside a hook). None if a page on the way is not mapped.
     """
     ra = v._ra
-    cr0, cr3, cr4 = ra.read(v._walk_ids)
+    cr0, cr3, cr4 = crs or ra.read(v._walk_ids)
     page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
     xl = v._xlate
     if xl is not None and xl[0] == cr3 and xl[1] == page:
@@ -184,29 +189,37 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
                               cr2 if vector == 14 else None)
 
 
-def handle_ud(v, code: bytes | None = None):
-    """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall), anything else shuts down."""
-    if (code or read_linear(v, v._pc, 3)) not in HYPERCALL_INSNS:
-        return interrupts.deliver(v, 6)  # #UD through the guest's IDT
-    # Called right after a stop, so no register write is queued: read only what the hypercall
-    # needs, in one call, and leave the register cache stale.
+def handle_ud(v, quiet: bool = False):
+    """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall); anything else goes to the
+    guest's #UD handler. ``quiet``: emulation stopped with no event and no error, which is HLT
+    or (once Unicorn has delivered an exception to a hook) a #UD it no longer reports; there a
+    non-hypercall is HLT if the byte before RIP is F4, else a triple fault (ShutdownExit).
+    """
+    # Called right after a stop, so no register write is queued: read what the hypercall and
+    # the instruction check need in one call, and leave the register cache stale.
+    pc = v._pc
     with v.uc_lock:
-        rax, rbx, rcx, rdx, rip, cs, cr0 = v._ra.read(v._hc_ids)
+        rax, rbx, rcx, rdx, rip, cs, cr0, cr3, cr4 = v._ra.read(v._hc_ids)
+        code = read_uc_linear(v, v._u, pc, 3, (cr0, cr3, cr4))
+    if (code or read_linear(v, pc, 3)) not in HYPERCALL_INSNS:
+        if not quiet:
+            return interrupts.deliver(v, 6)  # #UD through the guest's IDT
+        return HltExit() if pc and read_linear(v, pc - 1, 1) == b"\xf4" else ShutdownExit()
     long_mode = v._mode == "64"
     m = 2**64 - 1 if long_mode else 0xFFFF_FFFF
     nr, gpa, npages, attrs = rax & m, rbx & m, rcx & m, rdx & m
     cpl = cs & 3 if cr0 & 1 else 0
     if cpl != 0:
-        ret = -KvmHypercallError.EPERM
-    elif nr != Hypercall.MAP_GPA_RANGE or not v._vm._exit_hypercall_mask & (1 << Hypercall.MAP_GPA_RANGE):
-        ret = -KvmHypercallError.ENOSYS
+        ret = -_HC_EPERM
+    elif nr != _MAP_GPA_RANGE or not v._vm._exit_hypercall_mask & (1 << _MAP_GPA_RANGE):
+        ret = -_HC_ENOSYS
     elif gpa % gm.PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
-        ret = -KvmHypercallError.EINVAL
+        ret = -_HC_EINVAL
     else:
         v._hc_ret = 0
         v._pending = ("hc", long_mode, rip)
-        return HypercallExit(nr=int(nr), args=(gpa, npages, attrs, 0, 0, 0), ret=0,
-                             flags=int(HypercallExitFlag.LONG_MODE) if long_mode else 0)
+        return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=0,
+                             flags=_LONG_MODE if long_mode else 0)
     v._queue(rax=ret & m, rip=rip + 3)
     return None
 

@@ -92,6 +92,20 @@ class RegAccess:
         self._error = unicorn().UcError
         self._batches: dict[tuple[int, ...], tuple] = {}
         self._mem = ctypes.create_string_buffer(4096)
+        self._emu_start = lib.uc_emu_start
+
+    def emu_start(self, uc, begin: int, until: int) -> int:
+        """``uc.emu_start`` returning Unicorn's error code instead of raising it (0: none).
+
+        A stop with an error (e.g. #UD) is an ordinary exit here, and raising and catching
+        UcError costs microseconds. An exception raised inside a Python hook is re-raised, as
+        the binding does.
+        """
+        uc._hook_exception = None
+        status = self._emu_start(self._h, begin, until, 0, 0)
+        if uc._hook_exception is not None:
+            raise uc._hook_exception
+        return status
 
     def _batch(self, ids: tuple[int, ...]):
         b = self._batches.get(ids)

@@ -149,11 +149,13 @@ class Vcpu:
         # RIP, plus CS in real mode (linear = CS << 4 + IP)
         self._pc_ids = (self._rip_id, x.UC_X86_REG_CS) if self._mode == "16" else (self._rip_id,)
         self._walk_ids = (x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4)
-        self._hc_ids = (*self._gpr_ids[:4], self._rip_id, x.UC_X86_REG_CS, x.UC_X86_REG_CR0)  # exits.handle_ud
+        self._hc_ids = (*self._gpr_ids[:4], self._rip_id, x.UC_X86_REG_CS, *self._walk_ids)  # exits.handle_ud
         return uc
 
     def _lock_uc(self) -> None:
         """Take uc_lock, stopping a running emulation; a stop racing emu_start is retried."""
+        if self.uc_lock.acquire(False):
+            return
         while not self.uc_lock.acquire(timeout=0.0002):
             if self._in_emu:
                 self._u.emu_stop()
@@ -174,7 +176,8 @@ class Vcpu:
         self._lock_uc()
         try:
             uc = self._u
-            hit = sorted(set(hit))
+            if len(hit) > 1:
+                hit = sorted(set(hit))
             if self._tdx():
                 drop, flush = hit, False  # both views of a GFN: always fault again
             else:
@@ -476,9 +479,7 @@ class Vcpu:
                 self._exc_dirty = self._map.unmapped = not self._hidden.clear_exception_in_flight()
             self._in_emu = True
             try:
-                uc.emu_start(self._pc, _END)
-            except u.UcError as exc:
-                err = exc.errno
+                err = self._ra.emu_start(uc, self._pc, _END) or None
             finally:
                 self._in_emu = False
             self._regs_stale = self._sregs_stale = True
@@ -514,13 +515,7 @@ class Vcpu:
             stopped = self._stop_gen != gen
         if stopped:
             return None  # an invalidation stopped us: resume transparently
-        # A quiet stop: HLT, or (after Unicorn has delivered an exception to a hook once) a #UD
-        # that Unicorn no longer reports as an error.
-        pc = self._pc
-        code = exits.read_linear(self, pc, 3)
-        if code in exits.HYPERCALL_INSNS:
-            return exits.handle_ud(self, code)
-        return HltExit() if pc and exits.read_linear(self, pc - 1, 1) == b"\xf4" else ShutdownExit()
+        return exits.handle_ud(self, quiet=True)  # HLT, or a #UD Unicorn no longer reports
 
     # --- KVM_PRE_FAULT_MEMORY --------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..encoding import encode_array, encode_fd, encode_unsigned
+from ..encoding import encode_array, encode_fd, encode_u64, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
@@ -380,8 +380,8 @@ class Vm:
         """
         with self._lock:
             self._check_open()
-            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
-            attributes, flags = encode_unsigned(attributes, 64, "attributes"), encode_unsigned(flags, 64, "flags")
+            address, size = encode_u64(address, "address"), encode_u64(size, "size")
+            attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no KVM_SET_MEMORY_ATTRIBUTES")
             if flags:
