@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 
 import guestmem
 from guestmem.hostmem import MAP_PRIVATE, MAP_SHARED
-from guestmem.uapi import PAGE_SIZE, Falloc, GuestMemfdFlag, MemFlag
+from guestmem.uapi import PAGE_SIZE, Falloc, MemFlag
 
 from conftest import backend_skip_reason
 from probe import touch

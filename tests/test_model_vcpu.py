@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
 import struct
 import threading
 

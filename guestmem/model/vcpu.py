@@ -51,7 +51,7 @@ import threading
 import time
 
 from ..errors import oserror
-from ..types import HltExit, HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
+from ..types import HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import IoDirection
 from . import fdtable
 from . import exits
