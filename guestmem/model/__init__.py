@@ -19,7 +19,7 @@ from .system import System, open_system
 from .vm import Vm
 
 __all__ = ["open_system", "System", "Vm", "GuestMemfd", "Vcpu", "Memslot", "Profile", "PROFILES",
-           "GUESTMEM_TDX_LIKE_VM", "fdtable"]
+           "GUESTMEM_TDX_LIKE_VM"]
 
 
 def __getattr__(name: str) -> Any:
