@@ -277,6 +277,31 @@ def test_kick_from_main_thread_interrupts_run_in_main_thread(vm):
     timer.join()
 
 
+def test_kick_interrupts_only_the_kicked_vcpu(kvm_system, vm):
+    """Two vCPUs spin on two threads; kicking one returns IntrExit there and leaves the other
+    running until its own kick (kick finds the thread inside this vCPU's run)."""
+    other_vm = kvm_system.create_vm()
+    try:
+        booted = [boot(v, guest.long_mode_guest("spin: jmp spin", cpl=3)) for v in (vm, other_vm)]
+        vcpus = [b[0] for b in booted]  # booted keeps each guest's memory alive
+        results: list[list] = [[], []]
+        threads = [threading.Thread(target=lambda i=i: results[i].append(vcpus[i].run())) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        vcpus[0].kick()
+        threads[0].join(5)
+        time.sleep(0.05)
+        assert results == [[IntrExit()], []]
+        vcpus[1].kick()
+        threads[1].join(5)
+        assert results == [[IntrExit()], [IntrExit()]]
+    finally:
+        for vcpu in other_vm.vcpus:
+            vcpu.close()
+        other_vm.close()
+
+
 # --- KVM_PRE_FAULT_MEMORY ---------------------------------------------------------------------------
 
 
