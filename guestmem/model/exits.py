@@ -197,9 +197,11 @@ def handle_ud(v, quiet: bool = False):
     """
     # Called right after a stop, so no register write is queued: read what the hypercall and
     # the instruction check need in one call, and leave the register cache stale.
-    pc = v._pc
     with v.uc_lock:
         rax, rbx, rcx, rdx, rip, cs, cr0, cr3, cr4 = v._ra.read(v._hc_ids)
+        if quiet and v._mode == "64":
+            v._pc = rip  # the vCPU left it to us (see Vcpu._run_once)
+        pc = v._pc
         code = read_uc_linear(v, v._u, pc, 3, (cr0, cr3, cr4))
     if (code or read_linear(v, pc, 3)) not in HYPERCALL_INSNS:
         if not quiet:

@@ -125,11 +125,10 @@ class RegAccess:
             raise self._error(err)
         return vals[:]
 
-    def write(self, pairs: list[tuple[int, int]]) -> None:
-        """Write (register id, value) pairs in one call."""
-        idarr, ptrs, vals, n = self._batch(tuple(i for i, _ in pairs))
-        for k, (_, v) in enumerate(pairs):
-            vals[k] = v
+    def write(self, ids: tuple[int, ...], values) -> None:
+        """Write registers ``ids`` (each at most 64 bits wide) from ``values`` in one call."""
+        idarr, ptrs, vals, n = self._batch(ids)
+        vals[:] = list(values)
         err = self._write_batch(self._h, idarr, ptrs, n)
         if err:
             raise self._error(err)

@@ -419,9 +419,9 @@ class Vcpu:
 
     def _flush_wr(self, uc) -> None:
         """Write the queued registers in one batch (caller holds uc_lock)."""
-        ids = self._ids
-        self._ra.write([(ids[n], v) for n, v in self._wr.items()])
-        self._wr.clear()
+        wr = self._wr
+        self._ra.write(tuple(map(self._ids.__getitem__, wr)), wr.values())
+        wr.clear()
 
     def _complete_pending(self) -> None:
         """Finish the instruction the last exit left half done (complete_userspace_io & co)."""
@@ -488,7 +488,9 @@ class Vcpu:
                 self._exc_dirty = True
             if self._io.settle(uc, self._map, self._rip_id, self._cs_base):
                 err = None
-            self._pc = self._read_pc()
+            quiet = ev is None and err is None and self._mode == "64"
+            if not quiet:  # a quiet stop in long mode: exits.handle_ud reads RIP with the rest
+                self._pc = self._read_pc()
         c = u.unicorn_const
         if ev is not None:
             kind = ev[0]
@@ -508,12 +510,15 @@ class Vcpu:
             return exits.handle_ud(self)
         if err is not None:
             return ShutdownExit()
-        if self._kick:
-            self._kick = False
-            return IntrExit()
         with self._vm._lock:  # an invalidation that stopped us has finished once we hold it
             stopped = self._stop_gen != gen
-        if stopped:
+        if self._kick or stopped:
+            if quiet:
+                with self.uc_lock:
+                    self._pc = self._read_pc()
+            if self._kick:
+                self._kick = False
+                return IntrExit()
             return None  # an invalidation stopped us: resume transparently
         return exits.handle_ud(self, quiet=True)  # HLT, or a #UD Unicorn no longer reports
 
