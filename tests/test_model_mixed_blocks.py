@@ -16,6 +16,8 @@ import guestmem
 from guestmem.model.memslot import LEVEL_PAGES
 from guestmem.uapi import VmType
 
+from reference_runs import reference_set
+
 P = 4096
 L1, L2 = LEVEL_PAGES[1], LEVEL_PAGES[2]  # pages per 2 MiB and per 1 GiB block
 PRIVATE = 8
@@ -25,26 +27,6 @@ SPACE = 6 * L2  # gfns the operations touch
 # Slot 0 starts 3 blocks of 2 MiB below a 1 GiB boundary and ends 700 pages into a 2 MiB
 # block; slot 1 is 1 GiB aligned and 1 GiB + 2 MiB long. Both leave partial blocks at edges.
 SLOTS = [(0, L2 - 3 * L1, 2 * L2 + 3 * L1 + 700), (1, 4 * L2, L2 + L1)]  # (id, base_gfn, npages)
-
-
-def reference_set(runs, start, end, value):
-    """Interval assignment over a plain sorted list of non-zero runs (gfn start, end, value)."""
-    out = []
-    for s, e, v in runs:
-        if s < start:
-            out.append((s, min(e, start), v))
-        if e > end:
-            out.append((max(s, end), e, v))
-    if value:
-        out.append((start, end, value))
-    out.sort()
-    merged = []
-    for s, e, v in out:
-        if merged and merged[-1][1] == s and merged[-1][2] == v:
-            merged[-1] = (merged[-1][0], e, v)
-        else:
-            merged.append((s, e, v))
-    return merged
 
 
 def reference_mixed(runs, base, npages, n):

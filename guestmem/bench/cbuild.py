@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .harness import Skip
 
-HEADERS = ("gmem_uapi.h",)  # shared by the programs in c/, copied next to each source it builds
+HEADERS = ("common.h",)  # shared by the programs in c/, copied next to each source it builds
 
 
 def cache_dir() -> Path:

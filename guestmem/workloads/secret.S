@@ -27,15 +27,7 @@ converted:
     shr rcx, 3
     mov rax, r14
 generate:
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    call xorshift
     mov [rdi], rax
     add rdi, 8
     dec rcx
@@ -49,15 +41,7 @@ generate:
     shr rcx, 3
     mov rax, r14
 check:
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    call xorshift
     cmp [rdi], rax
     jne lost
     add rdi, 8
@@ -72,3 +56,17 @@ lost:
 finished:
     xor eax, eax
     out 0xf4, eax
+    hlt
+
+# rax = the next xorshift64 state after rax; clobbers rdx
+xorshift:
+    mov rdx, rax
+    shl rdx, 13
+    xor rax, rdx
+    mov rdx, rax
+    shr rdx, 7
+    xor rax, rdx
+    mov rdx, rax
+    shl rdx, 17
+    xor rax, rdx
+    ret

@@ -29,24 +29,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "gmem_uapi.h"
+#include "common.h"
 
 #define GIB (1ul << 30)
 #define MIB2 (2ul << 20)
 #define PAGE 4096ul
-
-static void die(const char *what)
-{
-	fprintf(stderr, "gmem_ops: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static int gmem_create(int vm, uint64_t size, uint64_t flags)
 {

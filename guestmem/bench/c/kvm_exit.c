@@ -28,24 +28,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "gmem_uapi.h"
+#include "common.h"
 
 #define MEM_SIZE (2ul << 20)
 #define CODE_GPA 0x10000ul
 #define PORT 0x10
-
-static void die(const char *what)
-{
-	fprintf(stderr, "kvm_exit: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static struct kvm_segment seg(uint16_t sel, int code, int dpl)
 {
