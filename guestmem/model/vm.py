@@ -400,7 +400,10 @@ class Vm:
         """Recompute mixed huge blocks, then invalidate widened ranges (kvm_arch_post_set_memory_attributes)."""
         ranges: set[tuple[int, int]] = set()
         for as_id in range(self._nr_as):
-            for _, _, slot in self._gfn_maps[as_id].stored(start, end):
+            gfn_map = self._gfn_maps[as_id]
+            if not len(gfn_map):  # an address space without memslots (SMM, usually)
+                continue
+            for _, _, slot in gfn_map.stored(start, end):
                 slot._update_mixed(self._attributes, start, end)
                 ranges.add(self._widen(slot, max(start, slot.base_gfn), min(end, slot.end_gfn)))
         for lo, hi in sorted(ranges):
