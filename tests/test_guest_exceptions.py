@@ -45,6 +45,11 @@ def boot(vm, image):
     return vcpu
 
 
+def idt_gate(vector: int, cpl: int = 0) -> int:
+    """Where the builder puts the IDT gate of ``vector`` (its layout does not depend on the code)."""
+    return guest.long_mode_guest("nop", cpl=cpl).sregs.idt.base + vector * 16
+
+
 def report(vcpu):
     """(vector, error code, pushed RIP, CR2) from the builder's PORT_FAIL report."""
     exit_ = vcpu.run()
@@ -93,12 +98,11 @@ def test_int3_returns_after_the_instruction(vm, backend):
 def soft_int_guest(cpl: int, handler_tail: str) -> guest.GuestImage:
     """A guest that installs a DPL-3 trap gate for INT 0x80 whose CPL0 handler checks the frame
     (RIP after the INT, CS, RFLAGS, RSP, SS; EAX = 0xbad if not) and then runs ``handler_tail``."""
-    stub = guest.long_mode_guest("nop", cpl=cpl)  # to learn the layout: IDT base
-    idt = stub.sregs.idt.base
-    cs, ss = (guest.SEL_USER_CODE, guest.SEL_USER_DATA) if cpl == 3 else (guest.SEL_KERNEL_CODE, stub.sregs.ss.selector)
+    kernel_ss = guest.long_mode_guest("nop").sregs.ss.selector
+    cs, ss = (guest.SEL_USER_CODE, guest.SEL_USER_DATA) if cpl == 3 else (guest.SEL_KERNEL_CODE, kernel_ss)
     return guest.long_mode_guest(f"""
         lea rax, [rip + handler]
-        mov rbx, {idt + 0x80 * 16:#x}
+        mov rbx, {idt_gate(0x80, cpl):#x}
         mov word ptr [rbx], ax
         mov word ptr [rbx + 2], {guest.SEL_KERNEL_CODE}
         mov word ptr [rbx + 4], 0xef00
@@ -164,19 +168,15 @@ def test_fault_while_delivering_a_benign_exception_is_delivered_serially(vm, bac
     is delivered (SDM table 6-5), with the IDT error code vector*8+2."""
     if backend == "kvm":
         pytest.skip("kvm_pvm reports #DF here, where the SDM and hardware KVM deliver the #NP (measured)")
-    stub = guest.long_mode_guest("nop")
-    idt = stub.sregs.idt.base
-    image = guest.long_mode_guest(f"mov rbx, {idt + 6 * 16 + 5:#x}\nand byte ptr [rbx], 0x7f\nud2")
+    image = guest.long_mode_guest(f"mov rbx, {idt_gate(6) + 5:#x}\nand byte ptr [rbx], 0x7f\nud2")
     vector, code, _, _ = report(boot(vm, image))
     assert (vector, code) == (11, 6 * 8 + 2)
 
 
 def test_page_fault_without_handler_becomes_double_fault(vm):
     """#PF then #NP (its gate cleared) is a double fault, delivered to the #DF handler."""
-    stub = guest.long_mode_guest("nop")
-    idt = stub.sregs.idt.base
     image = guest.long_mode_guest(
-        f"mov rbx, {idt + 14 * 16 + 5:#x}\nand byte ptr [rbx], 0x7f\nmov rbx, {UNMAPPED:#x}\nmov al, [rbx]")
+        f"mov rbx, {idt_gate(14) + 5:#x}\nand byte ptr [rbx], 0x7f\nmov rbx, {UNMAPPED:#x}\nmov al, [rbx]")
     vector, code, _, _ = report(boot(vm, image))
     assert (vector, code) == (8, 0)
 

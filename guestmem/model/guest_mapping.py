@@ -147,37 +147,34 @@ def host_address(b: Backing, start_gfn: int) -> int:
     return b.slot.userspace_addr + (start_gfn - b.slot.base_gfn) * PAGE
 
 
-def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:
-    """Read guest-physical memory through its backing, without mapping (caller holds vm._lock).
-
-    Used by the vCPU's own page walk and instruction decoding; None if not backed.
-    """
-    gpa %= PHYS_LIMIT  # a TDX-like shared alias reads the same GFN
-    gfn = gpa // PAGE
+def _backed_address(vm, gpa: int) -> int | None:
+    """The host address of guest-physical ``gpa`` through its backing, or None if not backed
+    (MMIO, no slot, a fault exit). Caller holds vm._lock; nothing is mapped."""
+    gpa %= PHYS_LIMIT  # a TDX-like shared alias reaches the same GFN
     try:
-        b, ex = lookup(vm, gfn, None)
+        b, _ = lookup(vm, gpa // PAGE, None)
     except OSError:
         return None
-    if b is None:
-        return None
-    off = gpa % PAGE
-    size = min(size, PAGE - off)
-    return ctypes.string_at(b.host + off, size)
+    return None if b is None else b.host + gpa % PAGE
+
+
+def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:
+    """Read guest-physical memory through its backing, up to the end of ``gpa``'s page
+    (caller holds vm._lock). Used by the vCPU's own page walk and instruction decoding;
+    None if not backed."""
+    host = _backed_address(vm, gpa)
+    return None if host is None else ctypes.string_at(host, min(size, PAGE - gpa % PAGE))
 
 
 def write_guest_phys(vm, gpa: int, data: bytes) -> bool:
     """Write guest-physical memory (within one page) through its backing (caller holds vm._lock).
 
-    Used to push exception frames; False if the page is not backed (MMIO, no slot, fault exit).
+    Used to push exception frames; False if the page is not backed or ``data`` crosses it.
     """
-    gpa %= PHYS_LIMIT
-    try:
-        b, ex = lookup(vm, gpa // PAGE, None)
-    except OSError:
+    host = _backed_address(vm, gpa)
+    if host is None or len(data) > PAGE - gpa % PAGE:
         return False
-    if b is None or len(data) > PAGE - gpa % PAGE:
-        return False
-    ctypes.memmove(b.host + gpa % PAGE, data, len(data))
+    ctypes.memmove(host, data, len(data))
     return True
 
 

@@ -148,33 +148,35 @@ class HiddenState:
         if self._ctx.value:
             self._lib.uc_context_free(self._ctx)
 
-    def _save(self) -> int | None:
-        """Save the engine's context; its address, or None if no context could be allocated."""
+    def _saved_field(self, name: str) -> int | None:
+        """Save the engine's context and return the address of field ``name`` in the copy, or
+        None if the field is uncalibrated or no context could be allocated."""
+        offset = _offset(name)
+        if offset is None:
+            return None
         if not self._ctx.value and self._lib.uc_context_alloc(self._h, ctypes.byref(self._ctx)):
             return None
         self._lib.uc_context_save(self._h, self._ctx)
-        return self._ctx.value
+        return self._ctx.value + offset
 
     def clear_exception_in_flight(self) -> bool:
         """Forget the exception the engine believes it is delivering (module doc).
 
         False if uncalibrated: the next #PF of the engine may then end the run as a triple fault.
         """
-        offset = _offset("old_exception")
-        base = self._save() if offset is not None else None
-        if base is None:
+        at = self._saved_field("old_exception")
+        if at is None:
             return False
-        ctypes.c_int32.from_address(base + offset).value = -1
+        ctypes.c_int32.from_address(at).value = -1
         self._lib.uc_context_restore(self._h, self._ctx)
         return True
 
     def exception_info(self) -> tuple[int, bool, int] | None:
         """(error code, software interrupt?, next RIP) of the exception just raised, or None."""
-        offset = _offset("old_exception")
-        base = self._save() if offset is not None else None
-        if base is None:
+        at = self._saved_field("old_exception")
+        if at is None:
             return None
-        at = base + offset - _OLD_EXCEPTION_TO_ERROR_CODE
+        at -= _OLD_EXCEPTION_TO_ERROR_CODE
         return (ctypes.c_int32.from_address(at).value & 0xFFFF_FFFF,
                 bool(ctypes.c_int32.from_address(at + 4).value),
                 ctypes.c_uint64.from_address(at + 8).value)
@@ -184,11 +186,10 @@ class HiddenState:
 
         False if uncalibrated: the engine then stays at the CPL its API left (0).
         """
-        offset = _offset("hflags")
-        base = self._save() if offset is not None else None
-        if base is None:
+        at = self._saved_field("hflags")
+        if at is None:
             return False
-        field = ctypes.c_uint32.from_address(base + offset)
+        field = ctypes.c_uint32.from_address(at)
         if field.value & _HF_CPL_MASK != cpl:
             field.value = (field.value & ~_HF_CPL_MASK) | cpl
             self._lib.uc_context_restore(self._h, self._ctx)

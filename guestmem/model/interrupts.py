@@ -62,30 +62,28 @@ class _GuestMemory:
         self.vm, self.s = vm, sregs
         self.efer = sregs.efer | ((1 << 10) if long_mode else 0)
 
-    def _phys(self, la: int) -> int | None:
-        s = self.s
-        pa, _ = gm.page_walk(lambda a, w: gm.read_guest_phys(self.vm, a, w), s.cr0, s.cr3, s.cr4, self.efer, la)
-        return pa
+    def _pages(self, la: int, n: int):
+        """(physical address or None, offset into the access, length) per page of [la, la+n)."""
+        s, done = self.s, 0
+        while done < n:
+            chunk = min(n - done, gm.PAGE - (la + done) % gm.PAGE)
+            pa, _ = gm.page_walk(lambda a, w: gm.read_guest_phys(self.vm, a, w),
+                                 s.cr0, s.cr3, s.cr4, self.efer, la + done)
+            yield pa, done, chunk
+            done += chunk
 
     def read(self, la: int, n: int) -> bytes | None:
         out = b""
-        while n:
-            chunk = min(n, gm.PAGE - la % gm.PAGE)
-            pa = self._phys(la)
+        for pa, _, chunk in self._pages(la, n):
             data = gm.read_guest_phys(self.vm, pa, chunk) if pa is not None else None
             if data is None or len(data) < chunk:
                 return None
-            out, la, n = out + data, la + chunk, n - chunk
+            out += data
         return out
 
     def write(self, la: int, data: bytes) -> bool:
-        while data:
-            chunk = min(len(data), gm.PAGE - la % gm.PAGE)
-            pa = self._phys(la)
-            if pa is None or not gm.write_guest_phys(self.vm, pa, data[:chunk]):
-                return False
-            la, data = la + chunk, data[chunk:]
-        return True
+        return all(pa is not None and gm.write_guest_phys(self.vm, pa, data[at:at + chunk])
+                   for pa, at, chunk in self._pages(la, len(data)))
 
 
 def deliver(v, vector: int, error_code: int | None = None, return_rip: int | None = None,
