@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from .system import System
 
 
+
+def _encode_memslot(s: Any, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                    userspace_addr: int) -> str:
+    """Fill the fields v1 and v2 memslot structs share, in field order; returns them for messages."""
+    s.slot = encode_unsigned(slot, 32, "slot")
+    s.flags = encode_unsigned(flags, 32, "flags")
+    s.guest_phys_addr = encode_unsigned(guest_phys_addr, 64, "guest_phys_addr")
+    s.memory_size = encode_unsigned(memory_size, 64, "memory_size")
+    s.userspace_addr = encode_unsigned(userspace_addr, 64, "userspace_addr")
+    return (f"slot={s.slot:#x}, flags={s.flags:#x}, guest_phys_addr={s.guest_phys_addr:#x}, "
+            f"memory_size={s.memory_size:#x}, userspace_addr={s.userspace_addr:#x}")
+
 class Vm(FdObject):
     """An open KVM VM of ``type`` created by ``system``."""
 
@@ -95,19 +107,13 @@ class Vm(FdObject):
         """
         fd = self._check()
         s = uapi.kvm_userspace_memory_region2()
-        s.slot = encode_unsigned(slot, 32, "slot")
-        s.flags = encode_unsigned(flags, 32, "flags")
-        s.guest_phys_addr = encode_unsigned(guest_phys_addr, 64, "guest_phys_addr")
-        s.memory_size = encode_unsigned(memory_size, 64, "memory_size")
-        s.userspace_addr = encode_unsigned(userspace_addr, 64, "userspace_addr")
+        what = _encode_memslot(s, slot, flags, guest_phys_addr, memory_size, userspace_addr)
         s.guest_memfd_offset = encode_unsigned(guest_memfd_offset, 64, "guest_memfd_offset")
         s.guest_memfd = encode_fd(guest_memfd, "guest_memfd")
         s.pad1 = encode_unsigned(pad1, 32, "pad1")
         fill_array(s.pad2, pad2, "pad2")
         ioctl(fd, uapi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2", s,
-              f"slot={s.slot:#x}, flags={s.flags:#x}, guest_phys_addr={s.guest_phys_addr:#x}, "
-              f"memory_size={s.memory_size:#x}, userspace_addr={s.userspace_addr:#x}, "
-              f"guest_memfd={s.guest_memfd}, guest_memfd_offset={s.guest_memfd_offset:#x}")
+              f"{what}, guest_memfd={s.guest_memfd}, guest_memfd_offset={s.guest_memfd_offset:#x}")
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int = 0) -> None:
@@ -121,14 +127,8 @@ class Vm(FdObject):
         """
         fd = self._check()
         s = uapi.kvm_userspace_memory_region()
-        s.slot = encode_unsigned(slot, 32, "slot")
-        s.flags = encode_unsigned(flags, 32, "flags")
-        s.guest_phys_addr = encode_unsigned(guest_phys_addr, 64, "guest_phys_addr")
-        s.memory_size = encode_unsigned(memory_size, 64, "memory_size")
-        s.userspace_addr = encode_unsigned(userspace_addr, 64, "userspace_addr")
-        ioctl(fd, uapi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", s,
-              f"slot={s.slot:#x}, flags={s.flags:#x}, guest_phys_addr={s.guest_phys_addr:#x}, "
-              f"memory_size={s.memory_size:#x}, userspace_addr={s.userspace_addr:#x}")
+        what = _encode_memslot(s, slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        ioctl(fd, uapi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", s, what)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.141): set attributes of [address, address+size).

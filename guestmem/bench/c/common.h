@@ -1,15 +1,17 @@
 /*
  * What guestmem's C reference programs share: the guest_memfd UAPI (Linux 6.8+, flags from
- * 6.18), defined here because distro kernel headers may predate it, and two helpers.
+ * 6.18), defined here because distro kernel headers may predate it, and three helpers.
  * The including program defines _GNU_SOURCE first (die() uses program_invocation_short_name).
  */
 #ifndef GUESTMEM_BENCH_COMMON_H
 #define GUESTMEM_BENCH_COMMON_H
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <linux/kvm.h>
 
@@ -37,6 +39,18 @@ static void die(const char *what)
 {
 	fprintf(stderr, "%s: %s: %s\n", program_invocation_short_name, what, strerror(errno));
 	exit(1);
+}
+
+/* A new default-type VM: open /dev/kvm (returned through *kvm) and KVM_CREATE_VM. */
+static int open_vm(int *kvm)
+{
+	*kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (*kvm < 0)
+		die("open /dev/kvm");
+	int vm = ioctl(*kvm, KVM_CREATE_VM, 0);
+	if (vm < 0)
+		die("KVM_CREATE_VM");
+	return vm;
 }
 
 static uint64_t now_ns(void)

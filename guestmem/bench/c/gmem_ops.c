@@ -67,12 +67,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "gmem_ops: OPS_PER_SAMPLE must be in 1..262144\n");
 		return 2;
 	}
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		die("open /dev/kvm");
-	int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-	if (vm < 0)
-		die("KVM_CREATE_VM");
+	int kvm;
+	int vm = open_vm(&kvm);
 	int file = gmem_create(vm, GIB, 0);
 	int slotfd = gmem_create(vm, MIB2, GMEM_FLAG_MMAP | GMEM_FLAG_INIT_SHARED);
 	void *slotmem = mmap(NULL, MIB2, PROT_READ | PROT_WRITE, MAP_SHARED, slotfd, 0);

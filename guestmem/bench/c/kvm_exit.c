@@ -111,12 +111,8 @@ int main(int argc, char **argv)
 	int cpl = !strcmp(argv[1], "cpl3"), gmem = !strcmp(argv[2], "gmem");
 	long exits = atol(argv[3]), samples = atol(argv[4]);
 
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		die("open /dev/kvm");
-	int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-	if (vm < 0)
-		die("KVM_CREATE_VM");
+	int kvm;
+	int vm = open_vm(&kvm);
 
 	uint8_t *mem;
 	struct kvm_userspace_memory_region2 region = { .slot = 0, .guest_phys_addr = 0,
