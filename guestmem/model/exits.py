@@ -55,8 +55,11 @@ def read_linear(v, la: int, n: int) -> bytes | None:
     """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
     with v.uc_lock:
         data = read_uc_linear(v, v._u, la, n)
-    if data is not None:
-        return data
+    return data if data is not None else _read_linear_backing(v, la, n)
+
+
+def _read_linear_backing(v, la: int, n: int) -> bytes | None:
+    """Guest memory at a linear address through our own page walk over the backing."""
     vm = v._vm
     with vm._lock:
         s = v._read_sregs()
@@ -203,7 +206,7 @@ def handle_ud(v, quiet: bool = False):
             v._pc = rip  # the vCPU left it to us (see Vcpu._run_once)
         pc = v._pc
         code = read_uc_linear(v, v._u, pc, 3, (cr0, cr3, cr4))
-    if (code or read_linear(v, pc, 3)) not in HYPERCALL_INSNS:
+    if (code or _read_linear_backing(v, pc, 3)) not in HYPERCALL_INSNS:  # Unicorn's view was tried
         if not quiet:
             return interrupts.deliver(v, 6)  # #UD through the guest's IDT
         return HltExit() if pc and read_linear(v, pc - 1, 1) == b"\xf4" else ShutdownExit()
