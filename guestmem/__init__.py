@@ -12,7 +12,20 @@ from typing import Any
 
 from .interface import GuestMemfd, System, Vcpu, Vm
 
-__all__ = ["open_system", "kvm_available", "System", "Vm", "Vcpu", "GuestMemfd", "DEFAULT_KVM_DEVICE"]
+__all__ = ["open_system", "kvm_available", "choose_backend", "System", "Vm", "Vcpu", "GuestMemfd",
+           "DEFAULT_KVM_DEVICE", "__version__"]
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("guestmem")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 DEFAULT_KVM_DEVICE = "/dev/kvm"
 
@@ -33,14 +46,36 @@ def kvm_available(device: str | None = None) -> tuple[bool, str]:
     return True, f"{path} is accessible"
 
 
-def open_system(backend: str = "auto", **options: Any) -> System:
+def choose_backend(needs: Any = (), *, device: str | None = None) -> Any:
+    """The backend ``open_system("auto", needs=needs)`` picks, with a one-line reason.
+
+    ``needs`` is a subset of ``{"private_memory", "vcpus", "mmap"}``; the result is a
+    ``guestmem.choose.Choice`` (``.backend``, ``.reason``). The kernel wins when it can do
+    every need, else the model.
+    """
+    from .choose import choose_backend as _choose
+
+    return _choose(needs, device=device)
+
+
+def open_system(backend: str = "auto", *, needs: Any = None, **options: Any) -> System:
     """Open a System on ``backend`` ("kvm", "model" or "auto").
 
+    ``"auto"`` picks the kernel when /dev/kvm is usable, else the model; with ``needs`` (e.g.
+    ``needs={"private_memory"}``) it picks the kernel only when the kernel can do all of them
+    (``choose_backend`` tells why). ``needs`` is only meaningful with "auto".
     kvm options: ``device`` (default ``$GUESTMEM_KVM_DEVICE`` or /dev/kvm).
-    model options: ``profile`` ("6.18", the default, or "6.8").
+    model options: ``profile`` (see ``guestmem.model.profile``).
     """
+    if needs is not None and backend != "auto":
+        raise ValueError(f"needs= chooses a backend; it cannot be combined with backend={backend!r}")
     if backend == "auto":
-        backend = "kvm" if kvm_available(options.get("device"))[0] else "model"
+        if needs is not None:
+            backend = choose_backend(needs, device=options.get("device")).backend
+            if backend == "model":
+                options.pop("device", None)
+        else:
+            backend = "kvm" if kvm_available(options.get("device"))[0] else "model"
     if backend == "kvm":
         from .kvm import open_system as open_kvm
 

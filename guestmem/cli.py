@@ -12,6 +12,7 @@ import click
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="guestmem", prog_name="guestmem", message="%(prog)s %(version)s")
 def cli() -> None:
     """guestmem: KVM guest-first memory (guest_memfd) on the real kernel or the software model."""
 

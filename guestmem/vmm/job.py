@@ -17,9 +17,9 @@ from typing import Any
 import guestmem
 
 from .. import workloads
+from ..choose import kernel_private_memory
 from ..errors import oserror
 from ..rangemap import RangeMap
-from ..uapi import Cap, MemoryAttribute, VmType
 from .machine import Machine, boot_region
 
 __all__ = ["RunResult", "choose_backend", "run_workload", "parse_size", "memory_map"]
@@ -37,22 +37,6 @@ def parse_size(text: str) -> int:
         return int(t, 0)
     except ValueError:
         raise ValueError(f"cannot parse size {text!r} (use e.g. 64M, 1G, 4096)") from None
-
-
-def _kernel_private_memory(system: Any) -> tuple[bool, str]:
-    """Whether ``system`` (the kvm backend) can give a VM private memory, and why not."""
-    types = system.check_extension(Cap.VM_TYPES)
-    if not types & (1 << VmType.SW_PROTECTED):
-        return False, (f"this kernel has no VM type with private memory (KVM_CAP_VM_TYPES={types:#x} lacks "
-                       "SW_PROTECTED)")
-    vm = system.create_vm(VmType.SW_PROTECTED)
-    try:
-        attrs = vm.check_extension(Cap.MEMORY_ATTRIBUTES)
-    finally:
-        vm.close()
-    if not attrs & MemoryAttribute.PRIVATE:
-        return False, f"this kernel's KVM_CAP_MEMORY_ATTRIBUTES={attrs:#x} lacks PRIVATE"
-    return True, "KVM_CAP_MEMORY_ATTRIBUTES has PRIVATE and SW_PROTECTED VMs exist"
 
 
 def choose_backend(requested: str, workload: Any) -> tuple[str, str]:
@@ -75,7 +59,7 @@ def choose_backend(requested: str, workload: Any) -> tuple[str, str]:
         return "kvm", ("requested with --backend kvm" if requested == "kvm"
                        else f"the kernel can run {workload.name!r} (it needs no private memory)")
     with guestmem.open_system("kvm") as system:
-        ok, why = _kernel_private_memory(system)
+        ok, why = kernel_private_memory(system)
     if ok:
         return "kvm", why
     if requested == "kvm":
