@@ -159,7 +159,9 @@ def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: sys.argv[1:]) and return the exit code."""
     try:
-        cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="guestmem", standalone_mode=False)
+        # Without standalone mode, click returns a subcommand's ``Exit(code)`` instead of raising it.
+        rc = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="guestmem",
+                      standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -168,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (click turns most into Abort)
+        click.echo("Aborted.", err=True)
+        return 130
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

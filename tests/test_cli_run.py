@@ -102,3 +102,66 @@ def test_kvm_backend_without_kvm_fails_in_one_line(capsys, monkeypatch):
 def test_bad_arguments_are_one_line_errors(capsys, args, text):
     assert main(args) != 0
     assert text in capsys.readouterr().err
+
+
+def test_a_failed_workload_check_exits_1(capsys, monkeypatch):
+    """A check that fails (here: the host finds a page that does not hold what the guest
+    wrote, because the test overwrote it after the guest ran) is exit code 1, not 0."""
+    from guestmem.workloads import touch
+
+    real_finish = touch.Touch.finish
+
+    def finish_after_corruption(self):
+        self.memory.write(touch.DATA_GPA, b"\xff" * 8)
+        real_finish(self)
+
+    monkeypatch.setattr(touch.Touch, "finish", finish_after_corruption)
+    rc = main(["run", "touch", "--backend", "model", "--memory", "4M", "--vcpus", "1"])
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "mismatches" in out
+    assert rc == 1
+    rc = main(["run", "touch", "--backend", "model", "--memory", "4M", "--vcpus", "1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["workload_results"]["mismatches"] == 1
+    assert rc == 1
+
+
+def test_sigint_during_a_run_exits_130(capsys, monkeypatch):
+    """A real SIGINT while the guest runs: every vCPU stops, the report says interrupted,
+    and the exit code is 130 (128 + SIGINT), as a shell expects."""
+    import os
+    import signal
+    import time
+
+    from guestmem.workloads import touch
+
+    real_on_sync = touch.Touch.on_sync
+    sent = []
+
+    def on_sync(self, vcpu, exit):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while not machine_stopping() and time.monotonic() < deadline:  # the vCPU waits for the stop
+                time.sleep(0.01)
+        return real_on_sync(self, vcpu, exit)
+
+    machines = []
+    real_setup = touch.Touch.setup
+
+    def setup(self, machine):
+        machines.append(machine)
+        real_setup(self, machine)
+
+    def machine_stopping() -> bool:
+        return bool(machines) and machines[0].stopping
+
+    monkeypatch.setattr(touch.Touch, "on_sync", on_sync)
+    monkeypatch.setattr(touch.Touch, "setup", setup)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    rc = main(["run", "touch", "--backend", "model", "--memory", "4M", "--vcpus", "1"])
+    out = capsys.readouterr().out
+    assert sent and machine_stopping()
+    assert "interrupted" in out
+    assert rc == 130

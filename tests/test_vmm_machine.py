@@ -107,3 +107,23 @@ def test_dispatcher_outcomes(model_system):
         with pytest.raises(GuestError):
             loop.handle_exit(ShutdownExit())
         assert m.exits == {"intr": 2, "hlt": 1, "shutdown": 1}
+
+
+def test_ctrl_c_while_the_vcpu_threads_start_still_stops_every_vcpu(model_system, monkeypatch):
+    """A SIGINT can arrive while run() is still starting threads (the first vCPU already
+    runs). It must stop the vCPUs that started before propagating, not leave them running
+    while the caller closes the machine."""
+    real_start = threading.Thread.start
+
+    def start_then_interrupt(self):
+        real_start(self)
+        if self.name == "vcpu0":
+            raise KeyboardInterrupt  # as if Ctrl-C came right after the first vCPU thread started
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    with Machine(model_system, [boot_region()], vcpus=2) as m:
+        m.load_assembly("spin: jmp spin")
+        with pytest.raises(KeyboardInterrupt):
+            m.run(interval=0.05)
+        assert m.stopping
+        assert [t.name for t in threading.enumerate() if t.name.startswith("vcpu")] == []

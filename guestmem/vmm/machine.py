@@ -172,9 +172,10 @@ class Machine:
         threads = [threading.Thread(target=loop.run, name=f"vcpu{loop.vcpu.vcpu_id}", daemon=True)
                    for loop in self.loops]
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
         try:
+            # Starting is inside the try: a Ctrl-C between two starts must stop the started ones.
+            for t in threads:
+                t.start()
             while True:
                 alive = [t for t in threads if t.is_alive()]
                 if not alive:
@@ -190,7 +191,8 @@ class Machine:
         except KeyboardInterrupt:
             self.stop()
             for t in threads:
-                t.join()
+                if t.ident is not None:  # started
+                    t.join()
             raise
         finally:
             self.wall_time = time.perf_counter() - t0
