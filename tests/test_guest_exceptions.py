@@ -18,8 +18,8 @@ from guestmem.types import IoExit, ShutdownExit
 from guestmem.uapi import GuestMemfdFlag, MemFlag
 
 RAM_SIZE = 0x200000
-KVM_PVM_SOFT_INT = ("kvm_pvm runs no INT n/INT3: at CPL0 its emulator fails with "
-                    "KVM_EXIT_INTERNAL_ERROR, at CPL3 the guest gets #UD (measured)")
+KVM_PVM_SOFT_INT = ("kvm_pvm runs no INT n/INT3 in long mode: at CPL0 its emulator fails with "
+                    "KVM_EXIT_INTERNAL_ERROR, at CPL3 the guest gets #UD (measured; real mode works)")
 SHARED = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
 UNMAPPED = 0x4000_0000  # not in the builder's identity map
 
@@ -87,9 +87,8 @@ def test_divide_error(vm):
     assert rip == image.entry + len(guest.assemble("xor ecx, ecx\nmov eax, 1\nxor edx, edx", image.entry))
 
 
-def test_int3_returns_after_the_instruction(vm, backend):
-    if backend == "kvm":
-        pytest.skip(KVM_PVM_SOFT_INT)
+@pytest.mark.kvm_pvm_differs(KVM_PVM_SOFT_INT)
+def test_int3_returns_after_the_instruction(vm):
     image = guest.long_mode_guest("nop\nint3\nnop", cpl=0)
     vector, _, rip, _ = report(boot(vm, image))
     assert (vector, rip) == (3, image.entry + 2)
@@ -146,28 +145,25 @@ def run_with_room_for_vector_0x80(vm, image):
     return vcpu.run()
 
 
+@pytest.mark.kvm_pvm_differs(KVM_PVM_SOFT_INT)
 @pytest.mark.parametrize("cpl", [0, 3])
-def test_software_interrupt_handler_sees_the_frame(vm, backend, cpl):
+def test_software_interrupt_handler_sees_the_frame(vm, cpl):
     """At CPL3 the handler runs at CPL0 on the TSS's RSP0 stack, SS:RSP of the caller pushed."""
-    if backend == "kvm":
-        pytest.skip(KVM_PVM_SOFT_INT)
     image = soft_int_guest(cpl, f"out {guest.PORT_DONE}, eax")
     assert run_with_room_for_vector_0x80(vm, image) == IoExit(1, 4, guest.PORT_DONE, 1, struct.pack("<I", 0x1234))
 
 
+@pytest.mark.kvm_pvm_differs(KVM_PVM_SOFT_INT)
 @pytest.mark.parametrize("cpl", [0, 3])
-def test_iretq_returns_from_the_handler(vm, backend, cpl):
-    if backend == "kvm":
-        pytest.skip(KVM_PVM_SOFT_INT)
+def test_iretq_returns_from_the_handler(vm, cpl):
     image = soft_int_guest(cpl, "iretq")
     assert run_with_room_for_vector_0x80(vm, image) == IoExit(1, 4, guest.PORT_DONE, 1, struct.pack("<I", 0x1234))
 
 
-def test_fault_while_delivering_a_benign_exception_is_delivered_serially(vm, backend):
+@pytest.mark.kvm_pvm_differs("kvm_pvm reports #DF here, where the SDM and hardware KVM deliver the #NP (measured)")
+def test_fault_while_delivering_a_benign_exception_is_delivered_serially(vm):
     """A #UD whose gate is not present raises #NP while delivering; #UD is benign, so the #NP
     is delivered (SDM table 6-5), with the IDT error code vector*8+2."""
-    if backend == "kvm":
-        pytest.skip("kvm_pvm reports #DF here, where the SDM and hardware KVM deliver the #NP (measured)")
     image = guest.long_mode_guest(f"mov rbx, {idt_gate(6) + 5:#x}\nand byte ptr [rbx], 0x7f\nud2")
     vector, code, _, _ = report(boot(vm, image))
     assert (vector, code) == (11, 6 * 8 + 2)
@@ -188,10 +184,8 @@ def test_guest_without_idt_shuts_down_on_exception(vm):
     assert vcpu.run() == ShutdownExit()
 
 
-def test_real_mode_int_goes_through_the_ivt_and_iret_returns(vm, backend):
+def test_real_mode_int_goes_through_the_ivt_and_iret_returns(vm):
     """Real mode: INT 0x21 pushes FLAGS, CS, IP and jumps through IVT entry 0x21; IRET returns."""
-    if backend == "kvm":
-        pytest.skip(KVM_PVM_SOFT_INT)
     image = guest.real_mode_guest(f"""
         mov word ptr [0x84], handler
         mov word ptr [0x86], 0

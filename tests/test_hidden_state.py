@@ -4,9 +4,7 @@ import struct
 
 import pytest
 
-pytest.importorskip("unicorn")
-
-from guestmem.model import hidden_state  # noqa: E402
+from guestmem.model import hidden_state
 
 FAULT_AT = 0x4000_0000  # outside the calibration engine's identity map
 

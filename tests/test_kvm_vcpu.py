@@ -201,24 +201,21 @@ def test_complete_io_longer_than_the_in_is_einval(vm):
     assert exc.value.errno == errno.EINVAL
 
 
-def test_map_gpa_range_hypercall_exit(vm):
+@pytest.mark.kvm_pvm_differs("kvm_pvm never completes VMMCALL/VMCALL at CPL0: KVM_RUN spins on the "
+                              "instruction, with or without the cap (measured)")
+def test_map_gpa_range_hypercall_exit(kvm_system, vm):
     """KVM_HC_MAP_GPA_RANGE exits to userspace once enabled; the answer lands in RAX."""
-    try:
-        vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << Hypercall.MAP_GPA_RANGE)
-    except OSError as exc:
-        pytest.skip(f"KVM_ENABLE_CAP(EXIT_HYPERCALL) fails here: {exc}")
+    if not kvm_system.check_extension(Cap.EXIT_HYPERCALL) & (1 << Hypercall.MAP_GPA_RANGE):
+        pytest.skip("KVM_CAP_EXIT_HYPERCALL does not offer MAP_GPA_RANGE on this kernel")
+    vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << Hypercall.MAP_GPA_RANGE)
     code = "mov eax, 12\nmov rbx, 0x100000\nmov ecx, 2\nmov edx, 0x10\nvmmcall\nhlt"
     vcpu, _, _ = boot(vm, guest.long_mode_guest(code))
-    # kvm_pvm never completes VMMCALL/VMCALL at CPL0: KVM_RUN spins on the instruction (rip
-    # stays on it, RAX untouched), with or without the cap. A kick bounds the wait.
-    timer = threading.Timer(0.3, vcpu.kick)
+    timer = threading.Timer(0.3, vcpu.kick)  # bounds the wait where KVM_RUN spins (kvm_pvm)
     timer.start()
     exit_ = vcpu.run()
     timer.cancel()
     timer.join()
-    if exit_ == IntrExit():
-        pytest.skip(f"no hypercall exit on this host: KVM_RUN spins at rip {vcpu.get_regs().rip:#x} (kvm_pvm)")
-    assert isinstance(exit_, HypercallExit), exit_
+    assert isinstance(exit_, HypercallExit), f"{exit_} at rip {vcpu.get_regs().rip:#x}"
     assert (exit_.nr, exit_.args[:3], exit_.ret) == (Hypercall.MAP_GPA_RANGE, (0x100000, 2, 0x10), 0)
     vcpu.set_hypercall_ret(0x1234)
     assert vcpu.run() == HltExit()
@@ -305,19 +302,29 @@ def test_kick_interrupts_only_the_kicked_vcpu(kvm_system, vm):
 # --- KVM_PRE_FAULT_MEMORY ---------------------------------------------------------------------------
 
 
-def test_pre_fault_memory(kvm_system, vm):
+def test_pre_fault_memory_argument_checks(vm):
+    """Argument checks run before the capability-dependent part, on every kernel with the ioctl."""
     vcpu, _, _ = boot(vm, guest.long_mode_guest("hlt"))
-    # Argument checks run before the capability-dependent part, on every kernel with the ioctl.
     for args in ((0, 0x1000, 1), (0x10, 0x1000), (0, 0x10), (0, 0)):
         with pytest.raises(OSError) as exc:
             vcpu.pre_fault_memory(*args)
         assert exc.value.errno in (errno.EINVAL, errno.ENOTTY), args
+
+
+def test_pre_fault_memory_without_the_cap_fails(kvm_system, vm):
+    """Without TDP (kvm_pvm is shadow paging only) the ioctl exists but is EOPNOTSUPP."""
+    if kvm_system.check_extension(Cap.PRE_FAULT_MEMORY):
+        pytest.skip("KVM_CAP_PRE_FAULT_MEMORY is set: the ioctl works here (test_pre_fault_memory)")
+    vcpu, _, _ = boot(vm, guest.long_mode_guest("hlt"))
+    with pytest.raises(OSError) as exc:
+        vcpu.pre_fault_memory(0, 0x1000)
+    assert exc.value.errno in (errno.ENOTTY, errno.EOPNOTSUPP)
+
+
+def test_pre_fault_memory(kvm_system, vm):
     if not kvm_system.check_extension(Cap.PRE_FAULT_MEMORY):
-        # Without TDP (kvm_pvm is shadow paging only) the ioctl exists but is EOPNOTSUPP.
-        with pytest.raises(OSError) as exc:
-            vcpu.pre_fault_memory(0, 0x1000)
-        assert exc.value.errno in (errno.ENOTTY, errno.EOPNOTSUPP)
-        return
+        pytest.skip("KVM_CAP_PRE_FAULT_MEMORY is 0 (no TDP: kvm_pvm is shadow paging only)")
+    vcpu, _, _ = boot(vm, guest.long_mode_guest("hlt"))
     assert vcpu.pre_fault_memory(0, 0x2000) == (0x2000, 0)
     with pytest.raises(OSError) as exc:
         vcpu.pre_fault_memory(0, 0x1000, flags=1)

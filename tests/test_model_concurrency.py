@@ -27,14 +27,11 @@ import time
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+from model_guests import PAGE, PRIVATE, SW, Machine
 
-from model_guests import PAGE, PRIVATE, SW, Machine  # noqa: E402
-
-from guestmem.guest import PORT_DONE, PORT_FAIL, PORT_SYNC  # noqa: E402
-from guestmem.types import HypercallExit, IoExit  # noqa: E402
-from guestmem.uapi import Hypercall  # noqa: E402
+from guestmem.guest import PORT_DONE, PORT_FAIL, PORT_SYNC
+from guestmem.types import HypercallExit, IoExit
+from guestmem.uapi import Hypercall
 
 GPA = 1 << 32
 NR_VCPUS = 4

@@ -14,15 +14,12 @@ import errno
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+import probe
+from model_guests import GMEM, PAGE, PRIVATE, SW, Machine
 
-import probe  # noqa: E402
-from model_guests import GMEM, PAGE, PRIVATE, SW, Machine  # noqa: E402
-
-from guestmem.guest import PORT_SYNC  # noqa: E402
-from guestmem.types import IoExit, MemoryFaultExit  # noqa: E402
-from guestmem.uapi import Errno, GuestMemfdFlag  # noqa: E402
+from guestmem.guest import PORT_SYNC
+from guestmem.types import IoExit, MemoryFaultExit
+from guestmem.uapi import Errno, GuestMemfdFlag
 
 GPA = 0xC000_0000
 MARK0, MARK1 = 0x0101_0101_0101_0101, 0x1111_1111_1111_1111

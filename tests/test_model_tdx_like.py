@@ -15,15 +15,12 @@ import errno
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+from model_guests import PAGE, PRIVATE, Machine
 
-from model_guests import PAGE, PRIVATE, Machine  # noqa: E402
-
-from guestmem.guest import PORT_SYNC  # noqa: E402
-from guestmem.model import GUESTMEM_TDX_LIKE_VM  # noqa: E402
-from guestmem.model.guest_mapping import TDX_SHARED_BIT  # noqa: E402
-from guestmem.types import IoExit, MemoryFaultExit  # noqa: E402
+from guestmem.guest import PORT_SYNC
+from guestmem.model import GUESTMEM_TDX_LIKE_VM
+from guestmem.model.guest_mapping import TDX_SHARED_BIT
+from guestmem.types import IoExit, MemoryFaultExit
 
 GPA = 0xC000_0000
 OFF = 0x18  # not page aligned: the exit still reports the page

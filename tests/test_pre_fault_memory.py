@@ -18,14 +18,11 @@ import threading
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+from model_guests import GMEM, MB2, PAGE, PRIVATE, SW, Machine, anon
 
-from model_guests import GMEM, MB2, PAGE, PRIVATE, SW, Machine, anon  # noqa: E402
-
-from guestmem.guest import PORT_DONE  # noqa: E402
-from guestmem.model.guest_mapping import PHYS_LIMIT  # noqa: E402
-from guestmem.types import IoExit  # noqa: E402
+from guestmem.guest import PORT_DONE
+from guestmem.model.guest_mapping import PHYS_LIMIT
+from guestmem.types import IoExit
 
 TEST_SIZE = MB2 + PAGE
 TEST_NPAGES = TEST_SIZE // PAGE

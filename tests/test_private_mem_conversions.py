@@ -16,15 +16,12 @@ import threading
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+from model_guests import GMEM, MB2, PAGE, PRIVATE, SW, Machine
 
-from model_guests import GMEM, MB2, PAGE, PRIVATE, SW, Machine  # noqa: E402
-
-from guestmem import hostmem  # noqa: E402
-from guestmem.guest import PORT_DONE, PORT_FAIL, PORT_SYNC  # noqa: E402
-from guestmem.types import HypercallExit, IoExit  # noqa: E402
-from guestmem.uapi import Hypercall  # noqa: E402
+from guestmem import hostmem
+from guestmem.guest import PORT_DONE, PORT_FAIL, PORT_SYNC
+from guestmem.types import HypercallExit, IoExit
+from guestmem.uapi import Hypercall
 
 BASE_GPA = 1 << 32
 BASE_SLOT = 10
