@@ -10,12 +10,14 @@ mapping. The spec's GT-16 uses userspace_addr = 0, which only works on hardware 
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
 
-from guestmem import guest
-from guestmem.types import HltExit, IoExit
+from guestmem import guest, hostmem
+from guestmem.hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
+from guestmem.types import HltExit, IoExit, MmioExit
 from guestmem.uapi import Cap, GuestMemfdFlag, IoDirection, MemFlag
 
 RAM_SIZE = 0x200000
@@ -157,3 +159,44 @@ def test_real_mode_guest_exchanges_data_with_host(system):
     assert ram.read(0x3000, 1) == b"\xa5"
     assert isinstance(vcpu.run(), HltExit)
 
+
+
+def test_moved_memslot_leaves_an_mmio_hole_at_its_old_gpa(system):
+    """Spec 6.3: a MOVE zaps the slot's old mappings, so after the move a read the guest makes
+    of the old GPA (already read once, so mapped) finds no memslot: an MMIO exit. The new GPA,
+    an MMIO hole before the move, now reads the same host memory."""
+    vm = system.create_vm()
+    need_mmap_gmem(vm)
+    old, new = 0x4000_0000, 0x4020_0000
+    fd = hostmem.memfd("guestmem-test-move", 0x1000)
+    try:
+        data = hostmem.Mapping(hostmem.mmap(0x1000, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), 0x1000)
+    finally:
+        os.close(fd)
+    data.write(0, struct.pack("<I", 0x5A5A1234))
+    vm.set_user_memory_region2(1, 0, old, 0x1000, userspace_addr=data.address)
+    code = f"""
+        mov rbx, {old:#x}
+        mov rcx, {new:#x}
+        mov eax, [rbx]
+        out {guest.PORT_SYNC}, eax
+        mov eax, [rcx]
+        out {guest.PORT_SYNC}, eax
+        mov eax, [rbx]
+        out {guest.PORT_SYNC}, eax
+        mov eax, [rcx]
+        out {guest.PORT_DONE}, eax
+    """
+    vcpu, _ = boot(vm, guest.long_mode_guest(code, cpl=3, identity_map=[(old, 0x1000), (new, 0x1000)]))
+    assert run_to_port(vcpu, guest.PORT_SYNC).data == struct.pack("<I", 0x5A5A1234)
+    assert vcpu.run() == MmioExit(phys_addr=new, data=b"", len=4, is_write=False)
+    vcpu.complete_mmio(struct.pack("<I", 0xBEEF))
+    assert run_to_port(vcpu, guest.PORT_SYNC).data == struct.pack("<I", 0xBEEF)
+    vm.set_user_memory_region2(1, 0, new, 0x1000, userspace_addr=data.address)  # KVM_MR_MOVE
+    assert vcpu.run() == MmioExit(phys_addr=old, data=b"", len=4, is_write=False)
+    vcpu.complete_mmio(struct.pack("<I", 0xF00D))
+    assert run_to_port(vcpu, guest.PORT_SYNC).data == struct.pack("<I", 0xF00D)
+    assert run_to_port(vcpu, guest.PORT_DONE).data == struct.pack("<I", 0x5A5A1234)
+    vcpu.close()
+    vm.close()
+    data.close()

@@ -48,11 +48,17 @@ def test_gmem_pins_vm_fallocate_after_vm_close(system):
 
 def test_gmem_with_bound_slot_outlives_vm_fd(system):
     vm = system.create_vm()
-    g = vm.create_guest_memfd(M2)
-    vm.set_user_memory_region2(10, G, GPA, M2, 0, g, 0)
+    require_shared(vm)
+    g = vm.create_guest_memfd(M2, SHARED)
+    m = g.mmap()
+    m.fill(0, M2, 0x5A)
+    vm.set_user_memory_region2(10, G, GPA, M2, m.address, g, 0)
     vm.close()
-    g.punch_hole(0, M2)
+    g.punch_hole(0, P)  # still punches: the page reads as a fresh zero page
+    assert m.read(0, P) == b"\0" * P and m.read(P, P) == b"\x5a" * P
     g.allocate(0, P)
+    assert m.read(0, P) == b"\0" * P
+    m.close()
     g.close()
 
 
@@ -61,6 +67,8 @@ def test_vm_outlives_system_close(system):
     system.close()
     g = vm.create_guest_memfd(M2)
     vm.set_user_memory_region2(10, G, GPA, M2, 0, g, 0)
+    assert g.fstat().st_size == M2
+    raises(errno.EEXIST, vm.set_user_memory_region2, 11, 0, GPA, P, 0)  # the slot is there
     vm.close()
 
 
@@ -90,6 +98,8 @@ def test_closing_gmem_leaves_slot_that_can_be_deleted(system):
     raises(errno.EEXIST, vm.set_user_memory_region2, 11, G, GPA, M2, 0, g2, 0)
     vm.set_user_memory_region2(10, G, 0, 0, 0, -1, 0)  # delete; unbind is a no-op
     vm.set_user_memory_region2(10, G, GPA, M2, 0, g2, 0)
+    raises(errno.EEXIST, vm.set_user_memory_region2, 11, 0, GPA, P, 0)
+    raises(errno.EINVAL, vm.set_user_memory_region2, 11, G, GPA + M2, P, 0, g2, 0)  # g2 is bound
     vm.close()
 
 
@@ -114,4 +124,6 @@ def test_deleting_slot_unbinds_file_range(system):
     raises(errno.EINVAL, vm.set_user_memory_region2, 11, G, GPA + M2, M2, 0, g, 0)
     vm.set_user_memory_region2(10, 0, 0, 0, 0)
     vm.set_user_memory_region2(11, G, GPA + M2, M2, 0, g, 0)
+    raises(errno.EINVAL, vm.set_user_memory_region2, 12, G, GPA + 2 * M2, P, 0, g, M2 - P)  # bound again
+    raises(errno.EEXIST, vm.set_user_memory_region2, 12, 0, GPA + M2, P, 0)
     vm.close()

@@ -48,6 +48,32 @@ def delete(vm, slot=SLOT):
     vm.set_user_memory_region2(slot, G, 0, 0, 0, -1, 0)
 
 
+PROBE = 200                 # a slot id no test uses otherwise
+FREE_GPA = 0x40_0000_0000   # a GPA no test maps
+
+
+def gpa_taken(vm, gpa: int, size: int = P) -> bool:
+    """Whether [gpa, gpa + size) overlaps a memslot: a probe slot there is EEXIST (spec 2.3 16)."""
+    try:
+        vm.set_user_memory_region2(PROBE, 0, gpa, size, 0)
+    except FileExistsError:
+        return True
+    vm.set_user_memory_region2(PROBE, 0, 0, 0, 0)
+    return False
+
+
+def file_range_bound(vm, gmem, offset: int, size: int = P) -> bool:
+    """Whether pages [offset, offset + size) of ``gmem`` are bound: binding them again at a free
+    GPA is EINVAL (spec 2.3 17.5); the caller keeps the range inside the file."""
+    try:
+        add_gmem(vm, gmem, PROBE, FREE_GPA, size, offset)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL, exc
+        return True
+    delete(vm, PROBE)
+    return False
+
+
 # --- flags (SM-01..SM-03) ---------------------------------------------------------------------
 
 def test_sm01_invalid_flags(system, vm):
@@ -94,7 +120,9 @@ def test_sm04_bind_rejects_other_vms_gmem(system, vm):
     vm2 = system.create_vm()
     g2 = vm2.create_guest_memfd(M2)
     raises(errno.EINVAL, add_gmem, vm, g2)
+    assert not gpa_taken(vm, GPA, M2)
     add_gmem(vm2, g2)  # binds fine in its own VM
+    assert gpa_taken(vm2, GPA, M2) and file_range_bound(vm2, g2, 0, M2)
     vm2.close()
 
 
@@ -105,7 +133,9 @@ def test_sm04_unaligned_offset_is_einval(vm, offset):
 
 
 def test_sm04_offset_zero_binds(vm):
-    add_gmem(vm, vm.create_guest_memfd(M2))
+    g = vm.create_guest_memfd(M2)
+    add_gmem(vm, g)
+    assert gpa_taken(vm, GPA, M2) and file_range_bound(vm, g, 0, M2)
 
 
 def test_bind_closed_fd_is_ebadf(vm):
@@ -132,11 +162,26 @@ def test_bind_range_outside_file_is_einval(vm, offset, size):
 def test_bind_exactly_to_end_of_file(vm):
     g = vm.create_guest_memfd(M4)
     add_gmem(vm, g, offset=M2, size=M2)
+    assert file_range_bound(vm, g, M2) and file_range_bound(vm, g, M4 - P)
+    assert not file_range_bound(vm, g, 0, M2)
+
+
+def test_bound_file_range_edges(vm):
+    """The file-range overlap rule (spec 2.3 17.5) is exact at both ends of a binding."""
+    g = vm.create_guest_memfd(3 * M2)
+    add_gmem(vm, g, offset=M2, size=M2)
+    assert not file_range_bound(vm, g, M2 - P)
+    assert file_range_bound(vm, g, M2 - P, 2 * P)
+    assert file_range_bound(vm, g, M2)
+    assert file_range_bound(vm, g, 2 * M2 - P)
+    assert file_range_bound(vm, g, 2 * M2 - P, 2 * P)
+    assert not file_range_bound(vm, g, 2 * M2)
 
 
 def test_pads_are_never_checked(vm):
     g = vm.create_guest_memfd(M2)
     vm.set_user_memory_region2(SLOT, G, GPA, M2, 0, g, 0, pad1=0xFFFF_FFFF, pad2=[(1 << 64) - 1] * 14)
+    assert gpa_taken(vm, GPA, M2) and file_range_bound(vm, g, 0, M2)
 
 
 def test_gmem_slot_userspace_addr_still_checked(vm):
@@ -154,6 +199,19 @@ def test_sm05_gpa_overlap_is_eexist(vm):
     delete(vm, SLOT)
     raises(errno.EEXIST, add_gmem, vm, g, SLOT, 0x1_8000_0000 - M2, M4, 0)
     raises(errno.EEXIST, add_gmem, vm, g, SLOT, 0x1_8000_0000 + M2, M4, 0)
+    assert not gpa_taken(vm, GPA, M4)  # the deleted slot's range is free again
+
+
+def test_gpa_overlap_edges(vm):
+    """The GPA overlap rule (spec 2.3 16) is exact at both ends: [start, end) half-open."""
+    vm.set_user_memory_region2(1, 0, GPA, M2, 0)
+    assert not gpa_taken(vm, GPA - P)
+    assert gpa_taken(vm, GPA - P, 2 * P)
+    assert gpa_taken(vm, GPA)
+    assert gpa_taken(vm, GPA + M2 - P)
+    assert gpa_taken(vm, GPA + M2 - P, 2 * P)
+    assert not gpa_taken(vm, GPA + M2)
+    assert gpa_taken(vm, GPA - P, M2 + 2 * P)  # a probe covering the slot
 
 
 def test_sm06_file_range_overlap_is_einval(vm):
@@ -162,6 +220,7 @@ def test_sm06_file_range_overlap_is_einval(vm):
     raises(errno.EINVAL, add_gmem, vm, g, SLOT + 1, 0x1_8000_0000, M4, M2)
     raises(errno.EINVAL, add_gmem, vm, g, SLOT + 1, 0x1_8000_0000, P, M4 - P)
     add_gmem(vm, g, SLOT + 1, 0x1_8000_0000, M4, M4)  # the adjacent range binds
+    assert gpa_taken(vm, 0x1_8000_0000, M4)
 
 
 def test_gpa_overlap_wins_over_file_overlap_and_bad_fd(vm):
@@ -175,6 +234,8 @@ def test_two_files_bind_same_offsets(vm):
     a, b = vm.create_guest_memfd(M2), vm.create_guest_memfd(M2)
     add_gmem(vm, a, SLOT, GPA, M2, 0)
     add_gmem(vm, b, SLOT + 1, GPA + M2, M2, 0)
+    assert gpa_taken(vm, GPA) and gpa_taken(vm, GPA + M2)
+    assert file_range_bound(vm, a, 0, M2) and file_range_bound(vm, b, 0, M2)
 
 
 def test_gpa_overlap_with_plain_slot_is_eexist(vm):
@@ -214,7 +275,10 @@ def test_plain_slot_rules(vm):
     vm.set_user_memory_region2(1, 0, GPA, M2, 0)
     vm.set_user_memory_region2(1, 0, GPA, M2, 0)                        # identical: no-op
     vm.set_user_memory_region2(1, LOG, GPA, M2, 0)                      # flags only
+    assert gpa_taken(vm, GPA, M2)
     vm.set_user_memory_region2(1, LOG, GPA + M4, M2, 0)                 # move
+    assert not gpa_taken(vm, GPA, M2) and gpa_taken(vm, GPA + M4) and gpa_taken(vm, GPA + M4 + M2 - P)
+    assert not gpa_taken(vm, GPA + M4 + M2)
     raises(errno.EINVAL, vm.set_user_memory_region2, 1, LOG, GPA + M4, M2, M2)   # new address
     raises(errno.EINVAL, vm.set_user_memory_region2, 1, LOG, GPA + M4, M4, 0)    # new size
     raises(errno.EINVAL, vm.set_user_memory_region2, 1, RO, GPA + M4, M2, 0)     # toggle READONLY
@@ -226,7 +290,8 @@ def test_delete_ignores_fd_offset_and_gpa(vm):
     g = vm.create_guest_memfd(M2)
     add_gmem(vm, g)
     vm.set_user_memory_region2(SLOT, G, 0x1234_5000, 0, 0, 9999, P)
-    add_gmem(vm, g)  # the binding went with the slot
+    assert not gpa_taken(vm, GPA, M2) and not file_range_bound(vm, g, 0, M2)  # slot and binding went
+    add_gmem(vm, g)
 
 
 def test_delete_still_checks_flags_and_alignment(vm):
@@ -236,7 +301,9 @@ def test_delete_still_checks_flags_and_alignment(vm):
     raises(errno.EINVAL, vm.set_user_memory_region2, SLOT, G | RO, 0, 0, 0)     # flag rule
     raises(errno.EINVAL, vm.set_user_memory_region2, SLOT, G, 0, 0, 0, -1, 1)   # offset alignment
     raises(errno.EINVAL, vm.set_user_memory_region2, SLOT, 0, 0x123, 0, 0)      # gpa alignment
+    assert gpa_taken(vm, GPA, M2)
     delete(vm)
+    assert not gpa_taken(vm, GPA, M2)
 
 
 def test_v1_deletes_gmem_slot(vm):
@@ -256,6 +323,7 @@ def test_slot_id_limit(system, vm):
     assert vm.check_extension(Cap.NR_MEMSLOTS) == KVM_USER_MEM_SLOTS
     raises(errno.EINVAL, vm.set_user_memory_region2, KVM_USER_MEM_SLOTS, 0, 0, P, 0)
     vm.set_user_memory_region2(KVM_USER_MEM_SLOTS - 1, 0, 0, P, 0)
+    assert gpa_taken(vm, 0)
 
 
 def test_address_space_limit(vm):
@@ -280,6 +348,7 @@ def test_region_argument_einval(vm, gpa, size, uaddr):
 
 def test_last_user_page_is_a_valid_address(vm):
     vm.set_user_memory_region2(1, 0, 0, P, 0x7FFF_FFFF_E000)
+    assert gpa_taken(vm, 0)
 
 
 def test_kvm_values_wider_than_their_field_are_einval(kvm_system):
@@ -292,4 +361,5 @@ def test_kvm_values_wider_than_their_field_are_einval(kvm_system):
     raises(errno.EINVAL, vm.set_user_memory_region2, 1 << 32, 0, 0, P, 0)
     raises(errno.EINVAL, vm.set_user_memory_region2, 1, 0, 0, P, 0, 1 << 32)
     vm.set_user_memory_region2(1, 0, 0, P, 0)  # nothing was created by the rejected calls
+    assert gpa_taken(vm, 0)
     vm.close()

@@ -220,23 +220,24 @@ def test_data_belongs_to_the_file_not_the_gpa(model_system):
     g.close()
 
 
-@pytest.mark.parametrize("call", [
-    lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, g, P),       # file overlap
-    lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x1000, M2, 0, g, 2 * M2),       # GPA overlap
-    lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, 999, 2 * M2),  # EBADF
-    lambda vm, g: vm.set_user_memory_region2(1, 0, 0, M2, 0),                          # clear GUEST_MEMFD
-    lambda vm, g: vm.set_user_memory_region2(2, GMEM, 1 << 52, M2, 0, g, 2 * M2),      # beyond max GFN
-    lambda vm, g: vm.set_user_memory_region2(7, 0, 0, 0),                              # delete missing
-    lambda vm, g: vm.set_memory_attributes(0, M2, 1),
-    lambda vm, g: g.fallocate(1, 4 * M2, P),
-])
-def test_failing_calls_change_nothing(sw_vm, call):
+@pytest.mark.parametrize("call, err", [
+    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, g, P), errno.EINVAL),   # file overlap
+    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x1000, M2, 0, g, 2 * M2), errno.EEXIST),   # GPA overlap
+    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, 999, 2 * M2), errno.EBADF),
+    (lambda vm, g: vm.set_user_memory_region2(1, 0, 0, M2, 0), errno.EINVAL),        # clear GUEST_MEMFD
+    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 1 << 52, M2, 0, g, 2 * M2), errno.EINVAL),  # beyond max GFN
+    (lambda vm, g: vm.set_user_memory_region2(7, 0, 0, 0), errno.EINVAL),            # delete missing
+    (lambda vm, g: vm.set_memory_attributes(0, M2, 1), errno.EINVAL),                # unsupported attribute
+    (lambda vm, g: g.fallocate(1, 4 * M2, P), errno.EINVAL),                         # allocate past EOF
+], ids=["file-overlap", "gpa-overlap", "ebadf", "clear-gmem-flag", "max-gfn", "delete-missing",
+        "attribute", "allocate-past-eof"])
+def test_failing_calls_change_nothing(sw_vm, call, err):
+    """Spec 2.3/2.4/2.2: each call fails with its errno, and the VM is as it was (STYLE 11)."""
     g = sw_vm.create_guest_memfd(4 * M2)
     sw_vm.set_user_memory_region2(1, GMEM, 0, M2, 0, g, 0)
     sw_vm.set_memory_attributes(P, P, PRIVATE)
     before = sw_vm._snapshot()
-    with pytest.raises(OSError):
-        call(sw_vm, g)
+    raises(err, call, sw_vm, g)
     assert sw_vm._snapshot() == before
     sw_vm._check()
 
@@ -248,9 +249,15 @@ def test_enable_cap_exit_hypercall_mask(sw_vm):
     assert sw_vm._exit_hypercall_mask == 0x1000
 
 
-def test_stats_providers_merge(sw_vm):
-    sw_vm._stats_providers.append(lambda: {"mapped_4k": 3})
-    assert sw_vm.stats()["mapped_4k"] == 3
+def test_stats_include_each_open_vcpus_counters(sw_vm):
+    """A vCPU adds its mapping counters to the VM's stats() while it is open, and only then."""
+    assert not any(k.startswith("vcpu") for k in sw_vm.stats())
+    v = sw_vm.create_vcpu(0)
+    st = sw_vm.stats()
+    assert {k: st[k] for k in st if k.startswith("vcpu")} == {
+        "vcpu0_mappings_4k": 0, "vcpu0_mappings_2m": 0, "vcpu0_mappings_1g": 0, "vcpu0_io_sites": 0}
+    v.close()
+    assert not any(k.startswith("vcpu") for k in sw_vm.stats())
 
 
 def test_hwpoison_sigbus_in_host_mapping_until_punched(model_system):

@@ -14,16 +14,14 @@ import mmap
 import struct
 import threading
 
+import keystone
 import pytest
 
-pytest.importorskip("unicorn")
-keystone = pytest.importorskip("keystone")
-
-from guestmem import hostmem  # noqa: E402
-from guestmem.model.memslot import Memslot  # noqa: E402
-from guestmem.model.vcpu import Vcpu  # noqa: E402
-from guestmem.types import HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs  # noqa: E402
-from guestmem.uapi import MemFlag, MemoryAttribute  # noqa: E402
+from guestmem import hostmem
+from guestmem.model.memslot import Memslot
+from guestmem.model.vcpu import Vcpu
+from guestmem.types import HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs
+from guestmem.uapi import MemFlag, MemoryAttribute
 
 PAGE = 4096
 CODE = 0x10000
@@ -217,12 +215,12 @@ def test_punch_attribute_flip_delete_and_levels(low):
     assert v.get_regs().rbx & 0xFF == 0
     vm.set_attr(0x40001, 1, 0)  # mixed block now: 4 KiB mappings
     v.set_regs(Regs(rip=CODE, rsp=0x8000))
-    v.run()
+    assert v.run().port == 0x10
     assert vm.stats()[f"vcpu{v.vcpu_id}_mappings_4k"] >= 1
     vm.set_attr(0x40000, 1, 0)  # flip to shared: the guest now sees the slot's userspace memory
     shared[0] = 0x33
     v.set_regs(Regs(rip=CODE + 0x0C, rsp=0x8000, rdi=0x40000000))  # at "mov bl, [rdi]"
-    v.run()
+    assert v.run().port == 0x11
     assert v.get_regs().rbx & 0xFF == 0x33
     with vm._lock:  # memslot delete: shared accesses become MMIO
         vm.slots.remove(slot)

@@ -10,13 +10,10 @@ import threading
 
 import pytest
 
-pytest.importorskip("unicorn")
-pytest.importorskip("keystone")
+from model_guests import GMEM, PAGE, PRIVATE, Machine
 
-from model_guests import GMEM, PAGE, PRIVATE, Machine  # noqa: E402
-
-from guestmem.guest import PORT_DONE  # noqa: E402
-from guestmem.types import IoExit, MemoryFaultExit  # noqa: E402
+from guestmem.guest import PORT_DONE
+from guestmem.types import IoExit, MemoryFaultExit
 
 GPA = 0xC000_0000
 READ_LOOP = f"mov rdi, {GPA:#x}\nl1: mov rax, [rdi]\njmp l1"
@@ -52,10 +49,12 @@ def test_pe02_private_access_to_non_gmem_slot(model_system):
 def test_io_exit_is_exact_and_in_completes_into_rax(model_system):
     """Each OUT/IN exits right after itself: no later instruction of its block has run."""
     m = Machine(model_system)
-    v, = m.load(f"l1: out {PORT_DONE}, eax\ninc rbx\nmov dx, 0x20\nin eax, dx\nadd rbx, rax\njmp l1")
+    v, = m.load(f"mov eax, 0x11223344\nl1: out {PORT_DONE}, eax\ninc rbx\nmov dx, 0x20\nin eax, dx\n"
+                "add rbx, rax\njmp l1")
     for i in range(3):
         ex = v.run()
-        assert ex == IoExit(1, 4, PORT_DONE, 1, ex.data) and v.get_regs().rbx == i * 0x101
+        eax = 0x100 if i else 0x11223344  # from the second round on, what the IN completed with
+        assert ex == IoExit(1, 4, PORT_DONE, 1, eax.to_bytes(4, "little")) and v.get_regs().rbx == i * 0x101
         ex = v.run()
         assert ex == IoExit(0, 4, 0x20, 1, b"") and v.get_regs().rbx == i * 0x101 + 1
         v.complete_io((0x100).to_bytes(4, "little"))
