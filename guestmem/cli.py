@@ -156,6 +156,25 @@ def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations:
         raise click.exceptions.Exit(1)
 
 
+@cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--profile", default=None, help="Model kernel profile (default: the model's default).")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Append every served call to FILE.")
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def exec_(profile: str | None, trace_path: str | None, program: str, args: tuple[str, ...]) -> None:
+    """Run PROGRAM with the model serving /dev/kvm to it (a drop-in /dev/kvm)."""
+    from .devkvm import Unavailable, exec_program
+
+    try:
+        code = exec_program([program, *args], profile=profile, trace=trace_path)
+    except (Unavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{program}: {exc.strerror or exc}") from None
+    if code:
+        raise click.exceptions.Exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: sys.argv[1:]) and return the exit code."""
     try:

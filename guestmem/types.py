@@ -121,6 +121,22 @@ class Sregs:
         return dataclasses.replace(self, **changes)
 
 
+# --- CPUID and MSRs ---------------------------------------------------------------------------
+
+
+@_frozen
+class CpuidEntry:
+    """struct kvm_cpuid_entry2 (``flags``: uapi.CpuidFlag)."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+
 # --- file status --------------------------------------------------------------------------------
 
 

@@ -33,6 +33,18 @@ class Cap(enum.IntEnum):
     VM_TYPES = 235
     PRE_FAULT_MEMORY = 236
     GUEST_MEMFD_FLAGS = 244
+    IRQCHIP = 0
+    SET_TSS_ADDR = 4
+    EXT_CPUID = 7
+    NR_VCPUS = 9
+    MP_STATE = 14
+    IMMEDIATE_EXIT = 136
+    GET_TSC_KHZ = 61
+    TSC_CONTROL = 60
+    XSAVE = 55
+    XCRS = 56
+    GET_MSR_FEATURES = 153
+    DISABLE_QUIRKS2 = 213
 
 
 class VmType(enum.IntEnum):
@@ -300,6 +312,78 @@ class kvm_cpuid2(ctypes.Structure):
     _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
 
 
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+class kvm_msrs(ctypes.Structure):
+    """Header of the variable-length struct; ``nmsrs`` kvm_msr_entry follow it in memory."""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class kvm_msr_list(ctypes.Structure):
+    """Header of the variable-length struct; ``nmsrs`` u32 indices follow it in memory."""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32)]
+
+
+class kvm_mp_state(ctypes.Structure):
+    _fields_ = [("mp_state", ctypes.c_uint32)]
+
+
+class MpState(enum.IntEnum):
+    """KVM_MP_STATE_* values of kvm_mp_state.mp_state (x86 uses 0..4)."""
+
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+    SIPI_RECEIVED = 4
+
+
+class CpuidFlag(enum.IntFlag):
+    """kvm_cpuid_entry2.flags (KVM_CPUID_FLAG_*)."""
+
+    SIGNIFCANT_INDEX = 1 << 0  # sic: the uapi spelling
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("xcrs", kvm_xcr * KVM_MAX_XCRS), ("padding", ctypes.c_uint64 * 16)]
+
+
+class kvm_fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", (ctypes.c_uint8 * 16) * 8), ("fcw", ctypes.c_uint16), ("fsw", ctypes.c_uint16),
+        ("ftwx", ctypes.c_uint8), ("pad1", ctypes.c_uint8), ("last_opcode", ctypes.c_uint16),
+        ("last_ip", ctypes.c_uint64), ("last_dp", ctypes.c_uint64), ("xmm", (ctypes.c_uint8 * 16) * 16),
+        ("mxcsr", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
+    ]
+
+
+class stat(ctypes.Structure):
+    """x86-64 ``struct stat`` (asm/stat.h), what fstat(2) fills."""
+
+    _fields_ = [
+        ("st_dev", ctypes.c_uint64), ("st_ino", ctypes.c_uint64), ("st_nlink", ctypes.c_uint64),
+        ("st_mode", ctypes.c_uint32), ("st_uid", ctypes.c_uint32), ("st_gid", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32), ("st_rdev", ctypes.c_uint64), ("st_size", ctypes.c_int64),
+        ("st_blksize", ctypes.c_int64), ("st_blocks", ctypes.c_int64),
+        ("st_atime", ctypes.c_uint64), ("st_atime_nsec", ctypes.c_uint64),
+        ("st_mtime", ctypes.c_uint64), ("st_mtime_nsec", ctypes.c_uint64),
+        ("st_ctime", ctypes.c_uint64), ("st_ctime_nsec", ctypes.c_uint64),
+        ("unused", ctypes.c_int64 * 3),
+    ]
+
+
 # kvm_run and its exit union members ------------------------------------------------------------
 
 
@@ -407,20 +491,37 @@ def _IOWR(nr: int, struct: type) -> int:
 
 KVM_GET_API_VERSION = _IO(0x00)
 KVM_CREATE_VM = _IO(0x01)
+KVM_GET_MSR_INDEX_LIST = _IOWR(0x02, kvm_msr_list)
 KVM_CHECK_EXTENSION = _IO(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _IO(0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(0x05, kvm_cpuid2)
+KVM_GET_MSR_FEATURE_INDEX_LIST = _IOWR(0x0A, kvm_msr_list)
 KVM_CREATE_VCPU = _IO(0x41)
+KVM_SET_NR_MMU_PAGES = _IO(0x44)
+KVM_GET_NR_MMU_PAGES = _IO(0x45)
 KVM_SET_USER_MEMORY_REGION = _IOW(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(0x48, ctypes.c_uint64)
 KVM_SET_USER_MEMORY_REGION2 = _IOW(0x49, kvm_userspace_memory_region2)
+KVM_CREATE_IRQCHIP = _IO(0x60)
 KVM_RUN = _IO(0x80)
 KVM_GET_REGS = _IOR(0x81, kvm_regs)
 KVM_SET_REGS = _IOW(0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(0x84, kvm_sregs)
+KVM_GET_MSRS = _IOWR(0x88, kvm_msrs)
+KVM_SET_MSRS = _IOW(0x89, kvm_msrs)
+KVM_GET_FPU = _IOR(0x8C, kvm_fpu)
+KVM_SET_FPU = _IOW(0x8D, kvm_fpu)
 KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
+KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2)
+KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(0x99, kvm_mp_state)
+KVM_SET_TSC_KHZ = _IO(0xA2)
+KVM_GET_TSC_KHZ = _IO(0xA3)
 KVM_ENABLE_CAP = _IOW(0xA3, kvm_enable_cap)
+KVM_GET_XCRS = _IOR(0xA6, kvm_xcrs)
+KVM_SET_XCRS = _IOW(0xA7, kvm_xcrs)
 KVM_SET_MEMORY_ATTRIBUTES = _IOW(0xD2, kvm_memory_attributes)
 KVM_CREATE_GUEST_MEMFD = _IOWR(0xD4, kvm_create_guest_memfd)
 KVM_PRE_FAULT_MEMORY = _IOWR(0xD5, kvm_pre_fault_memory)

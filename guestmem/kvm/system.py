@@ -11,8 +11,10 @@ import os
 
 from .. import uapi
 from ..errors import oserror
+from ..types import CpuidEntry
 from ._fd import FdObject
 from ._ioctl import int_arg, ioctl
+from .vcpu_state import read_cpuid, read_msr_list
 from .vm import Vm
 
 
@@ -63,6 +65,18 @@ class System(FdObject):
         :raises OSError: EBADF if closed.
         """
         return ioctl(self._check(), uapi.KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_supported_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """KVM_GET_SUPPORTED_CPUID (api.rst 4.46). :raises OSError: EBADF if closed."""
+        return read_cpuid(self._check(), uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    def get_msr_index_list(self) -> tuple[int, ...]:
+        """KVM_GET_MSR_INDEX_LIST (api.rst 4.3). :raises OSError: EBADF if closed."""
+        return read_msr_list(self._check(), uapi.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")
+
+    def get_msr_feature_index_list(self) -> tuple[int, ...]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST (api.rst 4.3). :raises OSError: EBADF if closed."""
+        return read_msr_list(self._check(), uapi.KVM_GET_MSR_FEATURE_INDEX_LIST, "KVM_GET_MSR_FEATURE_INDEX_LIST")
 
     def create_vm(self, type: int = 0) -> "Vm":  # noqa: A002 - the uapi argument name
         """KVM_CREATE_VM (api.rst 4.2): a new VM of ``type`` (``uapi.VmType``).

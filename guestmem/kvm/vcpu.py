@@ -40,6 +40,7 @@ from ..types import (
 from ..encoding import encode_unsigned
 from ._fd import FdObject
 from ._ioctl import closed_error, int_arg, ioctl
+from .vcpu_state import VcpuState
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -235,7 +236,7 @@ def _decode_exit(page: memoryview, raw: tuple[int, bytes, int]) -> Exit:
     return UnknownExit(reason=reason)
 
 
-class Vcpu(FdObject):
+class Vcpu(VcpuState, FdObject):
     """An open KVM vCPU ``vcpu_id`` of ``vm``, with its kvm_run page mapped."""
 
     def __init__(self, vm: "Vm", vcpu_id: int) -> None:

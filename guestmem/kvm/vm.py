@@ -159,6 +159,24 @@ class Vm(FdObject):
         self.vcpus.append(vcpu)
         return vcpu
 
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP (api.rst 4.24).
+
+        :raises OSError: EBADF if closed; EEXIST already created; EINVAL after KVM_CREATE_VCPU.
+        """
+        ioctl(self._check(), uapi.KVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP")
+
+    def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES (api.rst 4.29). :raises OSError: EBADF if closed; EINVAL below 64."""
+        fd = self._check()
+        n = encode_unsigned(nr_mmu_pages, 64, "nr_mmu_pages")
+        # The argument travels by value as an unsigned long; fcntl.ioctl takes a C int.
+        ioctl(fd, uapi.KVM_SET_NR_MMU_PAGES, "KVM_SET_NR_MMU_PAGES", n if n < 1 << 31 else -1, f"nr_mmu_pages={n}")
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM (api.rst 4.56). :raises OSError: EBADF if closed."""
+        return ioctl(self._check(), uapi.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+
     def close(self) -> None:
         """close(2) the VM fd; a second close is a no-op.
 

@@ -15,6 +15,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from ..errors import oserror
+from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
 from . import fdtable
 from .profile import HOST_CAPS, HOST_VM_CAPS, Profile, resolve_profile
@@ -115,6 +116,36 @@ class System:
         if vm is not None and cap in HOST_VM_CAPS:
             return HOST_VM_CAPS[cap]
         return HOST_CAPS.get(cap, 0)
+
+    def get_supported_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """KVM_GET_SUPPORTED_CPUID (api.rst 4.46): the CPUID leaves of the emulated CPU.
+
+        They are Unicorn's x86-64 CPU's own answers (guestmem.model.cpuid), so a guest given
+        this table sees the CPU that runs it. E2BIG for a too small buffer is decided where
+        the struct is. :raises OSError: EBADF if closed.
+        """
+        self._check_open()
+        from .cpuid import supported_cpuid
+
+        return supported_cpuid()
+
+    def get_msr_index_list(self) -> tuple[int, ...]:
+        """KVM_GET_MSR_INDEX_LIST (api.rst 4.3): the MSRs KVM_GET_MSRS/SET_MSRS accept.
+
+        :raises OSError: EBADF if closed.
+        """
+        self._check_open()
+        from .cpuid import MSRS
+
+        return tuple(MSRS)
+
+    def get_msr_feature_index_list(self) -> tuple[int, ...]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST (api.rst 4.3): feature MSRs; the model has none.
+
+        :raises OSError: EBADF if closed.
+        """
+        self._check_open()
+        return ()
 
     def create_vm(self, type: int = 0) -> "Vm":
         """KVM_CREATE_VM (api.rst 4.2): a new model VM of ``type``.

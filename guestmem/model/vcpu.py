@@ -61,12 +61,13 @@ from .io_sites import IoSites
 from .regions import RegionMap
 from .unicorn_cpu import MASK, REGS, RegAccess, load_state, mode_of, read_sregs, reg_id
 from .unicorn_cpu import unicorn as _unicorn
+from .vcpu_state import VcpuState
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
 _REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
 
 
-class Vcpu:
+class Vcpu(VcpuState):
     """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls."""
 
     def __init__(self, vm, vcpu_id: int) -> None:
@@ -98,6 +99,7 @@ class Vcpu:
         self._mmio_data = None
         self._hc_ret = 0
         self._is_tdx: bool | None = None
+        self._init_state(vcpu_id)  # CPUID, MSRs, MP state, TSC (vcpu_state)
         vm._get_kvm()  # the vCPU pins the VM (kvm_vm_ioctl_create_vcpu)
         self._fd: int | None = fdtable.fd_install(self)
         vm._add_invalidation_listener(self._invalidate_range)

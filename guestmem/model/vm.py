@@ -67,6 +67,10 @@ class Vm:
         self._listeners: list[InvalidationListener] = []
         self._stats_providers: list[Callable[[], dict]] = []
         self._exit_hypercall_mask = 0
+        self._disabled_quirks = 0
+        self._irqchip = False
+        self._nr_mmu_pages = 0
+        self._created_vcpus = 0
         self._invalidations = 0
         self._users = 1
         self._dead = False
@@ -135,10 +139,11 @@ class Vm:
         return self.system._extension(cap, self)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP on the VM (api.rst 4.37); only KVM_CAP_EXIT_HYPERCALL is supported.
+        """KVM_ENABLE_CAP on the VM (api.rst 4.37): KVM_CAP_EXIT_HYPERCALL and KVM_CAP_DISABLE_QUIRKS2.
 
-        Errors, in order: EBADF closed fd; EINVAL flags != 0; EINVAL unknown cap; EINVAL
-        args[0] has bits other than 1 << KVM_HC_MAP_GPA_RANGE. Mirrors x86 kvm_vm_ioctl_enable_cap.
+        Errors, in order: EBADF closed fd; EINVAL flags != 0; EINVAL (DISABLE_QUIRKS2) quirks
+        outside the cap's value; EINVAL unknown cap; EINVAL (EXIT_HYPERCALL) args[0] has bits
+        other than 1 << KVM_HC_MAP_GPA_RANGE. Mirrors x86 kvm_vm_ioctl_enable_cap.
         """
         with self._lock:
             self._check_open()
@@ -146,6 +151,12 @@ class Vm:
             argv = encode_array(args, 4, 64, "args")
             if flags:
                 raise oserror(errno.EINVAL, f"enable_cap flags {flags:#x} must be 0")
+            if cap == Cap.DISABLE_QUIRKS2:
+                valid = self.system._extension(cap, self)
+                if argv[0] & ~valid:
+                    raise oserror(errno.EINVAL, f"quirks {argv[0]:#x} outside KVM_CAP_DISABLE_QUIRKS2 {valid:#x}")
+                self._disabled_quirks |= argv[0]  # no quirk changes what the model does
+                return
             if cap != Cap.EXIT_HYPERCALL:
                 raise oserror(errno.EINVAL, f"capability {cap} cannot be enabled on a VM")
             if argv[0] & ~_HC_MAP_GPA_RANGE_MASK:
@@ -475,7 +486,49 @@ class Vm:
         self._check_open()
         from .vcpu import Vcpu
 
-        return Vcpu(self, vcpu_id)
+        vcpu = Vcpu(self, vcpu_id)
+        with self._lock:
+            self._created_vcpus += 1
+        return vcpu
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP (api.rst 4.24): create the in-kernel interrupt controllers.
+
+        The model records that the VM has them (for the checks below and KVM_CAP_IRQCHIP
+        users); it emulates no PIC, IOAPIC or LAPIC, so HLT still exits to userspace.
+        Errors, in order: EBADF closed fd; EEXIST already created; EINVAL after
+        KVM_CREATE_VCPU. Mirrors kvm_arch_vm_ioctl(KVM_CREATE_IRQCHIP).
+        """
+        with self._lock:
+            self._check_open()
+            if self._irqchip:
+                raise oserror(errno.EEXIST, "the VM already has an in-kernel irqchip")
+            if self._created_vcpus:
+                raise oserror(errno.EINVAL, "KVM_CREATE_IRQCHIP after KVM_CREATE_VCPU")
+            self._irqchip = True
+
+    def set_nr_mmu_pages(self, nr_mmu_pages: int) -> None:
+        """KVM_SET_NR_MMU_PAGES (api.rst 4.29): cap the shadow MMU's page count (a hint here).
+
+        Errors: EBADF closed fd; EINVAL below KVM_MIN_ALLOC_MMU_PAGES (64). Mirrors
+        kvm_vm_ioctl_set_nr_mmu_pages.
+        """
+        with self._lock:
+            self._check_open()
+            n = encode_unsigned(nr_mmu_pages, 64, "nr_mmu_pages")
+            if n < 64:
+                raise oserror(errno.EINVAL, f"nr_mmu_pages {n} < KVM_MIN_ALLOC_MMU_PAGES (64)")
+            self._nr_mmu_pages = n
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM (api.rst 4.56): the default guest TSC frequency in kHz.
+
+        :raises OSError: EBADF if the VM fd is closed.
+        """
+        self._check_open()
+        from .vcpu_state import host_tsc_khz
+
+        return host_tsc_khz()
 
     # --- introspection --------------------------------------------------------------------------
 

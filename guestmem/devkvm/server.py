@@ -1,0 +1,610 @@
+"""The drop-in's Python half: raw KVM calls on structs in, calls on the model's public API out.
+
+This module runs inside the KVM program (embedded by the native library, ``native.py``).
+It is the mirror image of ``guestmem.kvm``: where ``kvm`` encodes a Python call into an
+ioctl on a uapi struct, this decodes the ioctl's struct (``guestmem.uapi`` layouts, read
+and written in place at the program's pointer) into the same call on a ``guestmem.model``
+object, and encodes the result back. It uses only the model's public methods.
+
+Data model
+----------
+* ``_files``: program fd -> ``_File`` (the model object and its kind: system, vm, vcpu,
+  gmem). The fd is the model object's own descriptor (a real fd of the process, see
+  ``model.fdtable``); ``dup`` adds more fds for the same ``_File``, which counts them and
+  closes the model object when the last goes, as the kernel drops the file's last reference.
+* Each vCPU gets a ``_RunPage``: a memfd of KVM_GET_VCPU_MMAP_SIZE bytes that the program's
+  ``mmap`` of the vCPU fd maps, and that KVM_RUN fills with the exit (``kvm_run``; the PIO
+  data page follows it, as in the kernel).
+* ``_maps``: address -> model ``Mapping`` for the program's mmaps of guest_memfds; munmap
+  closes them (dropping the file reference the mapping holds).
+* The native side only forwards calls on fds marked owned (``lib.gm_set_owned``); an fd is
+  marked when handed to the program and unmarked before its descriptor closes.
+
+Every handler returns an int (the syscall's result) or raises ``OSError``; ``serve`` turns
+that into ``-errno`` for the native side. An ioctl the model does not serve answers the
+errno the kernel gives an unknown ioctl on that kind of fd (ENOTTY; EINVAL on a vCPU fd).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from .. import uapi
+from ..errors import oserror
+from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
+from ..types import (CpuidEntry, DTable, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
+                     IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs, ShutdownExit, UnknownExit)
+
+# Operation numbers of interpose.c
+IOCTL, MMAP, MUNMAP, FALLOCATE, FSTAT, READ, WRITE, PREAD, PWRITE, LSEEK, FTRUNCATE, CLOSE, DUP, DUP3 = range(1, 15)
+OP_NAMES = {v: k.lower() for k, v in dict(IOCTL=IOCTL, MMAP=MMAP, MUNMAP=MUNMAP, FALLOCATE=FALLOCATE, FSTAT=FSTAT,
+                                           READ=READ, WRITE=WRITE, PREAD=PREAD, PWRITE=PWRITE, LSEEK=LSEEK,
+                                           FTRUNCATE=FTRUNCATE, CLOSE=CLOSE, DUP=DUP, DUP3=DUP3).items()}
+PASS = 1  # munmap/fstat: not the model's, let the C library do it
+
+# What the kernel answers an ioctl it does not know (kvm_arch_dev_ioctl, kvm_arch_vm_ioctl and
+# kvm_arch_vcpu_ioctl defaults; measured on the host by tests/c/gmem_vm.c). guest_memfd files
+# have no ioctls: the VFS answers ENOTTY.
+_UNKNOWN_IOCTL_ERRNO = {"system": errno.EINVAL, "vm": errno.ENOTTY, "vcpu": errno.EINVAL, "gmem": errno.ENOTTY}
+_PIO_OFFSET = uapi.PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE
+_IOCTL_NAMES = {getattr(uapi, n): n for n in dir(uapi) if n.startswith("KVM_") and isinstance(getattr(uapi, n), int)
+                and (getattr(uapi, n) >> 8) & 0xFF == uapi.KVMIO}
+
+
+class _File:
+    __slots__ = ("obj", "kind", "fds", "run")
+
+    def __init__(self, obj: Any, kind: str) -> None:
+        self.obj = obj
+        self.kind = kind
+        self.fds: set[int] = set()
+        self.run: _RunPage | None = None
+
+
+class _RunPage:
+    """The vCPU's kvm_run area: a memfd the program maps, and our own view of it."""
+
+    def __init__(self, size: int) -> None:
+        from .. import hostmem
+
+        self.size = size
+        self.memfd = hostmem.memfd("guestmem-kvm-run", size)
+        self.address = hostmem.mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, self.memfd, 0)
+        self.run = uapi.kvm_run.from_address(self.address)
+        self.pending: Any = None  # the exit whose answer the next KVM_RUN reads from the page
+
+    def close(self) -> None:
+        from .. import hostmem
+
+        hostmem.munmap(self.address, self.size)
+        os.close(self.memfd)
+
+
+class Server:
+    """All model objects of one program, and the handlers of its calls."""
+
+    def __init__(self, lib: Any, profile: str, trace: str | None) -> None:
+        self.lib = lib
+        self.profile = profile
+        self._files: dict[int, _File] = {}
+        self._maps: dict[int, Any] = {}
+        self._lock = threading.RLock()
+        self._trace = open(trace, "a", buffering=1) if trace else None
+        self._ioctls: dict[str, dict[int, Callable[[_File, int], int]]] = {
+            "system": {
+                uapi.KVM_GET_API_VERSION: lambda f, arg: f.obj.api_version(),
+                uapi.KVM_CREATE_VM: self._create_vm,
+                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg & 0xFFFFFFFF),
+                uapi.KVM_GET_VCPU_MMAP_SIZE: lambda f, arg: f.obj.vcpu_mmap_size(),
+                uapi.KVM_GET_SUPPORTED_CPUID: lambda f, arg: _put_cpuid(arg, f.obj.get_supported_cpuid()),
+                uapi.KVM_GET_MSR_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_index_list()),
+                uapi.KVM_GET_MSR_FEATURE_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_feature_index_list()),
+            },
+            "vm": {
+                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg & 0xFFFFFFFF),
+                uapi.KVM_CREATE_VCPU: self._create_vcpu,
+                uapi.KVM_SET_USER_MEMORY_REGION: _set_user_memory_region,
+                uapi.KVM_SET_USER_MEMORY_REGION2: _set_user_memory_region2,
+                uapi.KVM_CREATE_GUEST_MEMFD: self._create_guest_memfd,
+                uapi.KVM_SET_MEMORY_ATTRIBUTES: _set_memory_attributes,
+                uapi.KVM_ENABLE_CAP: _enable_cap,
+                uapi.KVM_CREATE_IRQCHIP: lambda f, arg: f.obj.create_irqchip() or 0,
+                uapi.KVM_SET_NR_MMU_PAGES: lambda f, arg: f.obj.set_nr_mmu_pages(arg) or 0,
+                uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
+            },
+            "gmem": {},
+            "vcpu": {
+                uapi.KVM_RUN: self._run,
+                uapi.KVM_GET_REGS: lambda f, arg: _put_regs(arg, f.obj.get_regs()),
+                uapi.KVM_SET_REGS: lambda f, arg: f.obj.set_regs(_get_regs(arg)) or 0,
+                uapi.KVM_GET_SREGS: lambda f, arg: _put_sregs(arg, f.obj.get_sregs()),
+                uapi.KVM_SET_SREGS: lambda f, arg: f.obj.set_sregs(_get_sregs(arg)) or 0,
+                uapi.KVM_GET_CPUID2: lambda f, arg: _put_cpuid(arg, f.obj.get_cpuid2()),
+                uapi.KVM_SET_CPUID2: lambda f, arg: f.obj.set_cpuid2(_get_cpuid(arg)) or 0,
+                uapi.KVM_GET_MSRS: _get_msrs,
+                uapi.KVM_SET_MSRS: _set_msrs,
+                uapi.KVM_GET_MP_STATE: lambda f, arg: _put_u32(arg, f.obj.get_mp_state()),
+                uapi.KVM_SET_MP_STATE: lambda f, arg: f.obj.set_mp_state(_struct(uapi.kvm_mp_state, arg).mp_state) or 0,
+                uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
+                uapi.KVM_SET_TSC_KHZ: lambda f, arg: f.obj.set_tsc_khz(arg) or 0,
+                uapi.KVM_PRE_FAULT_MEMORY: _pre_fault_memory,
+            },
+        }
+
+    # --- fds ---------------------------------------------------------------------------------
+
+    def _install(self, obj: Any, kind: str) -> int:
+        fd = obj.fileno()
+        f = _File(obj, kind)
+        with self._lock:
+            f.fds.add(fd)
+            self._files[fd] = f
+        self.lib.gm_set_owned(fd, 1)
+        return fd
+
+    def _file(self, fd: int) -> _File:
+        f = self._files.get(fd)
+        if f is None:
+            raise oserror(errno.EBADF, f"fd {fd} is not a model fd")
+        return f
+
+    def open(self, path: str, flags: int) -> int:
+        from .. import model
+
+        if flags & os.O_ACCMODE not in (os.O_RDONLY, os.O_RDWR, os.O_WRONLY):
+            raise oserror(errno.EINVAL, f"open({path}) flags {flags:#x}")
+        return self._install(model.open_system(self.profile), "system")
+
+    def close(self, fd: int) -> int:
+        """close(2). The last fd of a file closes the model object; an earlier close of a
+        dup closes that descriptor. An earlier close of the object's own fd only hides the
+        number from the program (the model object keeps its descriptor until the last close)."""
+        with self._lock:
+            f = self._file(fd)
+            self.lib.gm_set_owned(fd, 0)
+            del self._files[fd]
+            f.fds.discard(fd)
+            last = not f.fds
+        own = _obj_fd(f.obj)
+        if fd != own:
+            os.close(fd)
+        if last:
+            f.obj.close()
+            if f.run is not None:
+                f.run.close()
+        return 0
+
+    def dup(self, fd: int, newfd: int = -1, flags: int = 0) -> int:
+        f = self._file(fd)
+        if newfd >= 0 and newfd in self._files:
+            self.close(newfd)
+        if newfd < 0:
+            new = os.dup(fd)
+        else:
+            new = os.dup2(fd, newfd, inheritable=not flags & os.O_CLOEXEC)
+        with self._lock:
+            f.fds.add(new)
+            self._files[new] = f
+        self.lib.gm_set_owned(new, 1)
+        return new
+
+    # --- ioctls that create fds ----------------------------------------------------------------
+
+    def _create_vm(self, f: _File, arg: int) -> int:
+        return self._install(f.obj.create_vm(arg), "vm")
+
+    def _create_vcpu(self, f: _File, arg: int) -> int:
+        vcpu = f.obj.create_vcpu(arg)
+        fd = self._install(vcpu, "vcpu")
+        self._files[fd].run = _RunPage(f.obj.system.vcpu_mmap_size())
+        return fd
+
+    def _create_guest_memfd(self, f: _File, arg: int) -> int:
+        s = _struct(uapi.kvm_create_guest_memfd, arg)
+        gmem = f.obj.create_guest_memfd(s.size, s.flags, list(s.reserved))
+        return self._install(gmem, "gmem")
+
+    # --- KVM_RUN -------------------------------------------------------------------------------
+
+    def _run(self, f: _File, arg: int) -> int:
+        vcpu, page = f.obj, f.run
+        run = page.run
+        p, page.pending = page.pending, None
+        if isinstance(p, IoExit) and p.direction == uapi.IoDirection.IN:
+            vcpu.complete_io(ctypes.string_at(page.address + run.exit.io.data_offset, p.size * p.count))
+        elif isinstance(p, MmioExit) and not p.is_write:
+            vcpu.complete_mmio(bytes(run.exit.mmio.data)[:p.len])
+        elif isinstance(p, HypercallExit):
+            vcpu.set_hypercall_ret(run.exit.hypercall.ret)
+        if run.immediate_exit:
+            # The pending exit completes, then KVM_RUN fails with EINTR and leaves
+            # exit_reason alone (kvm_arch_vcpu_ioctl_run, measured on the host).
+            vcpu.kick()
+            ex = vcpu.run()
+            if isinstance(ex, IntrExit):
+                return -errno.EINTR
+        else:
+            ex = vcpu.run()
+        return _put_exit(page, ex)
+
+    # --- other file operations ------------------------------------------------------------------
+
+    def mmap(self, f: _File, addr: int, length: int, prot: int, flags: int, offset: int) -> int:
+        from .. import hostmem
+
+        if f.kind == "vcpu":
+            if offset % uapi.PAGE_SIZE or length == 0:
+                raise oserror(errno.EINVAL, f"mmap of a vCPU fd: offset {offset:#x} length {length:#x}")
+            return hostmem.mmap(length, prot, flags, f.run.memfd, offset, addr)
+        if f.kind != "gmem":
+            raise oserror(errno.ENODEV, f"mmap of a KVM {f.kind} fd")
+        m = f.obj.mmap(length, offset, prot, flags)
+        if addr and flags & hostmem.MAP_FIXED:
+            moved = _mremap_fixed(m.address, length, addr)
+            m.address = moved
+        with self._lock:
+            self._maps[m.address] = m
+        self.lib.gm_add_maps(1)
+        return m.address
+
+    def munmap(self, addr: int, length: int) -> int:
+        with self._lock:
+            m = self._maps.get(addr)
+            if m is None or length < m.length:
+                return PASS
+            del self._maps[addr]
+        self.lib.gm_add_maps(-1)
+        m.close()
+        return 0
+
+    def fstat(self, f: _File, buf: int) -> int:
+        if f.kind != "gmem":
+            return PASS
+        st = f.obj.fstat()
+        s = _struct(uapi.stat, buf)
+        ctypes.memset(buf, 0, ctypes.sizeof(uapi.stat))
+        for name in ("st_mode", "st_ino", "st_size", "st_blksize", "st_blocks", "st_nlink", "st_uid", "st_gid"):
+            setattr(s, name, getattr(st, name))
+        s.st_mtime, s.st_mtime_nsec = divmod(st.st_mtime_ns, 10**9)
+        s.st_ctime, s.st_ctime_nsec = divmod(st.st_ctime_ns, 10**9)
+        s.st_atime, s.st_atime_nsec = s.st_mtime, s.st_mtime_nsec
+        return 0
+
+    def fileop(self, op: int, f: _File, a: int, b: int, c: int) -> int:
+        if f.kind != "gmem":
+            # /dev/kvm, VM and vCPU files have no read/write/llseek-able contents
+            if op in (LSEEK,):
+                return 0
+            raise oserror(errno.EINVAL, f"{OP_NAMES[op]} on a KVM {f.kind} fd")
+        g = f.obj
+        if op == FALLOCATE:
+            g.fallocate(_s32(a), _s64(b), _s64(c))
+            return 0
+        if op == READ:
+            return len(g.read(b))
+        if op == WRITE:
+            return g.write(ctypes.string_at(a, b))
+        if op == PREAD:
+            return len(g.pread(b, _s64(c)))
+        if op == PWRITE:
+            return g.pwrite(ctypes.string_at(a, b), _s64(c))
+        if op == LSEEK:
+            return g.lseek(_s64(a), _s32(b))
+        if op == FTRUNCATE:
+            g.truncate(_s64(a))
+            return 0
+        raise oserror(errno.EINVAL, f"operation {op}")
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    def call(self, op: int, fd: int, a: int, b: int, c: int, d: int, e: int) -> int:
+        if op == MUNMAP:
+            return self.munmap(a, b)
+        f = self._file(fd)
+        if op == IOCTL:
+            handler = self._ioctls[f.kind].get(a)
+            if handler is None:
+                raise oserror(_UNKNOWN_IOCTL_ERRNO[f.kind], f"ioctl {a:#x} on a model {f.kind} fd")
+            return handler(f, b)
+        if op == MMAP:
+            return self.mmap(f, a, b, c, d, e)
+        if op == FSTAT:
+            return self.fstat(f, a)
+        if op == CLOSE:
+            return self.close(fd)
+        if op == DUP:
+            return self.dup(fd)
+        if op == DUP3:
+            return self.dup(fd, _s32(a), b)
+        return self.fileop(op, f, a, b, c)
+
+    def trace(self, op: int, fd: int, args: tuple[int, ...], result: int, t0: float, detail: str = "") -> None:
+        if op == IOCTL:
+            what = f"ioctl({fd}, {_IOCTL_NAMES.get(args[0], hex(args[0]))}, {args[1]:#x})"
+        elif op == 0:
+            what = f"open({detail!r})"
+        else:
+            what = f"{OP_NAMES[op]}({fd}, {', '.join(hex(a) for a in args[:3])})"
+        res = f"-1 {errno.errorcode.get(-result, -result)}" if -4096 < result < 0 else str(result)
+        self._trace.write(f"{time.time():.6f} tid={threading.get_native_id()} {what} = {res} "
+                          f"({(time.perf_counter() - t0) * 1e6:.1f} us)\n")
+
+
+# --- struct codecs (uapi layouts at the program's pointers) -------------------------------------
+
+
+def _struct(cls: type, addr: int) -> Any:
+    if not addr:
+        raise oserror(errno.EFAULT, f"NULL {cls.__name__} pointer")
+    return cls.from_address(addr)
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+def _s64(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _obj_fd(obj: Any) -> int | None:
+    try:
+        return obj.fileno()
+    except OSError:
+        return None
+
+
+def _put_u32(addr: int, value: int) -> int:
+    _struct(ctypes.c_uint32, addr).value = value
+    return 0
+
+
+_REG_NAMES = [n for n, _ in uapi.kvm_regs._fields_]
+_SEG_NAMES = [n for n, _ in uapi.kvm_segment._fields_ if n != "padding"]
+_SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+def _get_regs(addr: int) -> Regs:
+    s = _struct(uapi.kvm_regs, addr)
+    return Regs(*[getattr(s, n) for n in _REG_NAMES])
+
+
+def _put_regs(addr: int, regs: Regs) -> int:
+    s = _struct(uapi.kvm_regs, addr)
+    for n in _REG_NAMES:
+        setattr(s, n, getattr(regs, n))
+    return 0
+
+
+def _get_sregs(addr: int) -> Sregs:
+    s = _struct(uapi.kvm_sregs, addr)
+    segs = {n: Segment(*[getattr(getattr(s, n), f) for f in _SEG_NAMES]) for n in _SEGS}
+    return Sregs(**segs, gdt=DTable(s.gdt.base, s.gdt.limit), idt=DTable(s.idt.base, s.idt.limit),
+                 cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
+                 interrupt_bitmap=tuple(s.interrupt_bitmap))
+
+
+def _put_sregs(addr: int, sr: Sregs) -> int:
+    s = _struct(uapi.kvm_sregs, addr)
+    ctypes.memset(addr, 0, ctypes.sizeof(uapi.kvm_sregs))
+    for n in _SEGS:
+        seg, src = getattr(s, n), getattr(sr, n)
+        for f in _SEG_NAMES:
+            setattr(seg, f, getattr(src, f))
+    for n in ("gdt", "idt"):
+        getattr(s, n).base, getattr(s, n).limit = getattr(sr, n).base, getattr(sr, n).limit
+    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, n, getattr(sr, n))
+    for i, v in enumerate(sr.interrupt_bitmap):
+        s.interrupt_bitmap[i] = v
+    return 0
+
+
+_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def _get_cpuid(addr: int) -> list[CpuidEntry]:
+    hdr = _struct(uapi.kvm_cpuid2, addr)
+    if hdr.nent > 256:
+        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} > 256")
+    entries = (uapi.kvm_cpuid_entry2 * hdr.nent).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
+    return [CpuidEntry(*[getattr(e, n) for n in _CPUID_FIELDS]) for e in entries]
+
+
+def _put_cpuid(addr: int, table: tuple[CpuidEntry, ...]) -> int:
+    """Write ``table`` after the header; E2BIG (nent unchanged) if nent is too small."""
+    hdr = _struct(uapi.kvm_cpuid2, addr)
+    if hdr.nent < len(table):
+        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} < {len(table)} entries")
+    entries = (uapi.kvm_cpuid_entry2 * len(table)).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
+    ctypes.memset(ctypes.addressof(entries), 0, ctypes.sizeof(entries))
+    for e, src in zip(entries, table):
+        for n in _CPUID_FIELDS:
+            setattr(e, n, getattr(src, n))
+    hdr.nent = len(table)
+    return 0
+
+
+def _put_msr_list(addr: int, indices: tuple[int, ...]) -> int:
+    """kvm_msr_list: E2BIG with nmsrs set to the count if the buffer is too small."""
+    hdr = _struct(uapi.kvm_msr_list, addr)
+    n, hdr.nmsrs = hdr.nmsrs, len(indices)
+    if n < len(indices):
+        raise oserror(errno.E2BIG, f"kvm_msr_list.nmsrs {n} < {len(indices)}")
+    arr = (ctypes.c_uint32 * len(indices)).from_address(addr + ctypes.sizeof(uapi.kvm_msr_list))
+    arr[:] = indices
+    return 0
+
+
+def _msr_entries(addr: int) -> Any:
+    hdr = _struct(uapi.kvm_msrs, addr)
+    if hdr.nmsrs >= 0x4000:  # MAX_IO_MSRS
+        raise oserror(errno.E2BIG, f"kvm_msrs.nmsrs {hdr.nmsrs} too large")
+    return (uapi.kvm_msr_entry * hdr.nmsrs).from_address(addr + ctypes.sizeof(uapi.kvm_msrs))
+
+
+def _get_msrs(f: _File, addr: int) -> int:
+    entries = _msr_entries(addr)
+    got = f.obj.get_msrs([e.index for e in entries])
+    for e, (_, value) in zip(entries, got):
+        e.data = value
+    return len(got)
+
+
+def _set_msrs(f: _File, addr: int) -> int:
+    return f.obj.set_msrs([(e.index, e.data) for e in _msr_entries(addr)])
+
+
+def _set_user_memory_region(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_userspace_memory_region, addr)
+    f.obj.set_user_memory_region(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
+    return 0
+
+
+def _set_user_memory_region2(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_userspace_memory_region2, addr)
+    f.obj.set_user_memory_region2(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr,
+                                  s.guest_memfd, s.guest_memfd_offset, s.pad1, list(s.pad2))
+    return 0
+
+
+def _set_memory_attributes(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_memory_attributes, addr)
+    f.obj.set_memory_attributes(s.address, s.size, s.attributes, s.flags)
+    return 0
+
+
+def _enable_cap(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_enable_cap, addr)
+    f.obj.enable_cap(s.cap, *s.args, flags=s.flags)
+    return 0
+
+
+def _pre_fault_memory(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_pre_fault_memory, addr)
+    try:
+        s.gpa, s.size = f.obj.pre_fault_memory(s.gpa, s.size, s.flags)
+    except OSError:
+        raise
+    return 0
+
+
+def _put_exit(page: _RunPage, ex: Any) -> int:
+    """Fill kvm_run for ``ex``; returns KVM_RUN's result (0, or -errno for EINTR/EFAULT exits)."""
+    run = page.run
+    x = run.exit
+    R = uapi.ExitReason
+    if isinstance(ex, IoExit):
+        run.exit_reason = R.IO
+        x.io.direction, x.io.size, x.io.port, x.io.count = ex.direction, ex.size, ex.port, ex.count
+        x.io.data_offset = _PIO_OFFSET
+        if ex.data:
+            ctypes.memmove(page.address + _PIO_OFFSET, ex.data, len(ex.data))
+        page.pending = ex
+        return 0
+    if isinstance(ex, MmioExit):
+        run.exit_reason = R.MMIO
+        x.mmio.phys_addr, x.mmio.len, x.mmio.is_write = ex.phys_addr, ex.len, int(ex.is_write)
+        ctypes.memmove(ctypes.addressof(x.mmio.data), ex.data.ljust(8, b"\0")[:8], 8)
+        page.pending = ex
+        return 0
+    if isinstance(ex, HypercallExit):
+        run.exit_reason = R.HYPERCALL
+        h = x.hypercall
+        h.nr, h.ret, h.flags = ex.nr, ex.ret, ex.flags
+        for i, v in enumerate(ex.args[:6]):
+            h.args[i] = v
+        page.pending = ex
+        return 0
+    if isinstance(ex, MemoryFaultExit):
+        run.exit_reason = R.MEMORY_FAULT
+        x.memory_fault.flags, x.memory_fault.gpa, x.memory_fault.size = ex.flags, ex.gpa, ex.size
+        return -ex.errno
+    if isinstance(ex, HltExit):
+        run.exit_reason = R.HLT
+        return 0
+    if isinstance(ex, IntrExit):
+        run.exit_reason = R.INTR
+        return -errno.EINTR
+    if isinstance(ex, ShutdownExit):
+        run.exit_reason = R.SHUTDOWN
+        return 0
+    if isinstance(ex, InternalErrorExit):
+        run.exit_reason = R.INTERNAL_ERROR
+        x.internal.suberror, x.internal.ndata = ex.suberror, min(len(ex.data), 16)
+        for i, v in enumerate(ex.data[:16]):
+            x.internal.data[i] = v
+        return 0
+    if isinstance(ex, FailEntryExit):
+        run.exit_reason = R.FAIL_ENTRY
+        x.fail_entry.hardware_entry_failure_reason, x.fail_entry.cpu = ex.hardware_entry_failure_reason, ex.cpu
+        return 0
+    if isinstance(ex, UnknownExit):
+        run.exit_reason = ex.reason
+        return 0
+    raise AssertionError(f"unexpected exit {ex!r}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+
+
+def _mremap_fixed(old: int, length: int, new: int) -> int:
+    r = _libc.mremap(old, length, length, 3, new)  # MREMAP_MAYMOVE | MREMAP_FIXED
+    if r in (None, ctypes.c_void_p(-1).value):
+        raise oserror(ctypes.get_errno(), f"mremap to {new:#x}")
+    return r
+
+
+# --- entry points (called by the native library's embedded interpreter) ----------------------
+
+_server: Server | None = None
+
+
+def attach(lib: Any) -> None:
+    """Create the process's server; the native library calls this once, at start-up."""
+    global _server
+    _server = Server(lib, os.environ.get("GUESTMEM_DEVKVM_PROFILE") or "6.18",
+                     os.environ.get("GUESTMEM_DEVKVM_TRACE") or None)
+    lib.gm_set_ready()
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    traceback.print_exc()  # a bug in the model or here: say so, and fail the call loudly
+    return errno.EIO
+
+
+def serve_open(path: str, flags: int) -> int:
+    s = _server
+    t0 = time.perf_counter()
+    try:
+        r = s.open(path, flags)
+    except BaseException as exc:  # noqa: BLE001 - every failure must become an errno
+        r = -_errno_of(exc)
+    if s._trace:
+        s.trace(0, -1, (), r, t0, path)
+    return r
+
+
+def serve(op: int, fd: int, a: int, b: int, c: int, d: int, e: int) -> int:
+    s = _server
+    t0 = time.perf_counter()
+    try:
+        r = s.call(op, fd, a, b, c, d, e)
+    except BaseException as exc:  # noqa: BLE001 - every failure must become an errno
+        r = -_errno_of(exc)
+    if s._trace:
+        s.trace(op, fd, (a, b, c), r, t0)
+    return r
