@@ -26,6 +26,14 @@ SIZES = {
     "kvm_cpuid_entry2": 40,
     "kvm_run_exit": 256,
     "kvm_run": 2352,
+    "kvm_msr_entry": 16,
+    "kvm_msrs": 8,
+    "kvm_msr_list": 4,
+    "kvm_mp_state": 4,
+    "kvm_xcrs": 392,
+    "kvm_fpu": 416,
+    "kvm_xcr": 16,
+    "stat": 144,
 }
 
 
@@ -52,6 +60,8 @@ OFFSETS = {
                   "cr2": 232, "cr3": 240, "cr4": 248, "cr8": 256, "efer": 264, "apic_base": 272,
                   "interrupt_bitmap": 280},
     "kvm_cpuid_entry2": {"function": 0, "index": 4, "flags": 8, "eax": 12, "ebx": 16, "ecx": 20, "edx": 24, "padding": 28},
+    "stat": {"st_ino": 8, "st_mode": 24, "st_size": 48, "st_blksize": 56, "st_mtime": 88},
+    "kvm_msr_entry": {"index": 0, "reserved": 4, "data": 8},
     "kvm_run": {"request_interrupt_window": 0, "immediate_exit": 1, "padding1": 2, "exit_reason": 8,
                 "ready_for_interrupt_injection": 12, "if_flag": 13, "flags": 14, "cr8": 16, "apic_base": 24,
                 "exit": 32, "kvm_valid_regs": 288, "kvm_dirty_regs": 296, "s": 304},
@@ -105,6 +115,23 @@ IOCTLS = {
     "KVM_SET_MEMORY_ATTRIBUTES": 0x4020AED2,
     "KVM_CREATE_GUEST_MEMFD": 0xC040AED4,
     "KVM_PRE_FAULT_MEMORY": 0xC040AED5,
+    "KVM_GET_MSR_INDEX_LIST": 0xC004AE02,
+    "KVM_GET_MSR_FEATURE_INDEX_LIST": 0xC004AE0A,
+    "KVM_SET_NR_MMU_PAGES": 0xAE44,
+    "KVM_GET_NR_MMU_PAGES": 0xAE45,
+    "KVM_SET_IDENTITY_MAP_ADDR": 0x4008AE48,
+    "KVM_CREATE_IRQCHIP": 0xAE60,
+    "KVM_GET_MSRS": 0xC008AE88,
+    "KVM_SET_MSRS": 0x4008AE89,
+    "KVM_GET_FPU": 0x81A0AE8C,
+    "KVM_SET_FPU": 0x41A0AE8D,
+    "KVM_GET_CPUID2": 0xC008AE91,
+    "KVM_GET_MP_STATE": 0x8004AE98,
+    "KVM_SET_MP_STATE": 0x4004AE99,
+    "KVM_SET_TSC_KHZ": 0xAEA2,
+    "KVM_GET_TSC_KHZ": 0xAEA3,
+    "KVM_GET_XCRS": 0x8188AEA6,
+    "KVM_SET_XCRS": 0x4188AEA7,
 }
 
 
