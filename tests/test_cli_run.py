@@ -52,7 +52,13 @@ def test_secret_every_host_path_is_refused(capsys):
     assert not any(p["revealed"] for p in paths.values())
     assert paths["guest_memfd read(2)"]["outcome"].startswith("refused")
     assert paths["guest_memfd mmap(2) + touch (forked child)"]["outcome"] == "killed by SIGBUS"
-    assert "no secret" in paths["host shared mapping of the range"]["outcome"]
+    # The data region is GMEM_ONLY (its guest_memfd has MMAP): the host's view of it is the
+    # guest_memfd mapping, which a VM with private memory cannot make host-accessible.
+    shared = paths["host shared mapping of the range"]
+    assert (shared["covers"], shared["examined"], shared["refused"]) == (8192, 0, 8192)
+    assert "EFAULT" in shared["outcome"]
+    assert all(p["complete"] and p["examined"] + p["refused"] == p["covers"] for p in paths.values())
+    assert w["paths_incomplete"] == 0
     rc = main(["run", "secret"])
     out = capsys.readouterr().out
     assert rc == 0 and "host access paths" in out and "YES" not in out
@@ -165,3 +171,40 @@ def test_sigint_during_a_run_exits_130(capsys, monkeypatch):
     assert sent and machine_stopping()
     assert "interrupted" in out
     assert rc == 130
+
+
+def test_secret_at_8_gib_passes_and_states_the_bytes_each_path_examined(capsys, monkeypatch):
+    """Every byte of the 8 GiB data region is accounted for by the all-memory path (read in
+    bounded chunks), and the summary shows covered / examined / refused per path."""
+    result = run_json(capsys, "secret", "--memory", "8G")
+    assert result["ok"] and result["memory"] == 8 << 30
+    paths = {p["path"]: p for p in result["workload_results"]["probes"]}
+    everything = paths["host shared mappings of all guest memory"]
+    assert everything["covers"] == (8 << 30) + (2 << 20)  # the data region and the 2 MiB boot region
+    assert everything["examined"] == 2 << 20 and everything["refused"] == 8 << 30  # boot read; data: EFAULT
+    assert all(p["complete"] for p in paths.values())
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    rc = main(["run", "secret", "--memory", "8G"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "examined" in out and "refused" in out and "8 GiB + 2 MiB" in out
+
+
+def test_secret_path_that_examined_less_than_it_covers_fails_the_run(capsys, monkeypatch):
+    """A host path that reads back fewer bytes than it asked for (as hostmem.Mapping.read did
+    when it truncated sizes to a C int) has not examined that memory: FAILED, exit 1, and the
+    path says how much went unexamined. Simulated with reads truncated to size mod 1 MiB."""
+    from guestmem.vmm.memory import GuestMemory
+
+    real_read = GuestMemory.read
+    monkeypatch.setattr(GuestMemory, "read", lambda self, gpa, size: real_read(self, gpa, size % (1 << 20)))
+    rc = main(["run", "secret", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 1 and result["ok"] is False
+    w = result["workload_results"]
+    paths = {p["path"]: p for p in w["probes"]}
+    everything = paths["host shared mappings of all guest memory"]
+    assert not everything["complete"] and everything["examined"] == 0 and "NOT EXAMINED" in everything["outcome"]
+    assert w["paths_incomplete"] == 1 and w["paths_revealing"] == 0
+    rc = main(["run", "secret"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED" in out and "SHORT" in out.replace("\n", " ")

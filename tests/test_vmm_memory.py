@@ -174,3 +174,34 @@ def test_a_one_tib_guest_is_range_based(model_system):
     finally:
         mem.close()
         vm.close()
+
+
+def test_gmem_only_region_host_view_is_the_guest_memfd_the_guest_uses(model_system):
+    """Model only (private memory). A private-capable region whose guest_memfd has MMAP is
+    bound GMEM_ONLY (spec 2.3 step 17.6): the guest's *shared* accesses go to the guest_memfd
+    too, so the host's view of the region must be that guest_memfd's mapping, never a second
+    memfd the guest does not use. On 6.18 a VM with private memory cannot create INIT_SHARED
+    guest_memfds, so every host touch of that mapping faults (spec 3.3, 11.9): the layer's
+    read/write refuse with EFAULT instead of returning the zeros of an unrelated memfd, and a
+    touch of ``shared_mapping`` SIGBUSes like the kernel's mapping."""
+    from guestmem.vmm.machine import Machine, boot_region
+    from guestmem.workloads.secret import probe_mapping_in_child
+
+    with Machine(model_system, [boot_region(), Region("data", DATA, 4 * MiB, private=True, gmem_mmap=True)]) as m:
+        m.load_assembly(f"mov rax, 0x1122334455667788; mov rbx, {DATA:#x}; mov [rbx], rax; "
+                        "mov rcx, [rbx]; cmp rcx, rax; jne bad; xor eax, eax; out 0xf4, eax; bad: hlt")
+        (loop,) = m.run(timeout=20)
+        assert loop.result == 0  # the guest wrote and read back its value through a shared access
+        mem = m.memory
+        snap = mem.snapshot()
+        assert snap.backings[1] == "gmem-mmap"
+        view = mem.shared_mapping("data")
+        assert snap.slots[1].userspace_addr == view.address
+        assert probe_mapping_in_child(view, 0, 8) == ("SIGBUS", b"")  # the guest_memfd's mapping, not a memfd
+        with pytest.raises(OSError) as exc:
+            mem.read(DATA, 8)  # was: 8 zero bytes from a memfd the guest never touches
+        assert exc.value.errno == errno.EFAULT and "INIT_SHARED" in str(exc.value)
+        with pytest.raises(OSError) as exc:
+            mem.write(DATA, b"\0" * 8)  # was: silently written where the guest never looks
+        assert exc.value.errno == errno.EFAULT
+        assert mem.read(0, 8) is not None  # the boot region stays readable

@@ -6,12 +6,19 @@ A VMM declares its guest memory as ``Region`` values (guest address, size, priva
 or shared-only, backing kind). ``GuestMemory`` validates them once (page aligned, sorted,
 non-overlapping: vm-memory's rule) and creates, using only the backend interface:
 
-* for a **private-capable** region: one guest_memfd for the private half (flags 0, or MMAP
-  when asked and the VM allows it) and one host memfd, mapped MAP_SHARED, for the shared
-  half; each memslot has ``KVM_MEM_GUEST_MEMFD``, binds consecutive guest_memfd offsets
-  and points ``userspace_addr`` at the memfd mapping. This needs a VM whose
-  KVM_CAP_MEMORY_ATTRIBUTES includes PRIVATE, otherwise construction fails with EOPNOTSUPP
-  and a message saying why (the real kernel on this host has no memory attributes).
+* for a **private-capable** region: one guest_memfd for the private half (flags 0) and one
+  host memfd, mapped MAP_SHARED, for the shared half; each memslot has
+  ``KVM_MEM_GUEST_MEMFD``, binds consecutive guest_memfd offsets and points
+  ``userspace_addr`` at the memfd mapping. With ``gmem_mmap`` (and a VM offering MMAP) the
+  guest_memfd has MMAP, which makes the kernel bind it **GMEM_ONLY** (spec 2.3, 11.8): the
+  guest's shared accesses go to the guest_memfd as well, so there is no memfd, and the
+  host's view and ``userspace_addr`` are the guest_memfd's own mapping. A VM with private
+  memory cannot create INIT_SHARED guest_memfds (spec 2.1), and without INIT_SHARED every
+  host touch of that mapping faults (spec 3.3): ``read``/``write``/``fill`` then refuse
+  with EFAULT (``host_accessible`` says which regions the host can touch). Private-capable
+  regions need a VM whose KVM_CAP_MEMORY_ATTRIBUTES includes PRIVATE, otherwise
+  construction fails with EOPNOTSUPP and a message saying why (the real kernel on this host
+  has no memory attributes).
 * for a **shared-only** region: a guest_memfd created MMAP|INIT_SHARED, with
   ``userspace_addr`` set to its own mapping (spec 11.8, "GMEM_ONLY"), when the VM reports
   both flags in KVM_CAP_GUEST_MEMFD_FLAGS; otherwise a plain memfd.
@@ -69,8 +76,10 @@ class Region:
         for shared ones); False for shared-only memory.
     :param backing: shared-only regions: "gmem" (MMAP|INIT_SHARED guest_memfd), "memfd", or
         "auto" (gmem when the VM supports it). Private-capable regions always use both.
-    :param gmem_mmap: private-capable regions: create the guest_memfd with MMAP (the host can
-        map it, and every touch SIGBUSes) when the VM allows it.
+    :param gmem_mmap: private-capable regions: create the guest_memfd with MMAP when the VM
+        allows it. The slot is then GMEM_ONLY: shared and private pages both live in the
+        guest_memfd, and the host's view is its mapping (without INIT_SHARED, which VMs with
+        private memory cannot have on 6.18, every host touch faults).
     """
 
     name: str
@@ -115,7 +124,7 @@ class Snapshot:
     regions: tuple[Region, ...]
     slots: tuple[Slot, ...]
     private: tuple[tuple[int, int], ...]  # sorted, merged [gpa, end) runs that are PRIVATE
-    backings: tuple[str, ...]  # per region: "gmem+memfd", "gmem-mmap+memfd", "gmem", "memfd"
+    backings: tuple[str, ...]  # per region: "gmem+memfd", "gmem-mmap" (GMEM_ONLY), "gmem", "memfd"
 
     def is_private(self, gpa: int) -> bool:
         i = bisect_right(self.private, (gpa, 1 << 64)) - 1
@@ -144,7 +153,7 @@ class Snapshot:
 class _Backed:
     """A region with the objects backing it (owned by GuestMemory)."""
 
-    __slots__ = ("region", "gmem", "memfd", "mapping", "kind")
+    __slots__ = ("region", "gmem", "memfd", "mapping", "kind", "host_access")
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -152,6 +161,7 @@ class _Backed:
         self.memfd = -1
         self.mapping: Mapping | None = None  # the host's shared view (memfd or gmem mapping)
         self.kind = ""
+        self.host_access = True  # False: the view is a guest_memfd mapping without INIT_SHARED
 
 
 def _validate(regions: Iterable[Region]) -> tuple[Region, ...]:
@@ -251,10 +261,19 @@ class GuestMemory:
     def _create_backing(self, r: Region) -> _Backed:
         b = _Backed(r)
         want_gmem = r.backing == "gmem" or (r.backing == "auto" and (self._gmem_flags & 3) == 3)
-        if r.private:
-            flags = int(GuestMemfdFlag.MMAP) if r.gmem_mmap and self._gmem_flags & GuestMemfdFlag.MMAP else 0
+        if r.private and r.gmem_mmap and self._gmem_flags & GuestMemfdFlag.MMAP:
+            # GMEM_ONLY: the guest's shared pages are in the guest_memfd too, so it is the
+            # host's view. INIT_SHARED only if this VM offers it (no VM with private memory
+            # does on 6.18); without it the host cannot touch the mapping at all.
+            flags = int(GuestMemfdFlag.MMAP) | int(self._gmem_flags & GuestMemfdFlag.INIT_SHARED)
             b.gmem = self.vm.create_guest_memfd(r.size, flags)
-            b.kind = "gmem-mmap+memfd" if flags else "gmem+memfd"
+            b.mapping = b.gmem.mmap(r.size)
+            b.kind = "gmem-mmap"
+            b.host_access = bool(flags & GuestMemfdFlag.INIT_SHARED)
+            return b
+        if r.private:
+            b.gmem = self.vm.create_guest_memfd(r.size, 0)
+            b.kind = "gmem+memfd"
         elif want_gmem:
             b.gmem = self.vm.create_guest_memfd(r.size, int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED))
             b.mapping = b.gmem.mmap(r.size)
@@ -291,7 +310,11 @@ class GuestMemory:
         return self._backed[self.regions.index(self.region(name))].gmem
 
     def shared_mapping(self, name: str) -> Mapping:
-        """The host's shared view of region ``name`` (what the memslot's userspace_addr maps)."""
+        """The host's shared view of region ``name`` (what the memslot's userspace_addr maps).
+
+        For a region that is not ``host_accessible`` this is a guest_memfd mapping that
+        SIGBUSes on every touch: use ``read``/``write``, which refuse instead.
+        """
         m = self._backed[self.regions.index(self.region(name))].mapping
         assert m is not None
         return m
@@ -301,10 +324,18 @@ class GuestMemory:
         b = self._find(gpa)
         return b is not None and b.region.private and size > 0 and gpa + size <= b.region.end
 
+    def host_accessible(self, name: str) -> bool:
+        """Whether the host can touch region ``name``'s shared view (False for a GMEM_ONLY
+        region whose guest_memfd lacks INIT_SHARED: every touch faults, spec 3.3)."""
+        return self._backed[self.regions.index(self.region(name))].host_access
+
     def _host(self, gpa: int, size: int) -> tuple[Mapping, int]:
         b = self._find(gpa)
         if b is None or size < 0 or gpa + size > b.region.end:
             raise oserror(errno.EFAULT, f"guest range [{gpa:#x}, +{size:#x}) is not inside one region")
+        if not b.host_access:
+            raise oserror(errno.EFAULT, f"guest range [{gpa:#x}, +{size:#x}): region {b.region.name!r} is GMEM_ONLY "
+                                        "and its guest_memfd has no INIT_SHARED, so every host touch faults")
         assert b.mapping is not None
         return b.mapping, gpa - b.region.gpa
 
@@ -387,8 +418,9 @@ class GuestMemory:
                 if b.region.private:
                     off, length = pos - b.region.gpa, stop - pos
                     if private:
-                        hostmem.fallocate(b.memfd, Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, off, length)
-                        done.append(("memfd", off, length))
+                        if b.memfd >= 0:  # GMEM_ONLY regions have no separate shared memory
+                            hostmem.fallocate(b.memfd, Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE, off, length)
+                            done.append(("memfd", off, length))
                     else:
                         assert b.gmem is not None
                         b.gmem.punch_hole(off, length)

@@ -58,9 +58,16 @@ def summary(result: RunResult) -> Any:
         t = Table(title="host access paths to the guest's private secret", title_justify="left")
         t.add_column("path")
         t.add_column("outcome")
+        t.add_column("covers", justify="right")
+        t.add_column("examined", justify="right")
+        t.add_column("refused", justify="right")
         t.add_column("revealed", justify="center")
         for p in probes:
-            t.add_row(p["path"], p["outcome"], "[red]YES[/]" if p["revealed"] else "[green]no[/]")
+            covers = p.get("covers", 0)
+            short = not p.get("complete", True)
+            t.add_row(p["path"], p["outcome"], _bytes(covers) if covers else "-",
+                      ("[red]" + _bytes(p["examined"]) + " SHORT[/]") if short else _bytes(p.get("examined", 0)),
+                      _bytes(p.get("refused", 0)), "[red]YES[/]" if p["revealed"] else "[green]no[/]")
         parts.append(t)
     return Group(*parts)
 

@@ -3,33 +3,45 @@
 vCPU 0 converts the first pages of the private-capable ``data`` region to private and
 writes a secret there (a xorshift64 stream from a seed only the guest's registers hold).
 When it says so, the host tries every access path it has and records, per path, what
-happened and whether any of the secret came back. Afterwards the guest checks that it
-still reads its secret, so the probes are known to have run against live private data.
+happened, whether any of the secret came back, and how many bytes of guest memory the path
+covers, examined (read and searched) and had refused (an errno or SIGBUS from the kernel).
+A path passes only if it revealed nothing and examined + refused equals what it covers: a
+path that silently looked at less (a short read) is a failed check. Large ranges are read
+in bounded chunks (``CHUNK``), never as one allocation the size of guest memory.
+Afterwards the guest checks that it still reads its secret, so the probes are known to have
+run against live private data.
 
 The guest_memfd is created with MMAP when the VM allows it, so the mmap path yields a real
-mapping that is probed for SIGBUS in a forked child.
+mapping that is probed for SIGBUS in a forked child. That also makes the data region
+GMEM_ONLY (the guest's shared pages live in the guest_memfd too), so the host's shared view
+of it is that mapping, which the host cannot touch without INIT_SHARED.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import faulthandler
 import os
 import random
 import signal
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..guest import PORT_SYNC
 from ..hostmem import Mapping
+from ..vmm.conversion import size_label
 from ..vmm.memory import Region
 from ..vmm.runloop import Outcome
 from . import source, sync_op
 
 DATA_GPA = 1 << 32
 SECRET_SIZE = 2 * 4096
+CHUNK = 64 << 20
+"""Large ranges are read and searched in pieces of this size (bounded memory at any guest size)."""
 _U64 = (1 << 64) - 1
 
 
@@ -46,11 +58,76 @@ def secret_bytes(seed: int, size: int) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Probe:
-    """One host access path and its outcome."""
+    """One host access path and its outcome.
+
+    ``covers``: bytes of guest memory the path claims to look at (0 for metadata queries);
+    ``examined``: bytes it read and searched; ``refused``: bytes the kernel did not hand out
+    (an errno, SIGBUS, or a file read ending early). ``complete`` means every covered byte
+    was examined or refused.
+    """
 
     path: str
     outcome: str
     revealed: bool
+    covers: int = 0
+    examined: int = 0
+    refused: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.examined + self.refused == self.covers
+
+    @property
+    def ok(self) -> bool:
+        return not self.revealed and self.complete
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "complete": self.complete}
+
+
+def _label(n: int) -> str:
+    return size_label(n) if n else "0 B"
+
+
+def scan(read: Callable[[int, int], bytes], size: int, needle: bytes) -> tuple[int, int, bool, list[str]]:
+    """Search ``[0, size)`` for ``needle``, reading ``read(offset, n)`` in CHUNK pieces.
+
+    Returns ``(examined, refused, found, errors)``: a chunk whose read raises OSError counts
+    as refused; a short read counts only what came back (so the caller sees it is short).
+    Needles straddling two chunks are found (the previous chunk's tail is kept).
+    """
+    examined = refused = 0
+    found = False
+    errors: list[str] = []
+    tail = b""
+    keep = len(needle) - 1
+    for off in range(0, size, CHUNK):
+        n = min(CHUNK, size - off)
+        try:
+            data = read(off, n)
+        except OSError as exc:
+            refused += n
+            tail = b""
+            text = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            if text not in errors:
+                errors.append(text)
+            continue
+        got = min(len(data), n)
+        examined += got
+        if needle in data or (tail and needle in tail + bytes(data[:keep])):
+            found = True
+        tail = bytes(data[max(got - keep, 0):got]) if got == n else b""
+    return examined, refused, found, errors
+
+
+def _scan_outcome(covers: int, examined: int, refused: int, found: bool, errors: list[str]) -> str:
+    parts = [f"read {_label(examined)}"]
+    if refused:
+        parts.append(f"refused {_label(refused)} ({', '.join(errors)})")
+    if examined + refused < covers:
+        parts.append(f"{_label(covers - examined - refused)} NOT EXAMINED")
+    parts.append("SECRET FOUND" if found else "no secret")
+    return ", ".join(parts)
 
 
 def _contains(data: Any, needle: bytes) -> bool:
@@ -138,10 +215,28 @@ class Secret:
             try:
                 data = read()
             except OSError as exc:
-                out.append(Probe(path, f"refused: {exc.strerror or exc} (errno {exc.errno})", False))
+                out.append(Probe(path, f"refused: {exc.strerror or exc} (errno {exc.errno})", False,
+                                 SECRET_SIZE, 0, SECRET_SIZE))
                 return
+            # A file read may return less than asked (end of file): the kernel withheld the
+            # rest, which counts as refused. Reads of the host's own mappings (attempt_scan)
+            # get no such allowance: there a short read means memory went unexamined.
             hit = _contains(data, needle)
-            out.append(Probe(path, f"returned {len(data)} bytes" + (", SECRET FOUND" if hit else ", no secret"), hit))
+            got = min(len(data), SECRET_SIZE)
+            eof = " (end of file)" if got < SECRET_SIZE else ""
+            out.append(Probe(path, f"returned {len(data)} of {SECRET_SIZE} bytes{eof}"
+                             + (", SECRET FOUND" if hit else ", no secret"), hit, SECRET_SIZE, got, SECRET_SIZE - got))
+
+        def attempt_scan(path: str, ranges: list[tuple[int, int]]) -> None:
+            covers = examined = refused = 0
+            found = False
+            errors: list[str] = []
+            for gpa, size in ranges:
+                e, r, f, errs = scan(lambda off, n, gpa=gpa: mem.read(gpa + off, n), size, needle)
+                covers, examined, refused, found = covers + size, examined + e, refused + r, found or f
+                errors += [x for x in errs if x not in errors]
+            out.append(Probe(path, _scan_outcome(covers, examined, refused, found, errors), found,
+                             covers, examined, refused))
 
         fd = gmem.fileno()
         attempt("guest_memfd read(2)", lambda: gmem.read(SECRET_SIZE))
@@ -152,19 +247,21 @@ class Secret:
         try:
             gm = gmem.mmap(SECRET_SIZE)
         except OSError as exc:
-            out.append(Probe("guest_memfd mmap(2)", f"refused: {exc.strerror} (errno {exc.errno})", False))
+            out.append(Probe("guest_memfd mmap(2)", f"refused: {exc.strerror} (errno {exc.errno})", False,
+                             SECRET_SIZE, 0, SECRET_SIZE))
         else:
             try:
                 how, data = probe_mapping_in_child(gm, 0, SECRET_SIZE)
             finally:
                 gm.close()
             hit = _contains(data, needle)
+            got = min(len(data), SECRET_SIZE)
             out.append(Probe("guest_memfd mmap(2) + touch (forked child)",
                              "killed by " + how if how != "read" else
-                             f"read {len(data)} bytes" + (", SECRET FOUND" if hit else ", no secret"), hit))
-        attempt("host shared mapping of the range", lambda: mem.read(DATA_GPA, SECRET_SIZE))
-        attempt("host shared mappings of all guest memory",
-                lambda: b"".join(mem.shared_mapping(r.name).read(0, r.size) for r in mem.regions))
+                             f"read {len(data)} bytes" + (", SECRET FOUND" if hit else ", no secret"), hit,
+                             SECRET_SIZE, got, SECRET_SIZE if how != "read" else 0))
+        attempt_scan("host shared mapping of the range", [(DATA_GPA, SECRET_SIZE)])
+        attempt_scan("host shared mappings of all guest memory", [(r.gpa, r.size) for r in mem.regions])
         out.extend(self._probe_objects(needle))
         return out
 
@@ -206,14 +303,21 @@ class Secret:
         return [p for p in self.probes if p.revealed]
 
     @property
+    def incomplete(self) -> list[Probe]:
+        """Paths that examined (or had refused) less guest memory than they claim to cover."""
+        return [p for p in self.probes if not p.complete]
+
+    @property
     def ok(self) -> bool:
-        return bool(self.probes) and not self.revealed and self.guest_kept_secret is True and not self.map_failed
+        return (bool(self.probes) and all(p.ok for p in self.probes) and self.guest_kept_secret is True
+                and not self.map_failed)
 
     def results(self) -> dict:
         return {
             "secret_bytes": SECRET_SIZE, "guest_kept_secret": self.guest_kept_secret,
             "paths_tried": len(self.probes), "paths_revealing": len(self.revealed),
-            "probes": [dataclasses.asdict(p) for p in self.probes],
+            "paths_incomplete": len(self.incomplete),
+            "probes": [p.as_dict() for p in self.probes],
         }
 
 
@@ -226,7 +330,7 @@ def _reveals(value: Any, needle: bytes, depth: int = 0) -> bool:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return needle in bytes(value)
     if isinstance(value, Mapping):
-        return False if value.closed else needle in value.read(0, value.length)
+        return False if value.closed else scan(value.read, value.length, needle)[2]
     if isinstance(value, str):
         return needle.hex() in value
     if depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
