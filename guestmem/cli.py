@@ -11,6 +11,17 @@ import sys
 import click
 
 
+def _address(text: str) -> int:
+    """A guest-physical address option: decimal or 0x-prefixed hex."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an address (use e.g. 0x40000000)") from None
+    if value < 0:
+        raise click.BadParameter(f"{text} is negative")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="guestmem", prog_name="guestmem", message="%(prog)s %(version)s")
 def cli() -> None:
@@ -101,7 +112,13 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
 
 
 @cli.command()
-@click.argument("workload", default="conversions")
+@click.argument("workload", required=False)
+@click.option("--guest", "guest_path", type=click.Path(dir_okay=False),
+              help="Run your own guest: assembly (.S/.asm), an ELF, or a flat binary.")
+@click.option("--entry", type=_address, default=None, help="--guest flat binary: entry GPA (default: load address).")
+@click.option("--load-address", type=_address, default=None,
+              help="--guest flat binary: GPA to load it at (default 0x40000000).")
+@click.option("--cpl", type=click.IntRange(0, 3), default=0, show_default=True, help="--guest: start at CPL 0 or 3.")
 @click.option("--backend", type=click.Choice(["auto", "model", "kvm"]), default="auto", show_default=True,
               help="auto: the kernel if it can run the workload, else the model.")
 @click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="Number of vCPUs.")
@@ -109,9 +126,10 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
 @click.option("--iterations", type=click.IntRange(1), default=None, help="conversions: iterations per vCPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
 @click.option("--map", "map_path", type=click.Path(dir_okay=False), help="Also write the memory map as a PNG.")
-def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations: int | None, as_json: bool,
+def run(workload: str | None, guest_path: str | None, entry: int | None, load_address: int | None, cpl: int,
+        backend: str, vcpus: int, memory: str | None, iterations: int | None, as_json: bool,
         map_path: str | None) -> None:
-    """Boot a VM and run WORKLOAD: conversions (default), secret or touch."""
+    """Boot a VM and run WORKLOAD: conversions (default), secret or touch; or your own --guest FILE."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -123,7 +141,19 @@ def run(workload: str, backend: str, vcpus: int, memory: str | None, iterations:
         size = job.parse_size(memory) if memory else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--memory") from exc
-    options = {"iterations": iterations} if iterations and workload == "conversions" else {}
+    if guest_path is not None:
+        if workload is not None:
+            raise click.UsageError(f"give either a WORKLOAD ({workload!r}) or --guest, not both")
+        if cpl not in (0, 3):
+            raise click.BadParameter("a guest starts at CPL 0 or 3", param_hint="--cpl")
+        workload = "guest"
+        options: dict = {"path": guest_path, "entry": entry, "load_address": load_address, "cpl": cpl}
+    else:
+        for name, value in (("--entry", entry), ("--load-address", load_address)):
+            if value is not None:
+                raise click.UsageError(f"{name} applies only to --guest")
+        workload = workload or "conversions"
+        options = {"iterations": iterations} if iterations and workload == "conversions" else {}
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, disable=as_json)
     task = progress.add_task(workload, total=None)

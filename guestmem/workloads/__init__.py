@@ -11,6 +11,7 @@ layout it wants and the numbers it reports.
 - ``secret``: the guest writes a secret into private memory; the host tries every access
   path it has and reports each one.
 - ``touch``: first-touch population of all guest memory (no private memory needed).
+- ``guest``: the user's own guest file (``guestmem run --guest FILE``; see ``user.py``).
 """
 
 from __future__ import annotations
@@ -57,4 +58,8 @@ def get(name: str, **options: Any) -> Any:
         from .touch import Touch
 
         return Touch(**options)
+    if name == "guest":
+        from .user import UserGuest
+
+        return UserGuest(**options)
     raise ValueError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)}")
