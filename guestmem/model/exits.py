@@ -29,26 +29,35 @@ _HC_EPERM, _HC_ENOSYS, _HC_EINVAL = (int(KvmHypercallError.EPERM), int(KvmHyperc
                                      int(KvmHypercallError.EINVAL))
 
 
-def read_uc_linear(v, uc, la: int, n: int, crs: tuple[int, int, int] | None = None) -> bytes | None:
-    """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
+def uc_physical(v, la: int, crs: tuple[int, int, int] | None = None) -> int | None:
+    """The engine-physical address of linear ``la``, walking the page tables in Unicorn's mapped
+    memory (the last translation is cached in ``v._xlate``).
 
     ``crs`` is (CR0, CR3, CR4) if the caller just read them. Caller holds uc_lock (or runs
-    inside a hook). None if a page on the way is not mapped.
+    inside a hook). None if a page on the way is not mapped or not present.
     """
     ra = v._ra
     cr0, cr3, cr4 = crs or ra.read(v._walk_ids)
     page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
     xl = v._xlate
     if xl is not None and xl[0] == cr3 and xl[1] == page:
-        pa = xl[2]
-    else:
-        efer = (1 << 10) if v._mode == "64" else 0
-        pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
-        if pa is None:
-            return None
-        pa &= ~(gm.PAGE - 1)
-        v._xlate = (cr3, page, pa, tuple(tables))
-    return ra.mem_read(pa + off, min(n, gm.PAGE - off))
+        return xl[2] + off
+    efer = (1 << 10) if v._mode == "64" else 0
+    pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
+    if pa is None:
+        return None
+    pa &= ~(gm.PAGE - 1)
+    v._xlate = (cr3, page, pa, tuple(tables))
+    return pa + off
+
+
+def read_uc_linear(v, uc, la: int, n: int, crs: tuple[int, int, int] | None = None) -> bytes | None:
+    """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
+
+    ``crs`` as for ``uc_physical``. None if a page on the way is not mapped.
+    """
+    pa = uc_physical(v, la, crs)
+    return None if pa is None else v._ra.mem_read(pa, min(n, gm.PAGE - la % gm.PAGE))
 
 
 def read_linear(v, la: int, n: int) -> bytes | None:

@@ -12,8 +12,10 @@ protections, sets RIP past the IN/OUT, hooks the new site and flushes the transl
 Counting instructions (an earlier design) made every instruction pay for a hook call: ~2.7x
 slower.
 
-Invariants: ``sites`` only grows (a site stays hooked for the engine's life and is re-hooked
-on a rebuilt engine by ``install``); at most one site is pending between a stop and ``settle``.
+Invariants: ``sites`` grows until ``clear``, which the vCPU calls when the code they were
+decoded from may have changed (``code_cache``); a site stays hooked while it is known (and is
+re-hooked on a rebuilt engine by ``install``); at most one site is pending between a stop and
+``settle``.
 All methods run with the vCPU's uc_lock held (inside a hook or around ``emu_start``).
 """
 
@@ -31,16 +33,28 @@ class IoSites:
 
     def __init__(self) -> None:
         self.sites: dict[int, tuple[int, bool, bool]] = {}
+        self._hooks: dict[int, int] = {}  # site -> handle of its code hook
         self._new: tuple[int, tuple[int, bool, bool]] | None = None
         self._discard = None  # (CPU context at the first-seen site, RIP after it)
 
     def __len__(self) -> int:
         return len(self.sites)
 
+    def _hook(self, uc, la: int, n: int) -> None:
+        self._hooks[la] = uc.hook_add(unicorn().unicorn_const.UC_HOOK_CODE, _stop_check, None, la + n, la + n)
+
     def install(self, uc) -> None:
         """Hook every known site on a freshly built engine."""
+        self._hooks.clear()
         for la, (n, _, _) in self.sites.items():
-            uc.hook_add(unicorn().unicorn_const.UC_HOOK_CODE, _stop_check, None, la + n, la + n)
+            self._hook(uc, la, n)
+
+    def clear(self, uc) -> None:
+        """Forget every site and remove its hook (the code they were decoded from changed)."""
+        for handle in self._hooks.values():
+            uc.hook_del(handle)
+        self._hooks.clear()
+        self.sites.clear()
 
     def first_seen(self, uc, la: int, code: bytes | None, regions) -> None:
         """In the IN/OUT hook, for a site not in ``sites``: decode it and fence the rest of its block."""
@@ -73,6 +87,6 @@ class IoSites:
             la, site = self._new
             self._new = None
             self.sites[la] = site
-            uc.hook_add(unicorn().unicorn_const.UC_HOOK_CODE, _stop_check, None, la + site[0], la + site[0])
+            self._hook(uc, la, site[0])
             uc.ctl_flush_tb()  # retranslate with the stop check after the site
         return undone

@@ -85,11 +85,12 @@ def _shared_vma(address: int, length: int) -> bool:
 class Region:
     """One mapped block. ``window`` is 0 for a direct region; ``target`` names its backing."""
 
-    __slots__ = ("size", "level", "prot", "window", "target", "slot", "code")
+    __slots__ = ("size", "level", "prot", "window", "target", "slot", "code", "ptr")
 
-    def __init__(self, size: int, level: int, prot: int, window: int, target: tuple, slot) -> None:
+    def __init__(self, size: int, level: int, prot: int, window: int, target: tuple, slot, ptr: int) -> None:
         self.size, self.level, self.prot, self.window, self.target, self.slot = size, level, prot, window, target, slot
         self.code = False
+        self.ptr = ptr  # the host address Unicorn maps the region onto (the window, or the backing)
 
 
 def _target(b: gm.Backing, start_gfn: int) -> tuple:
@@ -105,6 +106,7 @@ class RegionMap:
     def __init__(self) -> None:
         self.regions: dict[int, Region] = {}
         self.unmapped = False  # a region was unmapped: Unicorn may believe a #PF is in flight
+        self.gen = 0  # bumped by every unmap: host pointers taken before may dangle (code_cache)
         self._aliasable: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Memslot -> bool
 
     def overlapping(self, lo: int, hi: int) -> list[int]:
@@ -112,6 +114,8 @@ class RegionMap:
 
     def unmap(self, uc, bases: list[int]) -> None:
         self.unmapped |= bool(bases)  # unmapping the code page raises #PF inside Unicorn (2.1.4)
+        if bases:
+            self.gen += 1
         for a in bases:
             r = self.regions.pop(a)
             uc.mem_unmap(a, r.size)
@@ -157,13 +161,19 @@ class RegionMap:
         else:
             w = 0
             uc.mem_map_ptr(addr, size, prot, gm.host_address(b, start_gfn))
-        self.regions[addr] = Region(size, level, prot, w, _target(b, start_gfn), b.slot)
+        self.regions[addr] = Region(size, level, prot, w, _target(b, start_gfn), b.slot,
+                                    w or gm.host_address(b, start_gfn))
 
     def containing(self, addr: int) -> int | None:
         for a, r in self.regions.items():
             if a <= addr < a + r.size:
                 return a
         return None
+
+    def host_pointer(self, addr: int) -> int | None:
+        """The host address behind engine-physical ``addr``, or None if no region maps it."""
+        base = self.containing(addr)
+        return None if base is None else self.regions[base].ptr + addr - base
 
     def mark_code(self, uc, base: int) -> None:
         """First fetch from a window region: allow execution and remember it holds code."""

@@ -29,6 +29,10 @@ read, not a full register round trip; reads and writes go through ``unicorn_cpu.
 
 Exact IN/OUT exits: ``io_sites`` hooks the instruction after each IN/OUT the guest executes.
 
+Code follows memory: ``code_cache`` records the bytes every translation block was made from
+and, before each ``emu_start``, compares them with memory; after a write by the host, another
+vCPU or another process, the engine's translations and the IN/OUT sites are dropped.
+
 Instruction bytes (hypercall check, HLT, IN/OUT length) are read through a page walk over
 Unicorn's own mapped memory (the CPU just fetched them, so the page-table and code pages are
 mapped), with the last translation cached until an invalidation touches it or CR3 changes.
@@ -56,6 +60,7 @@ from ..uapi import IoDirection
 from . import fdtable
 from . import exits
 from . import guest_mapping as gm
+from .code_cache import CodeCache
 from .hidden_state import HiddenState
 from .io_sites import IoSites
 from .regions import RegionMap
@@ -65,6 +70,24 @@ from .vcpu_state import VcpuState
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
 _REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
+
+
+def _prime_edge_hook(uc) -> None:
+    """Run one scratch translation block on a new engine, before any hook exists.
+
+    QEMU calls UC_HOOK_EDGE_GENERATED only once a translation block has completed on the
+    engine (Unicorn 2.1.4 ``tb_find``: ``uc->last_tb``), so without this the first block the
+    guest runs would not be recorded (``code_cache``). The block is ``jmp $+2``, then the stop;
+    the page is unmapped and the translation flushed afterwards.
+    """
+    page = gm.PAGE
+    uc.mem_map(0, page)
+    try:
+        uc.mem_write(0, b"\xeb\x00\x90")
+        uc.emu_start(0, 3)
+    finally:
+        uc.mem_unmap(0, page)
+    uc.ctl_flush_tb()
 
 
 class Vcpu(VcpuState):
@@ -89,6 +112,7 @@ class Vcpu(VcpuState):
         self._event = None
         self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
         self._io = IoSites()
+        self._code = CodeCache()
         self._xlate = None  # (cr3, linear page, physical page, table pages): last code translation
         self._in_emu = False
         self._kick = False
@@ -133,6 +157,9 @@ class Vcpu(VcpuState):
         if self._u is not None:
             self._map.clear(self._u)
         uc = u.Uc(c.UC_ARCH_X86, mode)
+        _prime_edge_hook(uc)
+        uc.hook_add(c.UC_HOOK_EDGE_GENERATED, self._hook_tb)
+        self._code = CodeCache()
         uc.hook_add(c.UC_HOOK_MEM_UNMAPPED, self._hook_unmapped)
         uc.hook_add(c.UC_HOOK_MEM_WRITE_PROT, self._hook_wprot)
         uc.hook_add(c.UC_HOOK_MEM_FETCH_PROT, self._hook_xprot)
@@ -215,6 +242,22 @@ class Vcpu(VcpuState):
             cr2 = self._ra.read((_unicorn().x86_const.UC_X86_REG_CR2,))[0]
             self._event = ("intr", intno, self._hidden.exception_info(), cr2)
         uc.emu_stop()
+
+    def _hook_tb(self, uc, tb, _prev, _):
+        """A translation block was generated: record the guest-physical bytes it came from."""
+        la, n = tb.pc, tb.size
+        while n > 0:
+            k = min(n, gm.PAGE - la % gm.PAGE)
+            pa = exits.uc_physical(self, la)
+            if pa is not None:
+                self._code.record(pa, k, self._map)
+            la, n = la + k, n - k
+
+    def _flush_code(self, uc) -> None:
+        """Drop everything derived from code bytes: translations and IN/OUT sites (uc_lock held)."""
+        uc.ctl_flush_tb()
+        self._code.clear()
+        self._io.clear(uc)
 
     def _hook_io(self, uc, ev) -> None:
         if self._event is not None:
@@ -475,6 +518,8 @@ class Vcpu(VcpuState):
             uc = self._u
             if self._wr:
                 self._flush_wr(uc)
+            if self._code.pages and self._code.stale(self._map):
+                self._flush_code(uc)
             gen = self._stop_gen
             self._event = None
             if self._exc_dirty or self._map.unmapped:  # else a later #PF is a silent triple fault
