@@ -37,6 +37,8 @@ class Cap(enum.IntEnum):
     SET_TSS_ADDR = 4
     EXT_CPUID = 7
     NR_VCPUS = 9
+    MAX_VCPUS = 66
+    MAX_VCPU_ID = 128
     MP_STATE = 14
     IMMEDIATE_EXIT = 136
     GET_TSC_KHZ = 61

@@ -357,30 +357,43 @@ class Vcpu(VcpuState, FdObject):
         if _U32.unpack_from(self._page, _OFF_REASON)[0] != reason:
             raise oserror(errno.EINVAL, f"{what}: the last exit was not KVM_EXIT_{_R(reason).name}")
 
-    def complete_io(self, data: bytes) -> None:
+    def complete_io(self, data: bytes | None) -> None:
         """Answer a KVM_EXIT_IO IN: write ``data`` at io.data_offset in kvm_run for the next KVM_RUN.
 
-        ``data`` is ``size * count`` bytes (shorter data fills the front).
+        ``data`` is ``size * count`` bytes (shorter data fills the front); None after an OUT,
+        which needs no answer.
 
         :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_IO or
             ``data`` is longer than size*count.
+        :raises TypeError: None after an IN.
         """
         self._check()
         self._pending(_R.IO, "complete_io")
-        _, size, _, count, data_offset = _IO.unpack_from(self._page, _OFF_IO)
+        direction, size, _, count, data_offset = _IO.unpack_from(self._page, _OFF_IO)
+        if data is None:
+            if direction == _IO_OUT:
+                return
+            raise TypeError("complete_io: data must be bytes-like after an IN, not None")
         if len(data) > size * count:
             raise oserror(errno.EINVAL, f"complete_io: {len(data)} bytes for a {size}x{count}-byte IN")
         self._page[data_offset:data_offset + len(data)] = bytes(data)
 
-    def complete_mmio(self, data: bytes) -> None:
+    def complete_mmio(self, data: bytes | None) -> None:
         """Answer a KVM_EXIT_MMIO read: write ``data`` into mmio.data for the next KVM_RUN.
+
+        ``data`` may be None after a write, which needs no answer.
 
         :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_MMIO or
             ``data`` is longer than mmio.len.
+        :raises TypeError: None after a read.
         """
         self._check()
         self._pending(_R.MMIO, "complete_mmio")
-        length = _MMIO.unpack_from(self._page, _OFF_MMIO)[2]
+        _, _, length, is_write = _MMIO.unpack_from(self._page, _OFF_MMIO)
+        if data is None:
+            if is_write:
+                return
+            raise TypeError("complete_mmio: data must be bytes-like after a read, not None")
         if len(data) > length:
             raise oserror(errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {length}-byte access")
         self._page[_OFF_MMIO_DATA:_OFF_MMIO_DATA + len(data)] = bytes(data)

@@ -66,6 +66,7 @@ from .io_sites import IoSites
 from .regions import RegionMap
 from .unicorn_cpu import MASK, REGS, RegAccess, load_state, mode_of, read_sregs, reg_id
 from .unicorn_cpu import unicorn as _unicorn
+from .vcpu_checks import check_sregs, encode_regs, encode_sregs, reset_regs, reset_sregs
 from .vcpu_state import VcpuState
 
 _END = 0xFFFF_FFFF_FFFF_FFFF
@@ -100,8 +101,8 @@ class Vcpu(VcpuState):
         self._ioctl_lock = threading.Lock()
         self.uc_lock = threading.Lock()
         self._map = RegionMap()
-        self._regs = Regs()
-        self._sregs = Sregs()
+        self._regs = reset_regs()
+        self._sregs = reset_sregs(vcpu_id)
         self._mode = mode_of(self._sregs)
         self._u = None  # the Unicorn instance, built on first run
         self._sregs_dirty = True  # set_sregs happened: write everything before running
@@ -131,6 +132,13 @@ class Vcpu(VcpuState):
 
     def __repr__(self) -> str:
         return f"<model Vcpu id={self.vcpu_id} fd={self._fd}>"
+
+    def __enter__(self) -> "Vcpu":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -331,16 +339,23 @@ class Vcpu(VcpuState):
         self._xlate = None
         self._sregs_dirty = False
 
+    # Every ioctl checks for close() under _ioctl_lock: close() takes that lock before it drops
+    # the engine, so a call racing it either completes or fails with EBADF.
+
     def get_regs(self) -> Regs:
         """KVM_GET_REGS (api.rst 4.11). Errors: EBADF (closed)."""
-        self._check()
         with self._ioctl_lock:
+            self._check()
             return self._read_regs()
 
     def set_regs(self, regs: Regs) -> None:
-        """KVM_SET_REGS (api.rst 4.12). Errors: EBADF (closed). Only changed registers are written."""
-        self._check()
+        """KVM_SET_REGS (api.rst 4.12); mirrors __set_regs. Only changed registers are written.
+
+        Errors: EBADF (closed); EINVAL for a value that does not fit in a u64 (``vcpu_checks``).
+        """
         with self._ioctl_lock:
+            self._check()
+            regs = encode_regs(regs)
             old = self._read_regs()
             self._queue(**{n: getattr(regs, n) for n in REGS + ("rip", "rflags")
                            if getattr(regs, n) != getattr(old, n)})
@@ -348,18 +363,22 @@ class Vcpu(VcpuState):
 
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS (api.rst 4.13). Errors: EBADF (closed)."""
-        self._check()
         with self._ioctl_lock:
+            self._check()
             return self._read_sregs()
 
     def set_sregs(self, sregs: Sregs) -> None:
-        """KVM_SET_SREGS (api.rst 4.14). Errors: EBADF (closed).
+        """KVM_SET_SREGS (api.rst 4.14); mirrors __set_sregs_common's checks (``vcpu_checks``).
 
-        The model takes CR0/CR3/CR4/EFER, GDT/IDT bases and selectors from ``sregs``; hidden
-        segment state is Unicorn's flat state for the mode (real, 32-bit, 64-bit).
+        Errors: EBADF (closed); EINVAL for a field too wide for struct kvm_sregs or a state
+        KVM refuses (kvm_is_valid_sregs, kvm_set_apic_base). The model takes CR0/CR3/CR4/EFER,
+        GDT/IDT bases and selectors from ``sregs``; hidden segment state is Unicorn's flat
+        state for the mode (real, 32-bit, 64-bit).
         """
-        self._check()
         with self._ioctl_lock:
+            self._check()
+            sregs = encode_sregs(sregs)
+            check_sregs(sregs)
             self._read_regs()
             self._sregs = sregs
             self._sregs_stale = False
@@ -367,30 +386,41 @@ class Vcpu(VcpuState):
 
     # --- completions -----------------------------------------------------------------------
 
-    def complete_io(self, data: bytes) -> None:
+    def complete_io(self, data: bytes | None) -> None:
         """Fill kvm_run.io data for the pending IN before the next KVM_RUN.
 
+        ``data`` may be None after an OUT, which needs no answer.
         Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_IO or ``data`` is
-        longer than size*count (the kvm backend's checks on the kvm_run page).
+        longer than size*count (the kvm backend's checks on the kvm_run page); TypeError for
+        None after an IN.
         """
         self._check()
         ex = self._last_exit
         if not isinstance(ex, IoExit):
             raise oserror(_errno.EINVAL, "complete_io: the last exit was not KVM_EXIT_IO")
+        if data is None:
+            if ex.direction == IoDirection.OUT:
+                return
+            raise TypeError("complete_io: data must be bytes-like after an IN, not None")
         if len(data) > ex.size * ex.count:
             raise oserror(_errno.EINVAL, f"complete_io: {len(data)} bytes for a {ex.size}x{ex.count}-byte IN")
         self._io_data = bytes(data)
 
-    def complete_mmio(self, data: bytes) -> None:
+    def complete_mmio(self, data: bytes | None) -> None:
         """Fill kvm_run.mmio.data for the pending MMIO read.
 
+        ``data`` may be None after a write, which needs no answer.
         Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_MMIO or ``data`` is
-        longer than mmio.len.
+        longer than mmio.len; TypeError for None after a read.
         """
         self._check()
         ex = self._last_exit
         if not isinstance(ex, MmioExit):
             raise oserror(_errno.EINVAL, "complete_mmio: the last exit was not KVM_EXIT_MMIO")
+        if data is None:
+            if ex.is_write:
+                return
+            raise TypeError("complete_mmio: data must be bytes-like after a read, not None")
         if len(data) > ex.len:
             raise oserror(_errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {ex.len}-byte access")
         self._mmio_data = bytes(data)
@@ -413,7 +443,9 @@ class Vcpu(VcpuState):
         self._check()
         self._kick = True
         while self._in_emu and self._kick:
-            self._u.emu_stop()
+            u = self._u  # None once a racing close() has dropped the engine
+            if u is not None:
+                u.emu_stop()
             time.sleep(0.0002)
 
     def close(self) -> None:
@@ -591,6 +623,7 @@ class Vcpu(VcpuState):
         if not profile.tdp:
             raise oserror(_errno.EOPNOTSUPP, "pre-faulting needs the TDP MMU")
         with self._ioctl_lock:
+            self._check()
             if self._u is None or self._sregs_dirty:
                 self._read_regs()
                 with self._vm._lock:

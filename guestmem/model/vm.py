@@ -38,6 +38,7 @@ from . import fdtable
 from .guest_memfd import GuestMemfd
 from .memslot import LEVEL_PAGES, Memslot
 from .profile import PRIVATE_MEM_VM_TYPES, Profile
+from .vcpu_checks import check_vcpu_id
 
 if TYPE_CHECKING:
     from .system import System
@@ -71,6 +72,7 @@ class Vm:
         self._irqchip = False
         self._nr_mmu_pages = 0
         self._created_vcpus = 0
+        self._vcpu_ids: set[int] = set()  # every vCPU id created, closed or not (kvm_get_vcpu_by_id)
         self._invalidations = 0
         self._users = 1
         self._dead = False
@@ -481,14 +483,20 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> Any:
         """KVM_CREATE_VCPU (api.rst 4.7): a model vCPU (guestmem.model.vcpu; needs Unicorn).
 
-        :raises OSError: EBADF if the VM fd is closed; the vCPU's own checks follow.
+        Errors, in order (kvm_vm_ioctl_create_vcpu): EBADF if the VM fd is closed; EINVAL for
+        an id (an unsigned long) >= KVM_MAX_VCPU_IDS or once KVM_MAX_VCPUS vCPUs exist; EEXIST
+        for an id already used by a vCPU of this VM (closing a vCPU fd does not free its id).
         """
         self._check_open()
         from .vcpu import Vcpu
 
-        vcpu = Vcpu(self, vcpu_id)
         with self._lock:
+            vcpu_id = check_vcpu_id(vcpu_id, self._created_vcpus)
+            if vcpu_id in self._vcpu_ids:
+                raise oserror(errno.EEXIST, f"vcpu_id {vcpu_id} is already in use")
+            vcpu = Vcpu(self, vcpu_id)
             self._created_vcpus += 1
+            self._vcpu_ids.add(vcpu_id)
         return vcpu
 
     def create_irqchip(self) -> None:
