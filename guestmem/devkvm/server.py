@@ -473,8 +473,21 @@ def _set_user_memory_region(f: _File, addr: int) -> int:
 def _set_user_memory_region2(f: _File, addr: int) -> int:
     s = _struct(uapi.kvm_userspace_memory_region2, addr)
     f.obj.set_user_memory_region2(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr,
-                                  s.guest_memfd, s.guest_memfd_offset, s.pad1, list(s.pad2))
+                                  _model_fd(s.guest_memfd), s.guest_memfd_offset, s.pad1, list(s.pad2))
     return 0
+
+
+def _model_fd(fd: int) -> int:
+    """The fd by which the model knows the file the program's ``fd`` refers to.
+
+    A dup of a model fd is another number for the same file; the model names each file by
+    its own descriptor, so a struct field holding a dup is translated (any other value,
+    including fds that are not the model's, reaches the model unchanged)."""
+    f = _server._files.get(fd) if _server is not None else None
+    if f is None:
+        return fd
+    own = _obj_fd(f.obj)
+    return fd if own is None else own
 
 
 def _set_memory_attributes(f: _File, addr: int) -> int:

@@ -76,11 +76,15 @@ int main(void)
 		.slot = 0, .guest_phys_addr = 0, .memory_size = 0x10000, .userspace_addr = (uintptr_t)mem };
 	CHECK(ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &r0) == 0, "memslot 0");
 
+	/* Bound through a dup, as the selftests' vm_mem_add does: the same file. */
+	int gmem2 = dup(gmem);
+	CHECK(gmem2 >= 0 && gmem2 != gmem, "dup of the guest_memfd");
+	CHECK(fstat(gmem2, &st) == 0 && st.st_size == 0x10000, "fstat of the dup");
 	uint8_t *shared = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	struct kvm_userspace_memory_region2 r1 = {
 		.slot = 1, .flags = KVM_MEM_GUEST_MEMFD, .guest_phys_addr = 0x100000, .memory_size = 0x10000,
-		.userspace_addr = (uintptr_t)shared, .guest_memfd = gmem, .guest_memfd_offset = 0 };
-	CHECK(ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &r1) == 0, "guest_memfd memslot 1");
+		.userspace_addr = (uintptr_t)shared, .guest_memfd = gmem2, .guest_memfd_offset = 0 };
+	CHECK(ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &r1) == 0, "guest_memfd memslot 1 (through the dup)");
 	struct kvm_userspace_memory_region2 r2 = r1;
 	r2.slot = 2;
 	r2.guest_phys_addr = 0x200000;
@@ -118,6 +122,7 @@ int main(void)
 	CHECK(run->exit_reason == 0x55, "immediate_exit leaves exit_reason alone");
 
 	CHECK(munmap(run, size) == 0, "munmap kvm_run");
+	CHECK(close(gmem2) == 0 && fallocate(gmem, FALLOC_FL_KEEP_SIZE, 0, 0x1000) == 0, "the file outlives its dup");
 	CHECK(close(vcpu) == 0 && close(gmem) == 0 && close(vm) == 0 && close(kvm) == 0, "close");
 	printf("done\n");
 	return 0;
