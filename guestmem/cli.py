@@ -205,6 +205,48 @@ def exec_(profile: str | None, trace_path: str | None, program: str, args: tuple
         raise click.exceptions.Exit(code)
 
 
+@cli.command()
+@click.option("--source", default=None, help="Kernel source tarball or tree (default: newest /usr/src/linux-source-*).")
+@click.option("--profile", default=None, help="Model profile (default: the source's kernel version if the model has it).")
+@click.option("-k", "keyword", default=None, help="Only tests whose name or arguments contain this.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="Seconds per run.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
+def kselftest(source: str | None, profile: str | None, keyword: str | None, timeout: float, as_json: bool) -> None:
+    """Build the kernel's KVM selftests and run each on the host kernel and on the model."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .devkvm import Unavailable, kselftest as ks
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: keep rows on one line each
+        console = Console(width=max(console.width, 200))
+
+    def progress(r: "ks.Result") -> None:
+        if not as_json:
+            console.print(f"{r.test} {' '.join(r.args)}: host {r.host.result}, model {r.model.result}")
+
+    try:
+        profile, results = ks.run(source, profile, keyword, timeout=timeout, on_result=progress)
+    except (Unavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"profile": profile, "results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        table = Table(title=f"KVM selftests: host kernel vs model (profile {profile})")
+        for column in ("test", "args", "host", "host s", "model", "model s", "detail"):
+            table.add_column(column)
+        for r in results:
+            detail = r.model.detail if r.model.result != "pass" else r.host.detail
+            table.add_row(r.test, " ".join(r.args), r.host.result, f"{r.host.seconds:.1f}", r.model.result,
+                          f"{r.model.seconds:.1f}", detail)
+        console.print(table)
+    if not results or any(r.model.result not in ("pass", "skip") for r in results):
+        raise click.exceptions.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: sys.argv[1:]) and return the exit code."""
     try:
