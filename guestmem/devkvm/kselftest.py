@@ -194,7 +194,9 @@ def _outcome(cmd: list[str], timeout: float, env: dict[str, str] | None = None) 
         return Outcome("skip", dt, why)
     why = next((line.strip() for line in lines if "Assertion" in line or "failed" in line.lower()), "")
     assertion = next((line.strip() for line in lines if re.match(r"\s*\S+\.c:\d+:", line)), "")
-    return Outcome("fail", dt, f"exit {proc.returncode}: {assertion or why or (lines[-1] if lines else '')}")
+    last = lines[-1].strip() if lines else ""
+    said = " -- ".join(dict.fromkeys(x for x in (assertion or why, last) if x))
+    return Outcome("fail", dt, f"exit {proc.returncode}: {said}")
 
 
 def run(source: str | None = None, profile: str | None = None, keyword: str | None = None,
