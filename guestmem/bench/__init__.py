@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 
 from .harness import FAIL, MISS, PASS, SKIP, Report, Row, command_line
 from .harness import run as _run
-from .workloads import attributes, compute, conversion, exits, fileops, touch
+from .workloads import attributes, compute, conversion, dropin, exits, fileops, touch
 
 __all__ = ["WORKLOADS", "run", "run_live", "Report", "Row", "PASS", "MISS", "SKIP", "FAIL"]
 
@@ -34,6 +34,7 @@ WORKLOADS = {
     "attributes": ("attribute scaling", attributes.run),
     "fileops": ("file operations", fileops.run),
     "compute": ("guest compute", compute.run),
+    "dropin": ("drop-in /dev/kvm", dropin.run),
 }
 
 
