@@ -47,6 +47,9 @@ class Cap(enum.IntEnum):
     XCRS = 56
     GET_MSR_FEATURES = 153
     DISABLE_QUIRKS2 = 213
+    GUEST_MEMFD_MEMORY_ATTRIBUTES = 250
+    """In-place conversion series (not merged): 250 as posted in v8; earlier revisions used
+    245/246/249. The model reads its number from ``Profile.gmem_attributes_cap``."""
 
 
 class VmType(enum.IntEnum):
@@ -231,6 +234,28 @@ class kvm_memory_attributes(ctypes.Structure):
         ("size", ctypes.c_uint64),
         ("attributes", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
+    ]
+
+
+class _kvm_memory_attributes2_where(ctypes.Union):
+    _fields_ = [("offset", ctypes.c_uint64), ("address", ctypes.c_uint64)]
+
+
+class kvm_memory_attributes2(ctypes.Structure):
+    """KVM_SET_MEMORY_ATTRIBUTES2 argument (in-place conversion series, 128 bytes).
+
+    ``offset`` (guest_memfd fd) and ``address`` (VM fd) share the first u64; ``error_offset``
+    is written back on EAGAIN.
+    """
+
+    _anonymous_ = ("_where",)
+    _fields_ = [
+        ("_where", _kvm_memory_attributes2_where),
+        ("size", ctypes.c_uint64),
+        ("attributes", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("error_offset", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 11),
     ]
 
 
@@ -525,5 +550,6 @@ KVM_ENABLE_CAP = _IOW(0xA3, kvm_enable_cap)
 KVM_GET_XCRS = _IOR(0xA6, kvm_xcrs)
 KVM_SET_XCRS = _IOW(0xA7, kvm_xcrs)
 KVM_SET_MEMORY_ATTRIBUTES = _IOW(0xD2, kvm_memory_attributes)
+KVM_SET_MEMORY_ATTRIBUTES2 = _IOWR(0xD2, kvm_memory_attributes2)  # in-place series; gmem fd
 KVM_CREATE_GUEST_MEMFD = _IOWR(0xD4, kvm_create_guest_memfd)
 KVM_PRE_FAULT_MEMORY = _IOWR(0xD5, kvm_pre_fault_memory)

@@ -47,6 +47,7 @@ GMEM_CALLS = {
     "pwrite": (b"x", 0),
     "lseek": (0, 0),
     "truncate": (P,),
+    "set_memory_attributes": (0, P, 0),
 }
 VCPU_CALLS = {
     "get_regs": (),

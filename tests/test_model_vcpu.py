@@ -18,6 +18,7 @@ import keystone
 import pytest
 
 from guestmem import hostmem
+from guestmem.model.gmem_inode import FileState
 from guestmem.model.memslot import Memslot
 from guestmem.model.vcpu import Vcpu
 from guestmem.types import HltExit, HypercallExit, IntrExit, IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs
@@ -40,6 +41,7 @@ class Gmem:
         self._host_address = hostmem.mmap(size, 3, hostmem.MAP_SHARED, self._memfd, 0)
         self._poisoned: set[int] = set()
         self._released = False
+        self._state = FileState(size // PAGE, init_shared=False)  # allocation accounting (pre-fault)
 
     def punch(self, off: int, n: int, vm: "ContractVm", gfn: int) -> None:
         with vm._lock:

@@ -127,7 +127,10 @@ def block_ok(vm, b: Backing, level: int, start: int) -> bool:
     if vm._private_mem and slot.is_mixed(level, start):
         return False
     if b.gmem is not None:
-        return not _poisoned(b.gmem, slot.pgoff + start - slot.base_gfn, n)
+        pgoff = slot.pgoff + start - slot.base_gfn
+        if vm._private_mem and vm._profile.gmem_in_place_conversion and b.gmem._state.attributes.uniform(pgoff, pgoff + n) is None:
+            return False  # in-place: the file's attributes are mixed inside the block
+        return not _poisoned(b.gmem, pgoff, n)
     return host_range_mapped(slot.userspace_addr + (start - slot.base_gfn) * PAGE, n * PAGE)
 
 
@@ -237,3 +240,4 @@ def allocate_gmem_page(b: Backing) -> None:
 
     off = b.host - b.gmem._host_address
     fallocate(b.gmem._memfd, 0x01, off, PAGE)  # FALLOC_FL_KEEP_SIZE
+    b.gmem._state.allocated.set(off // PAGE, off // PAGE + 1, True)

@@ -20,6 +20,12 @@ Data model
   ranges never overlap, and each slot's range is ``[slot.pgoff, slot.pgoff + npages)``.
 * ``_poisoned`` holds the byte offsets (page aligned) of hwpoisoned pages; a punch clears
   them. Host mappings show poisoned pages as SIGBUS.
+* ``_state`` (``gmem_inode.FileState``) holds the per-file attributes of the in-place
+  conversion series (profile "next"; default private, shared with INIT_SHARED), the host
+  pins (``pin``) and the folio accounting (HugeTLB files: 2 MiB / 1 GiB folios). With
+  in-place conversion on, a user mapping shows shared pages and SIGBUSes on private ones:
+  each conversion remaps the converted range in every live mapping (one mmap per mapping),
+  which is how the model zaps the host's PTEs.
 * **Lifetimes.** The file pins the VM (``vm._get_kvm`` at create, ``_put_kvm`` at release).
   The file itself is referenced by its fd and by every live user Mapping (a Mapping's
   ``_owner`` is a pin whose finalizer drops the reference, like a VMA's file reference).
@@ -29,8 +35,8 @@ Data model
 * All state is guarded by the owning VM's ``_lock``.
 
 Private memory is never readable by the host: read/pread are refused with the kernel's
-errno, and a file that can be mmap'd without INIT_SHARED (the only kind a VM with private
-memory may create) SIGBUSes on every touch.
+errno, and without in-place conversion a file that can be mmap'd without INIT_SHARED (the
+only kind a VM with private memory may create before it) SIGBUSes on every touch.
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
 from ..types import FileStat
-from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag
+from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag, MemoryAttribute
 from . import fdtable
+from .gmem_inode import FileOps, FileState, size_label
 
 if TYPE_CHECKING:
     from .memslot import Memslot
@@ -83,19 +90,35 @@ class _FilePin:
     __slots__ = ("__weakref__",)
 
 
-class GuestMemfd:
+_PRIVATE = int(MemoryAttribute.PRIVATE)
+_empty_fd = -1
+
+
+def _sigbus_fd() -> int:
+    """A process-wide empty memfd: any page mapped from it is past EOF, so touching it SIGBUSes."""
+    global _empty_fd
+    if _empty_fd < 0:
+        _empty_fd = hostmem.memfd("guestmem-gmem-private")
+    return _empty_fd
+
+
+class GuestMemfd(FileOps):
     """A model guest_memfd, returned by ``Vm.create_guest_memfd`` (KVM_CREATE_GUEST_MEMFD)."""
 
-    def __init__(self, vm: "Vm", size: int, flags: int) -> None:
+    def __init__(self, vm: "Vm", size: int, flags: int, folio_size: int = PAGE_SIZE) -> None:
         self.vm = vm
         self.size = size
         self.flags = flags
+        self._in_place = vm._profile.gmem_in_place_conversion
+        self._state = FileState(size >> PAGE_SHIFT, bool(flags & GuestMemfdFlag.INIT_SHARED),
+                                folio_size >> PAGE_SHIFT)
+        self._pos = 0  # file position of write() (population via write)
         self._memfd_fd = -1  # created at first use (``_memfd``)
         self._host_addr: int | None = None  # mapped at first use (``_host_address``)
         self._bindings: RangeMap["Memslot | None"] = RangeMap(default=None)
         self._poisoned: set[int] = set()
         self._released = False
-        self._mappings: "weakref.WeakKeyDictionary[Mapping, int] | None" = None  # -> file offset; at first mmap
+        self._mappings: "weakref.WeakKeyDictionary[Mapping, tuple[int, int]] | None" = None  # -> (offset, prot)
         self._ino = next(_ino_counter)
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._mtime_ns = self._ctime_ns = time.time_ns()
@@ -225,6 +248,10 @@ class GuestMemfd:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}: only KEEP_SIZE and PUNCH_HOLE")
             if (offset | length) & (PAGE_SIZE - 1):
                 raise oserror(errno.EINVAL, f"offset {offset:#x} / len {length:#x} not page aligned")
+            folio = self._state.folio_pages << PAGE_SHIFT
+            if (offset | length) & (folio - 1):
+                raise oserror(errno.EINVAL, f"offset {offset:#x} / len {length:#x} not aligned to the "
+                                            f"{size_label(folio)} folios of this HugeTLB guest_memfd")
             if mode & _PUNCH_HOLE:
                 self._gmem_punch_hole(offset, length)
             else:
@@ -285,6 +312,7 @@ class GuestMemfd:
             if fd < 0:
                 fd = self._memfd
             hostmem.fallocate_encoded(fd, 0, offset, length)
+            self._state.allocated.set(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT, True)
         except OSError as exc:
             err = errno.ENOMEM if exc.errno in (errno.ENOSPC, errno.EMFILE, errno.ENFILE) else exc.errno
             raise oserror(err, f"allocating [{offset:#x}, {offset + length:#x})") from None
@@ -296,8 +324,18 @@ class GuestMemfd:
             end = self.size
         if offset >= end:
             return  # entirely past EOF: success, nothing to do
+        st = self._state
+        if st.folio_pages > 1:
+            # HugeTLB: split folios are merged back before the whole folio is freed, which
+            # needs every page unreferenced (the series' truncate path).
+            busy = st.first_busy(offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
+            if busy is not None:
+                raise oserror(errno.EAGAIN, f"punching [{offset:#x}, {end:#x}): page {busy << PAGE_SHIFT:#x} "
+                                            "is in use (pinned)")
+            st.merges += st.punch_merges(self._memfd_fd, offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
         if self._memfd_fd >= 0:  # without a memfd no page was ever allocated
             hostmem.fallocate_encoded(self._memfd_fd, _PUNCH_KEEP, offset, end - offset)
+            st.allocated.set(offset >> PAGE_SHIFT, end >> PAGE_SHIFT, False)
         if self._poisoned:
             healed = sorted(p for p in self._poisoned if offset <= p < end)
             for page in healed:
@@ -334,23 +372,35 @@ class GuestMemfd:
 
     def _remap_user_page(self, offset: int, poisoned: bool) -> None:
         """Make every live user mapping of ``offset`` SIGBUS (poisoned) or show the page again."""
-        if not self.flags & GuestMemfdFlag.INIT_SHARED or self._mappings is None:
-            return  # such mappings SIGBUS everywhere anyway; or there are none
-        for m, base in list(self._mappings.items()):
-            if m.closed or not base <= offset < base + m.length:
-                continue
-            self._map_page_at(m.address + (offset - base), offset, poisoned)
+        self._user_view(offset, offset + PAGE_SIZE)
 
-    def _map_page_at(self, address: int, offset: int, poisoned: bool) -> None:
+    def _host_visible(self) -> bool:
+        """Whether user mappings can show any page (else they SIGBUS everywhere)."""
+        return self._in_place or bool(self.flags & GuestMemfdFlag.INIT_SHARED)
+
+    def _user_view(self, start: int, end: int) -> None:
+        """Remap bytes [start, end) of the file in every live user mapping from the file's state:
+        shared pages show the memory, private (in-place) and poisoned pages SIGBUS."""
+        if self._mappings is None or not self._host_visible():
+            return
+        for m, (base, prot) in list(self._mappings.items()):
+            lo, hi = max(start, base), min(end, base + m.length, self.size)
+            if m.closed or lo >= hi:
+                continue
+            self._map_range(m.address - base, lo, hi, prot)
+
+    def _map_range(self, delta: int, lo: int, hi: int, prot: int) -> None:
+        """Map file bytes [lo, hi) at address ``delta + offset`` by the file's state (no EOF part)."""
         fixed = MAP_SHARED | hostmem.MAP_FIXED
-        if poisoned:
-            empty = hostmem.memfd("guestmem-hwpoison")
-            try:
-                hostmem.mmap(PAGE_SIZE, PROT_READ | PROT_WRITE, fixed, empty, 0, address)
-            finally:
-                os.close(empty)
+        if self._in_place:
+            for s, e, v in self._state.attributes.ranges(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT):
+                fd = _sigbus_fd() if v == _PRIVATE else self._memfd
+                hostmem.mmap((e - s) << PAGE_SHIFT, prot, fixed, fd, s << PAGE_SHIFT, delta + (s << PAGE_SHIFT))
         else:
-            hostmem.mmap(PAGE_SIZE, PROT_READ | PROT_WRITE, fixed, self._memfd, offset, address)
+            hostmem.mmap(hi - lo, prot, fixed, self._memfd, lo, delta + lo)
+        for page in self._poisoned:
+            if lo <= page < hi:
+                hostmem.mmap(PAGE_SIZE, prot, fixed, _sigbus_fd(), 0, delta + page)
 
     # --- mmap -------------------------------------------------------------------------------
 
@@ -374,15 +424,13 @@ class GuestMemfd:
                 raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
             if flags & _MAP_TYPE not in (MAP_SHARED, _MAP_SHARED_VALIDATE):
                 raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
-            if self.flags & GuestMemfdFlag.INIT_SHARED:
+            if self._host_visible():
                 address = hostmem.mmap(length, prot, MAP_SHARED, self._memfd, offset)
+                if (self._in_place or self._poisoned) and offset < self.size:
+                    self._map_range(address - offset, offset, min(offset + length, self.size), prot)
             else:
-                # No shared pages exist until in-place conversion: an empty file SIGBUSes every touch.
-                empty = hostmem.memfd("guestmem-gmem-private")
-                try:
-                    address = hostmem.mmap(length, prot, MAP_SHARED, empty, 0)
-                finally:
-                    os.close(empty)
+                # No shared pages exist without INIT_SHARED or in-place conversion: SIGBUS everywhere.
+                address = hostmem.mmap(length, prot, MAP_SHARED, _sigbus_fd(), 0)
             pin = _FilePin()
             mapping = Mapping(address, length, owner=pin)
             self._refs += 1
@@ -390,10 +438,7 @@ class GuestMemfd:
             fin.atexit = False
             if self._mappings is None:
                 self._mappings = weakref.WeakKeyDictionary()
-            self._mappings[mapping] = offset
-            for page in self._poisoned:
-                if offset <= page < offset + length:
-                    self._map_page_at(address + (page - offset), page, poisoned=True)
+            self._mappings[mapping] = (offset, prot)
             return mapping
 
     # --- refused file operations ------------------------------------------------------------
@@ -404,9 +449,18 @@ class GuestMemfd:
         raise oserror(errno.EINVAL, "guest_memfd does not support read")
 
     def write(self, data: bytes) -> int:
-        """write(2): EBADF if closed, else EINVAL (guest_memfd has no write method)."""
-        self._check_open()
-        raise oserror(errno.EINVAL, "guest_memfd does not support write")
+        """write(2): EBADF if closed; EINVAL without write population (no write method).
+
+        With ``Profile.gmem_write`` (profile "next") it writes at the file position and
+        advances it; errors as ``pwrite``.
+        """
+        with self.vm._lock:
+            self._check_open()
+            if not self.vm._profile.gmem_write:
+                raise oserror(errno.EINVAL, "guest_memfd does not support write")
+            n = self._gmem_write(data, self._pos)
+            self._pos += n
+            return n
 
     def pread(self, n: int, offset: int) -> bytes:
         """pread(2): EBADF if closed, else ESPIPE (the file is not positional)."""
@@ -414,19 +468,36 @@ class GuestMemfd:
         raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        """pwrite(2): EBADF if closed, else ESPIPE (the file is not positional)."""
-        self._check_open()
-        raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+        """pwrite(2): EBADF if closed; ESPIPE without write population (the file is not positional).
+
+        With ``Profile.gmem_write`` (profile "next", the in-flight "population via write"
+        series): writes ``data`` into shared pages at ``offset`` and returns its length.
+        Errors, in order: EINVAL offset < 0; EINVAL the range ends past the file size;
+        EINVAL offset or length not page aligned (kvm_gmem_write_begin); EPERM a page in the
+        range is private (inferred: host writes never reach private memory); ENOMEM.
+        """
+        with self.vm._lock:
+            self._check_open()
+            if not self.vm._profile.gmem_write:
+                raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+            return self._gmem_write(data, offset)
 
     def lseek(self, offset: int, whence: int) -> int:
-        """lseek(2): EBADF if closed, else ESPIPE."""
-        self._check_open()
-        raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+        """lseek(2): EBADF if closed; ESPIPE without write population.
 
-    def truncate(self, length: int) -> None:
-        """ftruncate(2): EBADF if closed, else EINVAL (the size is immutable; kvm_gmem_setattr)."""
-        self._check_open()
-        raise oserror(errno.EINVAL, "guest_memfd size is immutable")
+        With ``Profile.gmem_write``: default_llseek (SEEK_SET/CUR/END; EINVAL for another
+        whence or a negative result).
+        """
+        with self.vm._lock:
+            self._check_open()
+            if not self.vm._profile.gmem_write:
+                raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
+            offset = encode_signed(offset, 64, "offset")
+            base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}.get(whence)
+            if base is None or base + offset < 0:
+                raise oserror(errno.EINVAL, f"lseek({offset}, whence={whence})")
+            self._pos = base + offset
+            return self._pos
 
     # --- fstat ------------------------------------------------------------------------------
 

@@ -21,6 +21,17 @@ paths scattered through the model. Profiles are chosen by name in
   flags, mmap always ENODEV, KVM_CAP_GUEST_MEMFD = 0 on a default VM, only VMs with private
   memory may bind, zeroing at allocation, the 6.8 VFS fallocate errnos, two address spaces
   even for SW_PROTECTED VMs, no GUEST_MEMFD_FLAGS / PRE_FAULT_MEMORY caps.
+* ``"next"``: "6.18" plus what is in flight upstream (spec 13.2-13.3), none of it in a
+  released kernel. It follows the **guest_memfd in-place conversion series v8** (Ackerley
+  Tng, Sean Christopherson, Fuad Tabba et al., "KVM: guest_memfd: in-place conversion",
+  posted 18 Jun 2026, ``gmem-inplace-conversion-v8``) with ``kvm.gmem_in_place_conversion``
+  on: memory attributes live in each guest_memfd (KVM_SET_MEMORY_ATTRIBUTES2 on the file,
+  KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 250 as numbered in v8, VM-level PRIVATE gone,
+  INIT_SHARED allowed for private-memory VMs, every binding GMEM_ONLY). On top of it, from
+  later and less settled postings: HugeTLB backing with 2 MiB / 1 GiB folios (the 2026
+  HugeTLB-on-in-place work; its flag and size encoding are our choice, kept in fields below)
+  and write()/pwrite() population of shared pages (Kalyazin's "generic population via
+  write"). NO_DIRECT_MAP is not modelled (the model has no direct map to remove).
 
 The model-only VM type ``GUESTMEM_TDX_LIKE_VM`` (0x100, a guestmem extension outside the
 kernel's numbering) has private memory like SW_PROTECTED; its vCPUs (guestmem.model.vcpu)
@@ -72,6 +83,19 @@ class Profile:
     """Two-dimensional paging: KVM_CAP_PRE_FAULT_MEMORY (6.10+) reads 1."""
     max_gpa_bits: int = 52
     """Memslots must end at or below 2**max_gpa_bits (x86 kvm_mmu_max_gfn, measured: 52)."""
+    gmem_in_place_conversion: bool = False
+    """Module parameter ``kvm.gmem_in_place_conversion`` (in-place series): attributes are
+    per guest_memfd and set with KVM_SET_MEMORY_ATTRIBUTES2 on the file; off: that ioctl is ENOTTY."""
+    gmem_attributes_cap: int = 250
+    """Number of KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES (250 in v8; 245/246/249 in earlier revisions)."""
+    gmem_write: bool = False
+    """write()/pwrite() populate shared pages of a guest_memfd (in flight); off: EINVAL / ESPIPE."""
+    gmem_hugetlb_flag: int = 0
+    """Create flag asking for HugeTLB folios (0: no HugeTLB backing). In flight, uAPI unsettled."""
+    gmem_huge_sizes: tuple[int, ...] = ()
+    """Folio sizes a HugeTLB guest_memfd may ask for, encoded as log2(size) << gmem_huge_shift."""
+    gmem_huge_shift: int = 26
+    """Bit position of the 6-bit log2(folio size) field in the create flags (as MAP_HUGE_SHIFT)."""
 
     @property
     def vm_types(self) -> frozenset[int]:
@@ -85,10 +109,12 @@ class Profile:
         return 0b11 if self.memory_attributes else 0b1
 
     def gmem_flags(self, private_mem: bool) -> int:
-        """kvm_gmem_get_supported_flags: MMAP always (E2), INIT_SHARED only without private memory."""
+        """kvm_gmem_get_supported_flags: MMAP always (E2), INIT_SHARED only without private memory
+        unless in-place conversion is on, plus the HugeTLB flag where modelled."""
         if self.era < 2:
             return 0
-        return 0b01 if private_mem else 0b11
+        flags = 0b01 if private_mem and not self.gmem_in_place_conversion else 0b11
+        return flags | self.gmem_hugetlb_flag
 
     def address_spaces(self, private_mem: bool) -> int:
         """kvm_arch_nr_memslot_as_ids: SMM adds a second one, except for private-mem VMs (E2+)."""
@@ -107,6 +133,9 @@ PROFILES: dict[str, Profile] = {
     "6.18": Profile(name="6.18", era=2, memory_attributes=True, smm=True, tdp=True),
     "6.18-host": Profile(name="6.18-host", era=2, memory_attributes=False, smm=False, tdp=False),
     "6.8": Profile(name="6.8", era=1, memory_attributes=True, smm=True, tdp=False),
+    "next": Profile(name="next", era=2, memory_attributes=True, smm=True, tdp=True,
+                    gmem_in_place_conversion=True, gmem_write=True, gmem_hugetlb_flag=1 << 3,
+                    gmem_huge_sizes=(1 << 21, 1 << 30)),
 }
 
 

@@ -100,8 +100,10 @@ class System:
         if cap == Cap.EXIT_HYPERCALL:
             return _KVM_EXIT_HYPERCALL_VALID_MASK
         if cap == Cap.MEMORY_ATTRIBUTES:
-            if not p.memory_attributes:
-                return 0
+            if not p.memory_attributes or p.gmem_in_place_conversion:
+                return 0  # in-place conversion: attributes are set on the guest_memfd instead
+            return 8 if vm is None or private else 0
+        if cap == p.gmem_attributes_cap and p.gmem_in_place_conversion:
             return 8 if vm is None or private else 0
         if cap == Cap.GUEST_MEMFD:
             if p.era < 2 and vm is not None and not private:

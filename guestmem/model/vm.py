@@ -58,6 +58,7 @@ class Vm:
         self.system = system
         self._profile: Profile = system._profile
         self._private_mem = type in PRIVATE_MEM_VM_TYPES
+        self._in_place = self._profile.gmem_in_place_conversion  # attributes live in the files
         self._lock = threading.RLock()
         self._nr_as = self._profile.address_spaces(self._private_mem)
         self._slots: dict[tuple[int, int], Memslot] = {}
@@ -185,14 +186,37 @@ class Vm:
                 encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
             if flags:
                 supported = self._profile.gmem_flags(self._private_mem)
+                if self._profile.gmem_hugetlb_flag:
+                    supported |= 0x3F << self._profile.gmem_huge_shift  # the folio-size field
                 if flags & ~supported:
                     raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x} outside supported {supported:#x}")
             if size == 0 or size >= 1 << 63 or size & (PAGE_SIZE - 1):
                 raise oserror(errno.EINVAL, f"guest_memfd size {size:#x} must be positive and page aligned")
-            gmem = GuestMemfd(self, size, flags)
+            folio = self._hugetlb_folio_size(flags, size)
+            gmem = GuestMemfd(self, size, flags, folio)
             self._users += 1  # the file pins the VM
             self._gmems.add(gmem)
             return gmem
+
+    def _hugetlb_folio_size(self, flags: int, size: int) -> int:
+        """The folio size a create request asks for (HugeTLB series, profile fields); 4 KiB without it.
+
+        Errors: EINVAL folio-size bits without the HugeTLB flag, a size the profile does not
+        offer, or a file size that is not a multiple of the folio size.
+        """
+        p = self._profile
+        shift = p.gmem_huge_shift
+        log2 = (flags >> shift) & 0x3F if p.gmem_hugetlb_flag else 0
+        if not p.gmem_hugetlb_flag or not flags & p.gmem_hugetlb_flag:
+            if log2:
+                raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x}: folio size without the HugeTLB flag")
+            return PAGE_SIZE
+        if (1 << log2) not in p.gmem_huge_sizes:
+            raise oserror(errno.EINVAL, f"guest_memfd flags {flags:#x}: folio size 2**{log2} not one of "
+                                        f"{[hex(n) for n in p.gmem_huge_sizes]}")
+        if size % (1 << log2):
+            raise oserror(errno.EINVAL, f"guest_memfd size {size:#x} is not a multiple of its {1 << log2:#x} folios")
+        return 1 << log2
 
     # --- memslots -----------------------------------------------------------------------------
 
@@ -337,7 +361,8 @@ class Vm:
     def _gmem_bind(self, gmem: GuestMemfd, slot: Memslot, pgoff: int) -> None:
         """Record a validated binding (kvm_gmem_bind's commit); takes no file reference."""
         slot.gmem, slot.pgoff = gmem, pgoff
-        slot.gmem_only = self._profile.era >= 2 and bool(gmem.flags & 1)  # GUEST_MEMFD_FLAG_MMAP
+        # E2: GMEM_ONLY with GUEST_MEMFD_FLAG_MMAP; in-place conversion: every binding.
+        slot.gmem_only = self._profile.era >= 2 and (bool(gmem.flags & 1) or self._in_place)
         gmem._bindings.set(pgoff, pgoff + slot.npages, slot)
 
     def _unbind(self, slot: Memslot) -> None:
@@ -374,7 +399,9 @@ class Vm:
     # --- memory attributes ----------------------------------------------------------------------
 
     def _supported_attributes(self) -> int:
-        return int(MemoryAttribute.PRIVATE) if self._private_mem and self._profile.memory_attributes else 0
+        """VM-level attributes: PRIVATE for private-memory VMs, none once they live in the files."""
+        p = self._profile
+        return int(MemoryAttribute.PRIVATE) if self._private_mem and p.memory_attributes and not self._in_place else 0
 
     def _check_attribute_range(self, address: int, size: int) -> None:
         if size == 0 or address + size > _U64:
@@ -453,8 +480,15 @@ class Vm:
                     for s, e, v in self._attributes.ranges(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT)]
 
     def _attribute_at(self, gfn: int) -> int:
-        """The attributes of ``gfn`` (O(log n))."""
-        return self._attributes.get(gfn)
+        """The attributes of ``gfn`` (O(log n)): the VM's, or with in-place conversion those of
+        the file page bound at ``gfn`` (no slot, no file or a released file: shared)."""
+        if not self._in_place:
+            return self._attributes.get(gfn)
+        slot = self._gfn_maps[0].get(gfn)
+        gmem = slot.gmem if slot is not None else None
+        if gmem is None:
+            return 0
+        return gmem._state.attributes.get(slot.pgoff + gfn - slot.base_gfn)
 
     def _attribute_ranges(self, gfn_start: int, gfn_end: int) -> list[tuple[int, int, int]]:
         """(start, end, attributes) GFN runs tiling [gfn_start, gfn_end), gaps as 0."""
@@ -551,10 +585,26 @@ class Vm:
                 "guest_memfds": len(self._gmems),
                 "mixed_blocks": {f"{s.as_id}:{s.id}": {"2M": s.mixed_count(1), "1G": s.mixed_count(2)}
                                  for s in self._slots.values()},
+                "gmem": self._gmem_totals(),
             }
             for provider in self._stats_providers:
                 out.update(provider())
             return out
+
+    def _gmem_totals(self) -> dict[str, Any]:
+        """Pages and folios of the VM's open guest_memfds, summed (GuestMemfd.stats per file)."""
+        total: dict[str, Any] = {"pages_private": 0, "pages_shared": 0, "pages_allocated": 0,
+                                 "folios": {}, "splits": 0, "merges": 0, "pins": 0}
+        for g in list(self._gmems):
+            if g._released:
+                continue
+            for k, v in g._stats().items():
+                if k == "folios":
+                    for size, n in v.items():
+                        total["folios"][size] = total["folios"].get(size, 0) + n
+                elif k in total:
+                    total[k] += v
+        return total
 
     def _snapshot(self) -> tuple:
         """A comparable image of all VM state (slots, lookup maps, attributes, bindings)."""
@@ -564,7 +614,8 @@ class Vm:
                 tuple(tuple((s, e, v.id) for s, e, v in m) for m in self._gfn_maps),
                 self._attributes.snapshot(),
                 self._nr_memslot_pages,
-                tuple(sorted((g._ino, tuple((s, e, v.id) for s, e, v in g._bindings)) for g in self._gmems)),
+                tuple(sorted((g._ino, tuple((s, e, v.id) for s, e, v in g._bindings), g._state.attributes.snapshot())
+                             for g in self._gmems)),
                 self._exit_hypercall_mask,
                 self._users,
             )
