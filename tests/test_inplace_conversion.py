@@ -291,3 +291,104 @@ def test_one_tib_file_with_many_mixed_ranges(sw_vm):
     assert gmem.stats()["attribute_ranges"] == 0 and gmem.stats()["pages_private"] == T1 // P
     gmem.set_memory_attributes(0, T1, 0)
     assert gmem.stats()["pages_shared"] == T1 // P
+
+
+# --- the guest's view -------------------------------------------------------------------------------
+
+GUEST_GPA = 1 << 32
+
+
+def _rmw_guest(system, gmem_flags: int, npages: int = 4):
+    """A SW VM whose vCPU, on each run, reads the byte at RBX, writes CL there and reports the
+    byte read on PORT_SYNC; the memory is one guest_memfd bound at 4 GiB (GMEM_ONLY)."""
+    from model_guests import Machine
+
+    from guestmem.guest import PORT_SYNC
+
+    m = Machine(system, hypercalls=False)
+    gmem = m.vm.create_guest_memfd(npages * P, gmem_flags)
+    m.vm.set_user_memory_region2(1, GMEM, GUEST_GPA, npages * P, 0, gmem, 0)
+    (v,) = m.load(f"rmw: mov al, byte ptr [rbx]\nmov byte ptr [rbx], cl\nout {PORT_SYNC}, al\njmp rmw",
+                  identity_map=[(GUEST_GPA, npages * P)])
+
+    def rmw(page: int, write: int) -> int:
+        from guestmem.types import IoExit
+
+        v.set_regs(v.get_regs().replace(rbx=GUEST_GPA + page * P, rcx=write))
+        ex = v.run()
+        assert isinstance(ex, IoExit) and ex.port == PORT_SYNC, ex
+        return ex.data[0]
+
+    return m, gmem, rmw
+
+
+def test_guest_and_host_share_one_page_across_conversions(nxt):
+    """The selftest's init-private flow: guest writes private, host cannot see it; shared: both
+    see the same bytes; private again: the host SIGBUSes and the guest keeps the data."""
+    m, gmem, rmw = _rmw_guest(nxt, MMAP)
+    host = gmem.mmap()
+    assert touch(host, 0, 0x41) == "SIGBUS"
+    assert rmw(0, 0x41) == 0
+    assert touch(host, 0) == "SIGBUS"
+    gmem.set_memory_attributes(0, P, 0)
+    assert host.read(0, 1) == b"\x41"
+    host.write(0, b"\x42")
+    assert rmw(0, 0x43) == 0x42
+    assert host.read(0, 1) == b"\x43"
+    gmem.set_memory_attributes(0, P, PRIVATE)
+    assert touch(host, 0) == "SIGBUS"
+    assert rmw(0, 0x45) == 0x43
+    assert gmem.stats()["pages_allocated"] == 1
+    m.close()
+
+
+def test_guest_sees_init_shared_pages_written_by_the_host(nxt):
+    m, gmem, rmw = _rmw_guest(nxt, MMAP | INIT_SHARED)
+    host = gmem.mmap()
+    host.write(2 * P, b"\x77")
+    assert rmw(2, 0x78) == 0x77 and host.read(2 * P, 1) == b"\x78"
+    m.close()
+
+
+def test_write_population_fills_shared_pages_for_the_guest(nxt):
+    m, gmem, rmw = _rmw_guest(nxt, 0)
+    raises(errno.EPERM, gmem.pwrite, b"\x11" * P, 0)  # private
+    gmem.set_memory_attributes(0, 2 * P, 0)
+    assert gmem.pwrite(b"\x11" * P, P) == P
+    raises(errno.EINVAL, gmem.pwrite, b"\x11", 0)            # not whole pages
+    raises(errno.EINVAL, gmem.pwrite, b"\x11" * 2 * P, 3 * P)  # past the end of the file
+    assert gmem.lseek(0, 0) == 0 and gmem.write(b"\x22" * P) == P and gmem.lseek(0, 1) == P
+    assert rmw(1, 0) == 0x11 and rmw(0, 0) == 0x22
+    m.close()
+
+
+def test_write_population_is_refused_before_the_series(system):
+    gmem = system.create_vm(0).create_guest_memfd(P, MMAP | INIT_SHARED)
+    raises(errno.EINVAL, gmem.write, b"\0" * P)
+    raises(errno.ESPIPE, gmem.pwrite, b"\0" * P, 0)
+    raises(errno.ESPIPE, gmem.lseek, 0, 0)
+
+
+def test_tdx_like_fault_view_is_checked_against_the_file(nxt):
+    """With the attributes in the file, a TDX-like access whose view disagrees with the bound
+    file page exits (flags PRIVATE iff the access was private), and after the host converts
+    the file the access sees the same page: converting moves no data."""
+    from model_guests import Machine
+    from test_model_tdx_like import GPA, GUEST, PRIVATE_VALUE, fault, sync
+
+    from guestmem.model import GUESTMEM_TDX_LIKE_VM
+    from guestmem.model.guest_mapping import TDX_SHARED_BIT
+
+    m = Machine(nxt, GUESTMEM_TDX_LIKE_VM)
+    gmem = m.vm.create_guest_memfd(P)  # private by default
+    m.vm.set_user_memory_region2(10, GMEM, GPA, P, 0, gmem, 0)
+    v, = m.load(GUEST, identity_map=[(GPA, P), (GPA | TDX_SHARED_BIT, P)])
+    assert sync(v, 1) == 0                     # private read of a private page: no exit
+    assert sync(v, 10) == PRIVATE_VALUE
+    assert v.run() == fault(private=False)     # shared read, file says private
+    gmem.set_memory_attributes(0, P, 0)
+    assert sync(v, 2) == PRIVATE_VALUE         # in place: the shared view is the same page
+    assert v.run() == fault(private=True)      # private read, file says shared
+    gmem.set_memory_attributes(0, P, PRIVATE)
+    assert sync(v, 3) == PRIVATE_VALUE
+    m.close()
