@@ -6,6 +6,7 @@ the exit code, so tests drive the CLI without a subprocess.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -96,12 +97,12 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAMES") from exc
     console = Console()
-    if not console.is_terminal:  # a pipe or a log file: keep rows on one line each
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # a pipe or a log: rows on one line each
         console = Console(width=max(console.width, 180))
     command = " ".join(["guestmem bench", *names, *(["--quick"] if quick else []),
                         *(["--json", json_path] if json_path else []), *(["--plot", plot_path] if plot_path else [])])
     result = gbench.run_live(names, quick=quick, command=command, console=console)
-    console.print(report.table(result))
+    console.print(report.table(result, width=console.width))
     console.print(report.summary(result))
     if json_path:
         report.write_json(result, json_path)

@@ -35,6 +35,21 @@ def gfn_to_gpa(gfn: int) -> Gpa:
 
 _frozen = dataclasses.dataclass(frozen=True, slots=True)
 
+_HEX_FIELDS = frozenset({"port", "phys_addr", "gpa", "args", "ret", "flags"})
+
+
+def _hex_repr(self: object) -> str:
+    """A dataclass repr with addresses, ports, sizes and hypercall values in hex."""
+    def fmt(name: str, value: object) -> str:
+        if name in _HEX_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            return hex(value)
+        if name in _HEX_FIELDS and isinstance(value, tuple):
+            return "(" + ", ".join(hex(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        return repr(value)
+
+    fields = ", ".join(f"{f.name}={fmt(f.name, getattr(self, f.name))}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+    return f"{type(self).__name__}({fields})"
+
 # --- registers ---------------------------------------------------------------------------------
 
 
@@ -163,6 +178,8 @@ class FileStat:
 class IoExit:
     """KVM_EXIT_IO. ``data`` holds size*count bytes written by OUT; answer IN with complete_io."""
 
+    __repr__ = _hex_repr
+
     direction: int
     size: int
     port: int
@@ -173,6 +190,8 @@ class IoExit:
 @_frozen
 class MmioExit:
     """KVM_EXIT_MMIO. Answer a read with complete_mmio(data)."""
+
+    __repr__ = _hex_repr
 
     phys_addr: int
     data: bytes
@@ -189,6 +208,8 @@ class HltExit:
 class HypercallExit:
     """KVM_EXIT_HYPERCALL. ``args`` are the six hypercall arguments; answer with set_hypercall_ret."""
 
+    __repr__ = _hex_repr
+
     nr: int
     args: tuple[int, ...]
     ret: int
@@ -198,6 +219,8 @@ class HypercallExit:
 @_frozen
 class MemoryFaultExit:
     """KVM_EXIT_MEMORY_FAULT; KVM_RUN failed with ``errno`` (EFAULT or EHWPOISON)."""
+
+    __repr__ = _hex_repr
 
     flags: int
     gpa: int

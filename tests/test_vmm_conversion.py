@@ -14,7 +14,7 @@ import pytest
 from guestmem.guest import PORT_SYNC
 from guestmem.types import HypercallExit, MemoryFaultExit
 from guestmem.uapi import PAGE_SIZE, Errno, KvmHypercallError, MapGpaRangeAttr, MemoryExitFlag, VmType
-from guestmem.vmm.conversion import ConversionManager, size_label
+from guestmem.vmm.conversion import ConversionManager
 from guestmem.vmm.machine import Machine, boot_region
 from guestmem.vmm.memory import Conversion, GuestMemory, Region
 from guestmem.vmm.runloop import Outcome
@@ -47,11 +47,6 @@ def manager(model_system):
 
 def hc(gpa: int, npages: int, attrs: int, nr: int = 12) -> HypercallExit:
     return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=0, flags=1)
-
-
-def test_size_labels():
-    assert [size_label(s) for s in (4096, 2 * MiB, 2 * MiB + 4096, 1 << 30, 512)] == [
-        "4 KiB", "2 MiB", "2 MiB + 4 KiB", "1 GiB", "512 B"]
 
 
 def test_explicit_conversion_sets_attributes_notifies_and_returns_zero(manager):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from .harness import FAIL, MISS, PASS, SKIP, Report, Row
@@ -28,19 +29,44 @@ def fmt_value(row: Row) -> str:
     return f"{text} {row.unit}".strip()
 
 
-def table(report: Report) -> Table:
-    t = Table(title=f"guestmem bench{' --quick' if report.quick else ''} — {report.machine.get('cpu', '')}, "
-                    f"{report.machine.get('nproc')} CPUs, {report.machine.get('kernel')}",
-              show_lines=False, expand=False)
-    for col, kw in (("workload", {}), ("case", {}), ("backend", {}), ("result", {"justify": "right"}),
-                    ("how", {"overflow": "fold"}), ("goal", {}), ("status", {})):
+COMPACT_BELOW = 120
+"""Terminals narrower than this get the compact table (no "how" column; it is in --json)."""
+
+
+def table(report: Report, width: int = 200) -> Table:
+    """The results table for a terminal ``width`` columns wide.
+
+    Below ``COMPACT_BELOW`` columns the "how" column (sample counts, spreads, notes) is left out
+    and long cells wrap, so the table fits an 80-column terminal; ``--json`` keeps every detail.
+    """
+    compact = width < COMPACT_BELOW
+    title = f"guestmem bench{' --quick' if report.quick else ''}"
+    if not compact:
+        title += (f" — {report.machine.get('cpu', '')}, {report.machine.get('nproc')} CPUs, "
+                  f"{report.machine.get('kernel')}")
+    t = Table(title=title, show_lines=False, expand=False, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD,
+              pad_edge=not compact)
+    # Compact: the workload is a bold row above its cases instead of a column of its own.
+    columns: list[tuple[str, dict]] = [] if compact else [("workload", {})]
+    columns += [("case", {"overflow": "fold"}), ("backend", {"overflow": "fold"}),
+                ("result", {"justify": "right", "no_wrap": True})]
+    if not compact:
+        columns.append(("how", {"overflow": "fold"}))
+    columns += [("goal", {"overflow": "fold"}), ("status", {"no_wrap": True})]
+    for col, kw in columns:
         t.add_column(col, **kw)
     last = None
     for r in report.rows:
         style = _STYLE.get(r.status, "")
-        t.add_row(r.workload if r.workload != last else "", r.case, r.backend, fmt_value(r),
-                  r.note if r.status in (SKIP, FAIL) else (r.detail + (f"; {r.note}" if r.note else "")),
-                  r.goal or "none", f"[{style}]{r.status}[/]" if style else r.status)
+        status = f"[{style}]{r.status}[/]" if style else r.status
+        if compact:
+            if r.workload != last:
+                t.add_row(f"[bold]{r.workload}[/]", "", "", "", "")
+            t.add_row("  " + r.case, r.backend, fmt_value(r), r.goal or "none", status)
+        else:
+            how = r.note if r.status in (SKIP, FAIL) else (r.detail + (f"; {r.note}" if r.note else ""))
+            t.add_row(r.workload if r.workload != last else "", r.case, r.backend, fmt_value(r), how,
+                      r.goal or "none", status)
         last = r.workload
     return t
 
@@ -87,8 +113,10 @@ def plot(report: Report, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     scaling = [r for r in report.rows if r.kind == "scaling" and r.value is not None and r.x]
-    ratios = [r for r in report.rows if r.kind == "ratio" and r.value is not None]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.3]})
+    ratios = [r for r in report.rows if r.kind == "ratio" and r.value is not None and _goal_threshold(r.goal or "")]
+    higher = [r for r in ratios if "≥" in r.goal]
+    lower = [r for r in ratios if "≤" in r.goal]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.6), gridspec_kw={"width_ratios": [1, 1, 1.2]})
 
     if scaling:
         def series(r: Row) -> str:
@@ -97,39 +125,53 @@ def plot(report: Report, path: str | Path) -> None:
         for name in sorted({series(r) for r in scaling}):
             pts = sorted((r.x, r.value) for r in scaling if series(r) == name)
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax1.axhline(1000.0, color="red", linestyle="--", linewidth=1, label="goal: 1 TiB ≤ 1 ms")
+        ax1.axhline(1000.0, color="red", linestyle="--", linewidth=1, label="goal: 1 TiB in ≤ 1 ms")
         ax1.set_xscale("log", base=2)
         ax1.set_yscale("log")
         ticks = [4 << 10, 64 << 10, 2 << 20, 64 << 20, 1 << 30, 64 << 30, 1 << 40]
         ax1.set_xticks(ticks, ["4K", "64K", "2M", "64M", "1G", "64G", "1T"])
-        ax1.set_xlabel("range size")
-        ax1.set_ylabel("µs per set_memory_attributes (median)")
+        ax1.set_xlabel("size of the range made private")
+        ax1.set_ylabel("µs per set_memory_attributes call (median; lower is better)")
         ax1.legend(fontsize=8)
     else:
         ax1.text(0.5, 0.5, "attribute scaling: no data", ha="center", va="center", transform=ax1.transAxes)
-    ax1.set_title("model: attribute update cost vs range size")
-
-    if ratios:
-        labels = [r.label or f"{r.workload}\n{r.case}" for r in ratios]
-        colors = ["tab:green" if r.status == PASS else "tab:red" if r.status == MISS else "tab:gray" for r in ratios]
-        xs = range(len(ratios))
-        ax2.bar(xs, [r.value for r in ratios], color=colors)
-        for x, r in zip(xs, ratios):
-            goal = _goal_threshold(r.goal)
-            if goal is not None:
-                ax2.hlines(goal, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.2)
-                ax2.text(x + 0.42, goal, "≥" if "≥" in r.goal else "≤", va="center", fontsize=8)
-            ax2.text(x, r.value, f"{r.value:.2f}x", ha="center", va="bottom", fontsize=8)
-        ax2.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
-        ax2.set_ylabel("ratio (dashed: goal, ≥ or ≤; green PASS, red MISS)")
-    else:
-        ax2.text(0.5, 0.5, "ratios: no data", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set_title("ratios measured in the same run")
+    ax1.set_title("model: cost of one attribute update\nagainst the size of the range", fontsize=10)
+    _ratio_panel(ax2, higher, "higher is better: speed against the reference\n(bar ≥ dashed goal passes)",
+                 "speed ratio (×reference)")
+    _ratio_panel(ax3, lower, "lower is better: time against the reference\n(bar ≤ dashed goal passes)",
+                 "time ratio (×reference)")
     fig.suptitle(f"guestmem bench{' --quick' if report.quick else ''}: {report.machine.get('cpu', '')}, "
                  f"{report.machine.get('kernel', '')} ({report.started})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ratio_label(r: Row) -> str:
+    """A bar's name: what was measured, then which backend against which reference."""
+    import textwrap
+
+    case = textwrap.shorten(r.case, 44, placeholder="…")
+    top = "\n".join(textwrap.wrap(f"{r.workload}: {case}", 24)[:3])
+    return f"{top}\n{r.backend.replace('/', ' vs ')}"
+
+
+def _ratio_panel(ax, rows: list[Row], title: str, ylabel: str) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """One bar per ratio row of one goal direction, with each row's goal drawn across its bar."""
+    ax.set_title(title, fontsize=10)
+    if not rows:
+        ax.text(0.5, 0.5, "no ratios with this goal direction", ha="center", va="center", transform=ax.transAxes)
+        return
+    xs = range(len(rows))
+    colors = ["tab:green" if r.status == PASS else "tab:red" if r.status == MISS else "tab:gray" for r in rows]
+    ax.bar(xs, [r.value for r in rows], color=colors)
+    for x, r in zip(xs, rows):
+        goal = _goal_threshold(r.goal)
+        if goal is not None:
+            ax.hlines(goal, x - 0.4, x + 0.4, colors="black", linestyles="--", linewidth=1.2)
+        ax.text(x, r.value, f"{r.value:.2f}×", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [_ratio_label(r) for r in rows], fontsize=6.5, rotation=40, ha="right")
+    ax.set_ylabel(ylabel + "; green PASS, red MISS")
 
 
 def _goal_threshold(goal: str) -> float | None:

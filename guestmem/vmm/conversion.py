@@ -30,9 +30,10 @@ from ..types import HypercallExit, MemoryFaultExit
 from ..uapi import (
     PAGE_SHIFT, PAGE_SIZE, Cap, Hypercall, KvmHypercallError, MapGpaRangeAttr, MemoryExitFlag,
 )
+from ..units import format_size
 from .memory import GuestMemory
 
-__all__ = ["ConversionManager", "ConversionStats", "size_label"]
+__all__ = ["ConversionManager", "ConversionStats"]
 
 _U64 = (1 << 64) - 1
 _KNOWN_ATTRS = int(MapGpaRangeAttr.ENCRYPTED | MapGpaRangeAttr.PAGE_SZ_2M | MapGpaRangeAttr.PAGE_SZ_1G)
@@ -43,18 +44,6 @@ _KVM_ERRNO = {
     errno.EOPNOTSUPP: KvmHypercallError.EOPNOTSUPP,
     errno.ENOTTY: KvmHypercallError.EOPNOTSUPP,
 }
-
-
-def size_label(size: int) -> str:
-    """``4 KiB``, ``2 MiB``, ``2 MiB + 4 KiB``: sizes as sums of their largest binary units."""
-    parts = []
-    for unit, name in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if size >= unit:
-            parts.append(f"{size // unit} {name}")
-            size %= unit
-    if size or not parts:
-        parts.append(f"{size} B")
-    return " + ".join(parts)
 
 
 @dataclasses.dataclass
@@ -78,7 +67,7 @@ class ConversionStats:
             "conversions": self.conversions, "bytes_converted": self.bytes_converted,
             "explicit": self.explicit, "implicit": self.implicit, "failed": self.failed,
             "by_direction": dict(self.by_direction),
-            "by_size": [{"direction": d, "size": s, "label": size_label(s), "count": n}
+            "by_size": [{"direction": d, "size": s, "label": format_size(s), "count": n}
                         for (d, s), n in sorted(self.by_size.items())],
             "errors": dict(self.errors), "discarded_bytes": self.discarded_bytes,
             "prefaulted_bytes": self.prefaulted_bytes, "seconds": self.seconds,

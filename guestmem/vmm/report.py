@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .conversion import size_label
+from ..units import format_size
 from .job import RunResult
 
 __all__ = ["summary", "map_bar", "plot_map", "to_json"]
@@ -13,10 +13,17 @@ __all__ = ["summary", "map_bar", "plot_map", "to_json"]
 COLORS = {"private": "magenta", "allocated": "green", "shared": "grey50"}
 GLYPHS = {"private": "█", "allocated": "▓", "shared": "░"}
 HEX = {"private": "#b0309a", "allocated": "#3a9a3a", "shared": "#d0d0d0"}
+MEANING = {
+    "private": "private: only the guest can use it (the host's mappings cannot see it)",
+    "allocated": "allocated: shared and populated (host memory in use, host-visible)",
+    "shared": "shared, unpopulated: host-visible but no memory allocated yet",
+}
+MIN_FRACTION = 0.004
+"""In the PNG, a private or allocated range is drawn at least this fraction of its region wide,
+so a 4 KiB private page in a 1 TiB region is still visible."""
 
 
-def _bytes(n: int) -> str:
-    return size_label(n) if n else "0 B"
+_bytes = format_size
 
 
 def summary(result: RunResult) -> Any:
@@ -52,7 +59,8 @@ def summary(result: RunResult) -> Any:
     checks.add_column(style="bold")
     checks.add_column()
     for k, v in w.items():
-        checks.add_row(k.replace("_", " "), _bytes(v) if k.endswith("bytes") and isinstance(v, int) else str(v))
+        is_size = (k.endswith("bytes") or k.startswith("bytes_")) and isinstance(v, int) and not isinstance(v, bool)
+        checks.add_row(k.replace("_", " "), _bytes(v) if is_size else str(v))
     parts.append(checks)
     if probes:
         t = Table(title="host access paths to the guest's private secret", title_justify="left")
@@ -77,10 +85,10 @@ def map_bar(result: RunResult, width: int = 64) -> Any:
     from rich.text import Text
 
     out = Text()
-    out.append("memory map  ")
+    out.append("memory map (one cell is 1/%d of a region; a cell shows the rarest kind in it, so no private "
+               "page is hidden)\n" % width)
     for kind in ("private", "allocated", "shared"):
-        out.append(GLYPHS[kind] + " " + kind + "  ", style=COLORS[kind])
-    out.append("\n")
+        out.append("  " + GLYPHS[kind] + " " + MEANING[kind] + "\n", style=COLORS[kind])
     for region in result.memory_map:
         size, base = region["size"], region["gpa"]
         cell = size / width
@@ -113,20 +121,37 @@ def plot_map(result: RunResult, path: str) -> None:
     regions = result.memory_map
     fig, axes = plt.subplots(len(regions), 1, figsize=(10, 1.1 * len(regions) + 1.0), squeeze=False)
     for ax, region in zip(axes[:, 0], regions):
-        base = region["gpa"]
-        for kind in HEX:
-            spans = [((s - base) / 2**20, (e - s) / 2**20) for s, e, k in region["segments"] if k == kind]
+        base, size = region["gpa"], region["size"]
+        scale = _axis_unit(size)
+        for kind in ("shared", "allocated", "private"):  # the rarer kinds are drawn on top
+            spans = [((s - base) / scale, _min_width(e - s, kind, size) / scale)
+                     for s, e, k in region["segments"] if k == kind]
             if spans:
                 ax.broken_barh(spans, (0, 1), facecolors=HEX[kind])
-        ax.set_xlim(0, region["size"] / 2**20)
+        ax.set_xlim(0, size / scale)
         ax.set_yticks([])
         ax.set_ylabel(region["name"], rotation=0, ha="right", va="center")
-        ax.set_xlabel(f"MiB from {base:#x} ({region['backing']})")
-    fig.legend(handles=[Patch(color=HEX[k], label=k) for k in HEX], loc="upper right", ncol=3)
+        ax.set_xlabel(f"{format_size(scale).split(' ', 1)[1]} from {base:#x} ({region['backing']}, "
+                      f"{format_size(size)})")
+    fig.legend(handles=[Patch(color=HEX[k], label=MEANING[k]) for k in HEX], loc="upper right", ncol=1,
+               fontsize=8)
     fig.suptitle(f"guestmem run {result.workload} on {result.backend}: final memory map", x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _axis_unit(size: int) -> int:
+    """The binary unit (1 KiB ... 1 TiB) that puts a region of ``size`` bytes on a readable axis."""
+    unit = 1 << 10
+    while unit < 1 << 40 and size >= unit << 12:
+        unit <<= 10
+    return unit
+
+
+def _min_width(width: int, kind: str, region_size: int) -> float:
+    """A span's drawn width: private and allocated ranges never narrower than MIN_FRACTION."""
+    return width if kind == "shared" else max(width, MIN_FRACTION * region_size)
 
 
 def to_json(result: RunResult) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..guest import PORT_SYNC
 from ..hostmem import Mapping
-from ..vmm.conversion import size_label
+from ..units import format_size
 from ..vmm.memory import Region
 from ..vmm.runloop import Outcome
 from . import source, sync_op
@@ -85,10 +85,6 @@ class Probe:
         return {**dataclasses.asdict(self), "complete": self.complete}
 
 
-def _label(n: int) -> str:
-    return size_label(n) if n else "0 B"
-
-
 def scan(read: Callable[[int, int], bytes], size: int, needle: bytes) -> tuple[int, int, bool, list[str]]:
     """Search ``[0, size)`` for ``needle``, reading ``read(offset, n)`` in CHUNK pieces.
 
@@ -121,11 +117,11 @@ def scan(read: Callable[[int, int], bytes], size: int, needle: bytes) -> tuple[i
 
 
 def _scan_outcome(covers: int, examined: int, refused: int, found: bool, errors: list[str]) -> str:
-    parts = [f"read {_label(examined)}"]
+    parts = [f"read {format_size(examined)}"]
     if refused:
-        parts.append(f"refused {_label(refused)} ({', '.join(errors)})")
+        parts.append(f"refused {format_size(refused)} ({', '.join(errors)})")
     if examined + refused < covers:
-        parts.append(f"{_label(covers - examined - refused)} NOT EXAMINED")
+        parts.append(f"{format_size(covers - examined - refused)} NOT EXAMINED")
     parts.append("SECRET FOUND" if found else "no secret")
     return ", ".join(parts)
 

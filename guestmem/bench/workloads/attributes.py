@@ -22,6 +22,7 @@ import time
 import tracemalloc
 
 from ... import hostmem, uapi
+from ...units import format_size
 from ..backends import BACKENDS, system
 from ..harness import Context, Skip, Stats, at_most, check, fmt_stats
 
@@ -34,13 +35,6 @@ GOAL_RANDOM = at_most(20.0, "≤ 20 µs")
 BYTES_PER_RANGE = 1024
 FRAGMENTS = 10_000
 GOAL_MEMORY = at_most(BYTES_PER_RANGE, f"O(ranges): ≤ {BYTES_PER_RANGE} B/range")
-
-
-def _size_name(size: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift:
-            return f"{size >> shift} {unit}"
-    return f"{size} B"
 
 
 class _TiBVm:
@@ -108,7 +102,7 @@ def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
         if fragmented:
             fragment(TIB)
         for size in SIZES:
-            ctx.status(f"{backend}: set_memory_attributes {_size_name(size)} over {series}")
+            ctx.status(f"{backend}: set_memory_attributes {format_size(size)} over {series}")
             times = []
             for i in range(calls + 2):
                 attr = PRIVATE if (i % 2 == 0 or fragmented) else 0
@@ -120,7 +114,7 @@ def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
                 if i >= 2:
                     times.append(dt / 1000)
             st = Stats(tuple(times))
-            ctx.add(f"set {_size_name(size)} over {series}", backend, st.median, "µs", detail=fmt_stats(st, unit=" µs"),
+            ctx.add(f"set {format_size(size)} over {series}", backend, st.median, "µs", detail=fmt_stats(st, unit=" µs"),
                     goal=GOAL_1T if size == TIB else None, kind="scaling", x=size, samples=times)
         if fragmented:
             stored = _check_ranges(tvm.ranges(), "fragmented map")
