@@ -40,6 +40,33 @@ def test_protocol_methods_have_the_same_signature(package, name: str) -> None:
         assert list(got.parameters) == list(want.parameters), f"{package.__name__}.{name}.{meth}{got} != {want}"
 
 
+def shape(sig: inspect.Signature) -> list[tuple[str, object, object]]:
+    """A signature without its annotations (the two backends spell them differently)."""
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_shared_methods_take_the_same_arguments(name: str) -> None:
+    """Every public method both backends have takes the same parameters, in the same order,
+    of the same kind, with the same defaults: code written against one runs on the other."""
+    kvm_cls, model_cls = getattr(guestmem.kvm, name), getattr(guestmem.model, name)
+    for meth in sorted(public_methods(kvm_cls) & public_methods(model_cls)):
+        want = inspect.signature(getattr(kvm_cls, meth))
+        got = inspect.signature(getattr(model_cls, meth))
+        assert shape(got) == shape(want), f"{name}.{meth}: model {got} != kvm {want}"
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_shared_properties_are_properties_on_both(name: str) -> None:
+    """A class-level property of one backend is a property (not a method) on the other."""
+    kvm_cls, model_cls = getattr(guestmem.kvm, name), getattr(guestmem.model, name)
+    for attr in sorted(set(dir(kvm_cls)) & set(dir(model_cls))):
+        if attr.startswith("_"):
+            continue
+        k, m = inspect.getattr_static(kvm_cls, attr), inspect.getattr_static(model_cls, attr)
+        assert isinstance(k, property) == isinstance(m, property), f"{name}.{attr}: kvm {k!r}, model {m!r}"
+
+
 # Arguments no kernel field can hold are refused the same way on both backends (EINVAL naming
 # the field), while negative values wrap and reach the kernel's own checks.
 OUT_OF_RANGE_CALLS = [
