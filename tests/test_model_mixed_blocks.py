@@ -155,3 +155,46 @@ def test_slot_created_over_fragmented_attributes_gets_runs_of_mixed_blocks(model
     vm._check()
     del runs
     vm.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(points, points, st.sampled_from([0, PRIVATE])), min_size=1, max_size=12))
+def test_slots_created_over_attributes_match_reference(operations):
+    """Slot creation computes the mixed blocks of attributes set before it (the init path)."""
+    with guestmem.open_system("model") as sys_:
+        vm = sys_.create_vm(SW)
+        runs: list[tuple[int, int, int]] = []
+        for a, b, value in operations:
+            lo, hi = min(a, b), max(a, b)
+            if lo != hi:
+                vm.set_memory_attributes(lo * P, (hi - lo) * P, value)
+                runs = reference_set(runs, lo, hi, value)
+        for id_, base, npages in SLOTS:
+            vm.set_user_memory_region(id_, 0, base * P, npages * P)
+        assert_matches(vm, runs)
+        vm.close()
+
+
+@pytest.mark.parametrize("lo_off, hi_off", [(-3, 1), (1, L1 + 1), (-1, 2 * L1 + 1), (5, 6)],
+                         ids=["end-one-page-in", "inside-to-next-block", "two-blocks-plus-one", "one-page"])
+def test_set_ending_one_page_into_a_block_mixes_it(vm, lo_off, hi_off):
+    """The block holding the set's last page is re-examined even when that page is its first."""
+    base = SLOTS[0][1] + 5 * L1
+    lo, hi = base + lo_off, base + hi_off
+    vm.set_memory_attributes(lo * P, (hi - lo) * P, PRIVATE)
+    assert_matches(vm, reference_set([], lo, hi, PRIVATE))
+    assert vm._slot_for_gfn(base).is_mixed(1, hi - 1)
+
+
+def test_slot_created_over_block_aligned_attributes_has_no_mixed_block(model_system):
+    """Attribute boundaries on block boundaries mix nothing; one inside a partial edge block
+    is not tracked (the block is never huge-mapped)."""
+    vm = model_system.create_vm(SW)
+    vm.set_memory_attributes(10 * L1 * P, 2 * L1 * P, PRIVATE)  # blocks 10 and 11, exactly
+    vm.set_memory_attributes((20 * L1 + 100) * P, P, PRIVATE)    # inside block 20
+    vm.set_user_memory_region(0, 0, 0, (20 * L1 + 300) * P)       # ends 300 pages into block 20
+    slot = vm._slot_for_gfn(0)
+    assert slot.mixed_count(1) == 0 and slot.mixed_count(2) == 0
+    assert not slot.is_mixed(1, 10 * L1) and not slot.is_mixed(1, 20 * L1 + 100)
+    vm._check()
+    vm.close()

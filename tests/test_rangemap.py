@@ -281,3 +281,27 @@ def test_bounds_outside_64_bits_raise_and_change_nothing():
         empty.set(0, 1 << 64, 8)
     empty.check()
     assert len(empty) == 0 and empty.get(1 << 70) == 0  # queries take any int
+
+
+def test_uniform_over_every_gap_including_chunk_ends():
+    """Every gap of a multi-chunk map reads the default, up to (not including) the next run;
+    the gaps after the last run of a chunk look the next run up in the next chunk."""
+    m, runs = fragmented(3000, 10)
+    for (_, end, _), (nxt, _, _) in zip(runs, runs[1:]):
+        assert m.uniform(end, nxt) == 0, end
+        assert m.uniform(end, nxt + 1) is None, end
+
+
+def test_constructor_items_are_set_in_order():
+    m = RangeMap(default=0, items=[(0, 10, 5), (4, 6, 7), (20, 30, 5)])
+    m.check()
+    assert list(m) == [(0, 4, 5), (4, 6, 7), (6, 10, 5), (20, 30, 5)]
+
+
+def test_clear_a_range_resets_it_to_the_default():
+    m = RangeMap(default=1, items=[(0, 100, 2)])
+    m.clear(10, 20)
+    m.check()
+    assert list(m) == [(0, 10, 2), (20, 100, 2)] and m.get(15) == 1
+    m.clear()
+    assert list(m) == [] and len(m) == 0 and m.get(50) == 1
