@@ -345,7 +345,10 @@ class FileOps:
 
     def _stats(self) -> dict:
         st, fd = self._state, self._memfd_fd
-        allocated = os.fstat(fd).st_blocks * 512 >> PAGE_SHIFT if fd >= 0 else 0
+        if st.folio_pages > 1:  # whole folios are charged
+            allocated = sum(e - s for s, e in st.allocated_blocks(fd, 0, st.npages)) * st.folio_pages
+        else:
+            allocated = os.fstat(fd).st_blocks * 512 >> PAGE_SHIFT if fd >= 0 else 0
         return {
             "size": self.size,
             "folio_size": st.folio_pages << PAGE_SHIFT,

@@ -307,6 +307,11 @@ class GuestMemfd(FileOps):
         Creating the backing memfd on the first allocation can fail too; like a failed page
         allocation, that is ENOMEM (the kernel's only allocation-failure errno here besides EINTR).
         """
+        if self._state.folio_pages > 1:
+            # HugeTLB: the folios are accounted here; the model's memfd fills in 4 KiB pages
+            # only where they are touched, so a 1 GiB folio costs the host nothing until used.
+            self._state.allocated.set(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT, True)
+            return
         try:
             fd = self._memfd_fd
             if fd < 0:
@@ -333,9 +338,9 @@ class GuestMemfd(FileOps):
                 raise oserror(errno.EAGAIN, f"punching [{offset:#x}, {end:#x}): page {busy << PAGE_SHIFT:#x} "
                                             "is in use (pinned)")
             st.merges += st.punch_merges(self._memfd_fd, offset >> PAGE_SHIFT, end >> PAGE_SHIFT)
+        st.allocated.set(offset >> PAGE_SHIFT, end >> PAGE_SHIFT, False)
         if self._memfd_fd >= 0:  # without a memfd no page was ever allocated
             hostmem.fallocate_encoded(self._memfd_fd, _PUNCH_KEEP, offset, end - offset)
-            st.allocated.set(offset >> PAGE_SHIFT, end >> PAGE_SHIFT, False)
         if self._poisoned:
             healed = sorted(p for p in self._poisoned if offset <= p < end)
             for page in healed:
