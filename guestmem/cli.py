@@ -125,10 +125,15 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
 @click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", "memory", default=None, help="Guest data memory, e.g. 64M (default: per workload).")
 @click.option("--iterations", type=click.IntRange(1), default=None, help="conversions: iterations per vCPU.")
+@click.option("--conversion", type=click.Choice(["auto", "in-place", "two-backings", "both"]), default="auto",
+              show_default=True,
+              help="Private memory layout: one guest_memfd converted in place (model: profile next), or a "
+                   "guest_memfd plus a shared memfd; auto: in-place where the kernel has it; both: run each "
+                   "and compare their host memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable results only.")
 @click.option("--map", "map_path", type=click.Path(dir_okay=False), help="Also write the memory map as a PNG.")
 def run(workload: str | None, guest_path: str | None, entry: int | None, load_address: int | None, cpl: int,
-        backend: str, vcpus: int, memory: str | None, iterations: int | None, as_json: bool,
+        backend: str, vcpus: int, memory: str | None, iterations: int | None, conversion: str, as_json: bool,
         map_path: str | None) -> None:
     """Boot a VM and run WORKLOAD: conversions (default), secret or touch; or your own --guest FILE."""
     from rich.console import Console
@@ -163,27 +168,35 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
         if not as_json:
             console.print(f"backend: [bold]{name}[/] ({why})")
 
+    layouts = ["in-place", "two-backings"] if conversion == "both" else [conversion]
+    results = []
     try:
-        with progress:
-            result = job.run_workload(workload, backend=backend, vcpus=vcpus, memory=size, options=options,
-                                      on_backend=on_backend,
-                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+        for layout in layouts:
+            with progress:
+                results.append(job.run_workload(
+                    workload, backend=backend, vcpus=vcpus, memory=size, options=options, on_backend=on_backend,
+                    conversion=layout,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total)))
     except OSError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
     except (ValueError, GuestError) as exc:
         raise click.ClickException(str(exc)) from None
+    result = results[0]
     if as_json:
-        click.echo(report.to_json(result))
+        click.echo(report.to_json(result) if len(results) == 1 else report.to_json_many(results))
     else:
-        console.print(report.summary(result))
+        for r in results:
+            console.print(report.summary(r))
         console.print(report.map_bar(result))
+        if len(results) > 1:
+            console.print(report.layouts(results))
     if map_path:
         report.plot_map(result, map_path)
         if not as_json:
             console.print(f"memory map written to {map_path}")
-    if result.interrupted:
+    if any(r.interrupted for r in results):
         raise click.exceptions.Exit(130)
-    if not result.ok:
+    if not all(r.ok for r in results):
         raise click.exceptions.Exit(1)
 
 

@@ -7,10 +7,13 @@ access, which reaches us as a ``MemoryFaultExit`` (spec 5.3: flags PRIVATE = mak
 private). Both end in ``ConversionManager.convert``:
 
 1. validate the range (inside one private-capable region, page aligned, no wrap);
-2. KVM_SET_MEMORY_ATTRIBUTES through ``GuestMemory.set_attributes`` (map + listeners);
+2. KVM_SET_MEMORY_ATTRIBUTES through ``GuestMemory.set_attributes`` (map + listeners); with
+   in-place conversion, KVM_SET_MEMORY_ATTRIBUTES2 on the region's guest_memfd, where an
+   EAGAIN caused by the VMM's own pins releases them and retries once (counted in
+   ``eagain_retries``), and one caused by anyone else fails the request (reported);
 3. discard the backing the range no longer uses: punch the guest_memfd when it went
    shared, punch the shared memfd when it went private (so stale shared data cannot
-   reappear and memory is not held twice);
+   reappear and memory is not held twice); in place there is one backing and nothing to free;
 4. pre-fault the new state with KVM_PRE_FAULT_MEMORY when asked and supported.
 
 Failures never kill the VM: an explicit request gets ``-KVM_E*`` in RAX (the guest decides),
@@ -43,6 +46,7 @@ _KVM_ERRNO = {
     errno.EFAULT: KvmHypercallError.EFAULT,
     errno.EOPNOTSUPP: KvmHypercallError.EOPNOTSUPP,
     errno.ENOTTY: KvmHypercallError.EOPNOTSUPP,
+    errno.EAGAIN: KvmHypercallError.EFAULT,  # a page stays referenced: the guest cannot have it
 }
 
 
@@ -61,6 +65,8 @@ class ConversionStats:
     discarded_bytes: int = 0
     prefaulted_bytes: int = 0
     seconds: float = 0.0  # time spent converting
+    eagain_retries: int = 0  # in place: conversions retried after releasing the VMM's pins
+    pins_released: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -71,6 +77,7 @@ class ConversionStats:
                         for (d, s), n in sorted(self.by_size.items())],
             "errors": dict(self.errors), "discarded_bytes": self.discarded_bytes,
             "prefaulted_bytes": self.prefaulted_bytes, "seconds": self.seconds,
+            "eagain_retries": self.eagain_retries, "pins_released": self.pins_released,
         }
 
 
@@ -121,10 +128,16 @@ class ConversionManager:
         if not mem.within_private_capable(gpa, size):
             return -KvmHypercallError.EINVAL
         with mem.lock:
+            retries, released = mem.eagain, mem.pins_released
             try:
                 mem.set_attributes(gpa, size, private)
             except OSError as exc:
                 return -_KVM_ERRNO.get(exc.errno or 0, KvmHypercallError.EFAULT)
+            finally:
+                if mem.eagain != retries or mem.pins_released != released:
+                    with self._stats_lock:
+                        self.stats.eagain_retries += mem.eagain - retries
+                        self.stats.pins_released += mem.pins_released - released
             if self.discard:
                 # The attribute change already happened; a failed discard only keeps memory.
                 try:

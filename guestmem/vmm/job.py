@@ -20,7 +20,9 @@ from .. import workloads
 from ..choose import kernel_private_memory
 from ..errors import oserror
 from ..rangemap import RangeMap
+from ..uapi import Cap, MemoryAttribute
 from .machine import Machine, boot_region
+from .memory import LAYOUTS
 
 __all__ = ["RunResult", "choose_backend", "run_workload", "parse_size", "memory_map"]
 
@@ -85,6 +87,12 @@ class RunResult:
     memory_map: list[dict[str, Any]]
     console: str = ""
     interrupted: bool = False
+    conversion: str = ""
+    """Layout of private-capable memory: "in-place" or "two-backings"."""
+    host_memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    """At the end of the run: rss_anon + memfd + guest_memfd bytes = total (GuestMemory.host_memory)."""
+    host_memory_peak: int = 0
+    """The largest ``total`` sampled while the guest ran (every poll interval, and at the end)."""
 
     @property
     def conversions_per_second(self) -> float:
@@ -118,11 +126,30 @@ def memory_map(machine: Machine) -> list[dict[str, Any]]:
     return out
 
 
+def _open_system(backend: str, conversion: str) -> Any:
+    """The backend's System; in-place conversion on the model is the "next" profile."""
+    if backend == "model" and conversion == "in-place":
+        return guestmem.open_system("model", profile="next")
+    return guestmem.open_system(backend)
+
+
+def _kernel_in_place() -> tuple[bool, str]:
+    with guestmem.open_system("kvm") as system:
+        if system.check_extension(Cap.GUEST_MEMFD_MEMORY_ATTRIBUTES) & MemoryAttribute.PRIVATE:
+            return True, "the kernel has in-place conversion"
+    return False, "the kernel has no in-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 0)"
+
+
 def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus: int = 2,
                  memory: int | None = None, progress: Callable[[int, int], None] | None = None,
                  on_backend: Callable[[str, str], None] | None = None,
-                 options: dict[str, Any] | None = None, timeout: float | None = None) -> RunResult:
+                 options: dict[str, Any] | None = None, timeout: float | None = None,
+                 conversion: str = "auto") -> RunResult:
     """Run bundled workload ``name`` and return its result.
+
+    :param conversion: "in-place" (one guest_memfd per private-capable region; on the model
+        this selects profile "next"), "two-backings" (guest_memfd + shared memfd) or "auto"
+        (in-place where the chosen system offers it: a kernel with the in-place series).
 
     :param progress: called as ``progress(done, total)`` while the guest runs.
     :param on_backend: called once with ``(backend, reason)`` before the VM starts.
@@ -132,25 +159,43 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
     """
     if vcpus < 1:
         raise ValueError(f"--vcpus must be at least 1, not {vcpus}")
+    if conversion not in LAYOUTS:
+        raise ValueError(f"unknown conversion layout {conversion!r}: choose one of {', '.join(LAYOUTS)}")
     work = workloads.get(name, **(options or {}))
     chosen, reason = choose_backend(backend, work)
+    if conversion == "in-place" and chosen == "kvm":
+        ok, why = _kernel_in_place()
+        if not ok:
+            if backend == "kvm":
+                raise oserror(errno.EOPNOTSUPP, f"--conversion in-place: {why}; use --backend model")
+            chosen, reason = "model", f"--conversion in-place: {why}"
+    if chosen == "model" and conversion == "in-place":
+        reason += "; profile next (in-place conversion series v8)"
     if on_backend is not None:
         on_backend(chosen, reason)
     size = work.default_memory if memory is None else memory
     regions = [boot_region(), *work.regions(vcpus, size)]
     interrupted = False
-    with guestmem.open_system(chosen) as system:
-        with Machine(system, regions, vcpus=vcpus) as machine:
+    with _open_system(chosen, conversion) as system:
+        with Machine(system, regions, vcpus=vcpus, conversion=conversion) as machine:
             work.setup(machine)
-            poll = (lambda: progress(work.done, work.total)) if progress is not None else None
+            mem = machine.memory
+            assert mem is not None
+            peak = [0]
+
+            def poll() -> None:
+                peak[0] = max(peak[0], mem.host_memory()["total"])
+                if progress is not None:
+                    progress(work.done, work.total)
+
             t0 = time.perf_counter()
             try:
                 machine.run(poll=poll, timeout=timeout)
             except KeyboardInterrupt:
                 interrupted = True
             wall = time.perf_counter() - t0
-            if poll is not None:
-                poll()
+            poll()
+            used = mem.host_memory()
             if hasattr(work, "finish") and not interrupted:
                 work.finish()
             return RunResult(
@@ -158,5 +203,6 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
                 ok=bool(work.ok) and not interrupted, wall_time=wall, exits=dict(machine.exits),
                 conversions=machine.conversions.stats.as_dict(), workload_results=work.results(),
                 memory_map=memory_map(machine), console=machine.console.decode(errors="replace"),
-                interrupted=interrupted,
+                interrupted=interrupted, conversion=mem.conversion, host_memory=used,
+                host_memory_peak=max(peak[0], used["total"]),
             )

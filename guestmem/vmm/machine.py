@@ -43,10 +43,12 @@ class Machine:
     :param vm_type: KVM_CREATE_VM type; default SW_PROTECTED when a region is
         private-capable, else DEFAULT.
     :param prefault: pre-fault converted ranges (see ConversionManager).
+    :param conversion: layout of private-capable regions: "in-place", "two-backings" or
+        "auto" (see GuestMemory).
     """
 
     def __init__(self, system: System, regions: Iterable[Region], *, vcpus: int = 1,
-                 vm_type: int | None = None, prefault: bool = False) -> None:
+                 vm_type: int | None = None, prefault: bool = False, conversion: str = "auto") -> None:
         regions = tuple(regions)
         if vcpus < 1:
             raise ValueError(f"a machine needs at least one vCPU, not {vcpus}")
@@ -57,7 +59,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         try:
-            self.memory = GuestMemory(self.vm, regions)
+            self.memory = GuestMemory(self.vm, regions, conversion=conversion)
             if self.memory.has_private and self.vm.check_extension(Cap.EXIT_HYPERCALL) & (1 << Hypercall.MAP_GPA_RANGE):
                 self.vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << Hypercall.MAP_GPA_RANGE)
             self.conversions = ConversionManager(self.memory, prefault=prefault)

@@ -19,6 +19,15 @@ non-overlapping: vm-memory's rule) and creates, using only the backend interface
   regions need a VM whose KVM_CAP_MEMORY_ATTRIBUTES includes PRIVATE, otherwise
   construction fails with EOPNOTSUPP and a message saying why (the real kernel on this host
   has no memory attributes).
+* for a **private-capable** region with **in-place conversion** (the VM reports PRIVATE in
+  KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: the in-place series, model profile "next"): one
+  guest_memfd created MMAP|INIT_SHARED serves both kinds. Its mapping is the host's view
+  and ``userspace_addr``, every binding is GMEM_ONLY, and conversions are
+  KVM_SET_MEMORY_ATTRIBUTES2 on the file: nothing is allocated twice and nothing needs
+  discarding. The host view SIGBUSes on private pages, so ``read``/``write``/``fill``
+  refuse ranges holding private pages with EFAULT (checked under ``lock``, which
+  conversions hold too). ``conversion`` picks the layout: "in-place", "two-backings" or
+  "auto" (in-place when the VM offers it).
 * for a **shared-only** region: a guest_memfd created MMAP|INIT_SHARED, with
   ``userspace_addr`` set to its own mapping (spec 11.8, "GMEM_ONLY"), when the VM reports
   both flags in KVM_CAP_GUEST_MEMFD_FLAGS; otherwise a plain memfd.
@@ -28,8 +37,16 @@ regions are split on 2 MiB boundaries) and the total stays under KVM_CAP_NR_MEMS
 
 The attribute map is authoritative and range based: a ``RangeMap`` over gfns holding
 ``MemoryAttribute.PRIVATE`` runs (gaps are shared). ``set_attributes`` is the only writer:
-it calls KVM_SET_MEMORY_ATTRIBUTES, updates the map and then notifies every listener once
-with the whole range (QEMU's RamDiscardManager, but per range, not per page).
+it calls KVM_SET_MEMORY_ATTRIBUTES (in place: KVM_SET_MEMORY_ATTRIBUTES2 on the region's
+guest_memfd), updates the map and then notifies every listener once with the whole range
+(QEMU's RamDiscardManager, but per range, not per page).
+
+Pins: ``pin`` takes a host reference on shared guest pages the way a device model's DMA
+mapping does (backends with ``GuestMemfd.pin``: the model). A conversion to private that
+the kernel refuses with EAGAIN because of a reference the VMM holds releases the VMM's pins
+in the range (calling each pin's ``on_release`` first, so the device can stop using the
+pages), retries once and counts both in ``eagain``; a reference the VMM does not hold
+fails the conversion with the kernel's error and ``error_offset``.
 
 Readers that must not lock (vCPU threads, the report) take ``snapshot()``: an immutable
 ``Snapshot`` of the layout and the private runs at one generation. Snapshots are built
@@ -47,6 +64,7 @@ import re
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .. import hostmem
 from ..errors import oserror
@@ -58,14 +76,17 @@ from ..uapi import (
     KVM_MEM_MAX_NR_PAGES, PAGE_SHIFT, PAGE_SIZE, Cap, Falloc, GuestMemfdFlag, MemFlag, MemoryAttribute,
 )
 
-__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "MAX_SLOT_SIZE"]
+__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "LAYOUTS", "MAX_SLOT_SIZE",
+           "host_memory"]
 
 _2M = 2 << 20
 MAX_SLOT_SIZE = (KVM_MEM_MAX_NR_PAGES << PAGE_SHIFT) & ~(_2M - 1)
 """The largest memslot the layout creates: under KVM_MEM_MAX_NR_PAGES, 2 MiB aligned."""
 
 BACKINGS = ("auto", "gmem", "memfd")
+LAYOUTS = ("auto", "in-place", "two-backings")
 PRIVATE = int(MemoryAttribute.PRIVATE)
+_INIT_SHARED_MMAP = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,7 +174,7 @@ class Snapshot:
 class _Backed:
     """A region with the objects backing it (owned by GuestMemory)."""
 
-    __slots__ = ("region", "gmem", "memfd", "mapping", "kind", "host_access")
+    __slots__ = ("region", "gmem", "memfd", "mapping", "kind", "host_access", "pins")
 
     def __init__(self, region: Region) -> None:
         self.region = region
@@ -162,6 +183,22 @@ class _Backed:
         self.mapping: Mapping | None = None  # the host's shared view (memfd or gmem mapping)
         self.kind = ""
         self.host_access = True  # False: the view is a guest_memfd mapping without INIT_SHARED
+        self.pins: list[_Pin] = []  # host references the VMM holds (in-place regions)
+
+
+class _Pin:
+    """A pin the VMM took with ``GuestMemory.pin``; ``release()`` drops it (idempotent)."""
+
+    __slots__ = ("gpa", "size", "handle", "on_release", "_owner")
+
+    def __init__(self, owner: _Backed, gpa: int, size: int, handle: Any, on_release: Callable[[], None] | None):
+        self.gpa, self.size, self.handle, self.on_release, self._owner = gpa, size, handle, on_release, owner
+
+    def release(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.pins.remove(self)
+            self.handle.release()
 
 
 def _validate(regions: Iterable[Region]) -> tuple[Region, ...]:
@@ -212,7 +249,7 @@ class GuestMemory:
     views need no lock.
     """
 
-    def __init__(self, vm: Vm, regions: Iterable[Region], *, first_slot: int = 0) -> None:
+    def __init__(self, vm: Vm, regions: Iterable[Region], *, first_slot: int = 0, conversion: str = "auto") -> None:
         self.vm = vm
         self.regions = _validate(regions)
         self.lock = threading.RLock()
@@ -222,10 +259,26 @@ class GuestMemory:
         self._snapshot: Snapshot | None = None
         self._backed: list[_Backed] = []
         self._starts = [r.gpa for r in self.regions]
-        self.has_private = bool(vm.check_extension(Cap.MEMORY_ATTRIBUTES) & PRIVATE)
+        self.eagain = 0  # in-place conversions retried after releasing the VMM's pins
+        self.pins_released = 0
+        vm_level = bool(vm.check_extension(Cap.MEMORY_ATTRIBUTES) & PRIVATE)
         gmem_flags = vm.check_extension(Cap.GUEST_MEMFD_FLAGS) if vm.check_extension(Cap.GUEST_MEMFD) else 0
+        in_place = bool(vm.check_extension(Cap.GUEST_MEMFD_MEMORY_ATTRIBUTES) & PRIVATE) \
+            and gmem_flags & _INIT_SHARED_MMAP == _INIT_SHARED_MMAP
         self._gmem_flags = gmem_flags
+        if conversion not in LAYOUTS:
+            raise ValueError(f"unknown conversion layout {conversion!r}: choose one of {', '.join(LAYOUTS)}")
+        if conversion == "auto":
+            conversion = "in-place" if in_place else "two-backings"
+        self.conversion = conversion
+        """The layout of private-capable regions: "in-place" or "two-backings"."""
+        self.in_place = conversion == "in-place"
+        self.has_private = in_place if self.in_place else vm_level
         for r in self.regions:
+            if r.private and self.in_place and not in_place:
+                raise oserror(errno.EOPNOTSUPP, f"region {r.name!r}: in-place conversion needs PRIVATE in "
+                                                "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES and MMAP|INIT_SHARED "
+                                                f"guest_memfds, which this VM (type {vm.type}) lacks")
             if r.private and not self.has_private:
                 raise oserror(errno.EOPNOTSUPP, f"region {r.name!r} needs private memory, but this VM (type {vm.type}) "
                                                 "has none: KVM_CAP_MEMORY_ATTRIBUTES lacks PRIVATE")
@@ -261,6 +314,12 @@ class GuestMemory:
     def _create_backing(self, r: Region) -> _Backed:
         b = _Backed(r)
         want_gmem = r.backing == "gmem" or (r.backing == "auto" and (self._gmem_flags & 3) == 3)
+        if r.private and self.in_place:
+            # One guest_memfd for both kinds; it starts shared like the attribute map.
+            b.gmem = self.vm.create_guest_memfd(r.size, _INIT_SHARED_MMAP)
+            b.mapping = b.gmem.mmap(r.size)
+            b.kind = "gmem-inplace"
+            return b
         if r.private and r.gmem_mmap and self._gmem_flags & GuestMemfdFlag.MMAP:
             # GMEM_ONLY: the guest's shared pages are in the guest_memfd too, so it is the
             # host's view. INIT_SHARED only if this VM offers it (no VM with private memory
@@ -336,22 +395,53 @@ class GuestMemory:
         if not b.host_access:
             raise oserror(errno.EFAULT, f"guest range [{gpa:#x}, +{size:#x}): region {b.region.name!r} is GMEM_ONLY "
                                         "and its guest_memfd has no INIT_SHARED, so every host touch faults")
+        if b.kind == "gmem-inplace" and size and self._attrs.uniform(gpa >> PAGE_SHIFT, (gpa + size + PAGE_SIZE - 1)
+                                                                     >> PAGE_SHIFT) != 0:
+            raise oserror(errno.EFAULT, f"guest range [{gpa:#x}, +{size:#x}) holds private pages, which the "
+                                        "in-place host view cannot touch (SIGBUS)")
         assert b.mapping is not None
         return b.mapping, gpa - b.region.gpa
 
     def read(self, gpa: int, size: int) -> bytes:
-        """Read guest memory through the host's shared view (never the private backing)."""
-        m, off = self._host(gpa, size)
-        return m.read(off, size)
+        """Read guest memory through the host's shared view (never the private backing).
+
+        :raises OSError: EFAULT outside one region, on a view the host cannot touch, or (in
+            place) on a range holding private pages.
+        """
+        with self.lock:  # in place: no conversion may make the range private meanwhile
+            m, off = self._host(gpa, size)
+            return m.read(off, size)
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Write guest memory through the host's shared view."""
-        m, off = self._host(gpa, len(data))
-        m.write(off, data)
+        """Write guest memory through the host's shared view (errors as ``read``)."""
+        with self.lock:
+            m, off = self._host(gpa, len(data))
+            m.write(off, data)
 
     def fill(self, gpa: int, size: int, byte: int) -> None:
-        m, off = self._host(gpa, size)
-        m.fill(off, size, byte)
+        with self.lock:
+            m, off = self._host(gpa, size)
+            m.fill(off, size, byte)
+
+    # --- pins -----------------------------------------------------------------------------------
+
+    def pin(self, gpa: int, size: int, on_release: Callable[[], None] | None = None) -> _Pin:
+        """Hold shared guest pages [gpa, gpa+size) the way a device's DMA mapping does.
+
+        ``on_release`` is called if a conversion needs the pages back (then the pin is dropped).
+        :raises OSError: EFAULT outside one guest_memfd-backed region; EOPNOTSUPP if the
+            backend cannot pin; the backend's errno (EFAULT for private pages).
+        """
+        with self.lock:
+            b = self._find(gpa)
+            if b is None or b.gmem is None or size <= 0 or gpa + size > b.region.end:
+                raise oserror(errno.EFAULT, f"pin [{gpa:#x}, +{size:#x}) is not inside one guest_memfd region")
+            pin_fn = getattr(b.gmem, "pin", None)
+            if pin_fn is None:
+                raise oserror(errno.EOPNOTSUPP, "this backend cannot pin guest_memfd pages")
+            p = _Pin(b, gpa, size, pin_fn(gpa - b.region.gpa, size), on_release)
+            b.pins.append(p)
+            return p
 
     # --- attributes ---------------------------------------------------------------------------
 
@@ -389,12 +479,42 @@ class GuestMemory:
         """
         attrs = PRIVATE if private else 0
         with self.lock:
-            self.vm.set_memory_attributes(gpa, size, attrs)
+            if self.in_place:
+                self.eagain += self._set_file_attributes(gpa, size, attrs)
+            else:
+                self.vm.set_memory_attributes(gpa, size, attrs)
             self._attrs.set(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, attrs)
             self._generation += 1
             event = Conversion(gpa, size, private)
             for listener in list(self._listeners):
                 listener(event)
+
+    def _set_file_attributes(self, gpa: int, size: int, attrs: int) -> int:
+        """KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd of the private-capable region holding
+        the range; on EAGAIN, release the VMM's own pins there and retry once. Returns the
+        number of retries (0 or 1)."""
+        b = self._find(gpa)
+        if b is None or b.kind != "gmem-inplace" or gpa + size > b.region.end:
+            raise oserror(errno.EINVAL, f"in-place conversion of [{gpa:#x}, +{size:#x}) must lie inside one "
+                                        "private-capable region")
+        assert b.gmem is not None
+        off = gpa - b.region.gpa
+        try:
+            b.gmem.set_memory_attributes(off, size, attrs)
+            return 0
+        except BlockingIOError as exc:
+            mine = [p for p in b.pins if p.gpa < gpa + size and p.gpa + p.size > gpa]
+            if not mine:
+                exc.add_note(f"the page at guest {b.region.gpa + getattr(exc, 'error_offset', 0):#x} is referenced "
+                             "outside this VMM")
+                raise
+        for p in mine:
+            if p.on_release is not None:
+                p.on_release()
+            p.release()
+        self.pins_released += len(mine)
+        b.gmem.set_memory_attributes(off, size, attrs)
+        return 1
 
     def discard(self, gpa: int, size: int, private: bool) -> list[tuple[str, int, int]]:
         """Free the backing a range no longer uses; returns ``(what, offset, length)`` per step.
@@ -415,7 +535,7 @@ class GuestMemory:
                     pos = self._starts[nxt]
                     continue
                 stop = min(end, b.region.end)
-                if b.region.private:
+                if b.region.private and b.kind != "gmem-inplace":  # in place: one backing, nothing to free
                     off, length = pos - b.region.gpa, stop - pos
                     if private:
                         if b.memfd >= 0:  # GMEM_ONLY regions have no separate shared memory
@@ -452,9 +572,26 @@ class GuestMemory:
 
     # --- teardown -----------------------------------------------------------------------------
 
+    def host_memory(self) -> dict[str, int]:
+        """Host memory the guest's memory uses now: the process's anonymous RSS plus the bytes
+        allocated in every memfd and guest_memfd backing a region (shared memory counted once,
+        through its file). guest_memfd bytes come from ``GuestMemfd.stats()`` where the
+        backend has it (the model); a kernel guest_memfd reports none (st_blocks is 0)."""
+        memfd = gmem = 0
+        for b in self._backed:
+            if b.memfd >= 0:
+                memfd += os.fstat(b.memfd).st_blocks * 512
+            if b.gmem is not None:
+                stats = getattr(b.gmem, "stats", None)
+                gmem += stats()["pages_allocated"] * PAGE_SIZE if stats is not None else b.gmem.fstat().st_blocks * 512
+        anon = host_memory()["rss_anon"]
+        return {"rss_anon": anon, "memfd": memfd, "guest_memfd": gmem, "total": anon + memfd + gmem}
+
     def close(self) -> None:
         """Unmap and close every backing (memslots go away with the VM)."""
         for b in self._backed:
+            for p in list(b.pins):
+                p.release()
             if b.mapping is not None:
                 b.mapping.close()
             if b.memfd >= 0:
@@ -467,6 +604,17 @@ class GuestMemory:
 
 
 _RESIDENT = re.compile(rb"[\x01-\xff]+")
+
+
+def host_memory() -> dict[str, int]:
+    """This process's resident anonymous and shared memory (/proc/self/status RssAnon, RssShmem)."""
+    out = {"rss_anon": 0, "rss_shmem": 0}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssShmem"):
+                out["rss_anon" if key == "RssAnon" else "rss_shmem"] = int(value.split()[0]) * 1024
+    return out
 
 
 def _mincore(address: int, length: int) -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 from ..units import format_size
 from .job import RunResult
 
-__all__ = ["summary", "map_bar", "plot_map", "to_json"]
+__all__ = ["summary", "map_bar", "plot_map", "to_json", "to_json_many", "layouts"]
 
 COLORS = {"private": "magenta", "allocated": "green", "shared": "grey50"}
 GLYPHS = {"private": "█", "allocated": "▓", "shared": "░"}
@@ -44,6 +44,14 @@ def summary(result: RunResult) -> Any:
     facts.add_row("conversions", f"{c['conversions']} ({c['explicit']} explicit, {c['implicit']} implicit, "
                                  f"{c['failed']} failed)  {result.conversions_per_second:.1f}/s")
     facts.add_row("bytes converted", _bytes(c["bytes_converted"]))
+    if result.conversion:
+        facts.add_row("conversion layout", result.conversion)
+    if result.host_memory:
+        h = result.host_memory
+        facts.add_row("host memory", f"{_mib(h['total'])} = RSS anon {_mib(h['rss_anon'])} + memfd {_mib(h['memfd'])} "
+                                     f"+ guest_memfd {_mib(h['guest_memfd'])}; peak {_mib(result.host_memory_peak)}")
+    if c.get("eagain_retries"):
+        facts.add_row("EAGAIN retries", f"{c['eagain_retries']} ({c['pins_released']} VMM pins released)")
     parts: list[Any] = [facts]
     if c["by_size"]:
         t = Table(title="conversions by direction and size", title_justify="left")
@@ -78,6 +86,25 @@ def summary(result: RunResult) -> Any:
                       _bytes(p.get("refused", 0)), "[red]YES[/]" if p["revealed"] else "[green]no[/]")
         parts.append(t)
     return Group(*parts)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def layouts(results: list[RunResult]) -> Any:
+    """The host memory of the same workload in each conversion layout, side by side."""
+    from rich.table import Table
+
+    t = Table(title="host memory by conversion layout (RSS anon + memfd + guest_memfd)", title_justify="left")
+    for col in ("layout", "total", "RSS anon", "memfd", "guest_memfd", "peak", "vs first", "conversions/s"):
+        t.add_column(col, justify="left" if col == "layout" else "right")
+    base = results[0].host_memory.get("total", 0) or 1
+    for r in results:
+        h = r.host_memory
+        t.add_row(r.conversion, _mib(h["total"]), _mib(h["rss_anon"]), _mib(h["memfd"]), _mib(h["guest_memfd"]),
+                  _mib(r.host_memory_peak), f"{h['total'] / base:.2f}x", f"{r.conversions_per_second:.1f}")
+    return t
 
 
 def map_bar(result: RunResult, width: int = 64) -> Any:
@@ -156,3 +183,8 @@ def _min_width(width: int, kind: str, region_size: int) -> float:
 
 def to_json(result: RunResult) -> str:
     return json.dumps(result.as_dict(), indent=2, sort_keys=True)
+
+
+def to_json_many(results: list[RunResult]) -> str:
+    """``{"runs": [...]}`` for ``--conversion both``."""
+    return json.dumps({"runs": [r.as_dict() for r in results]}, indent=2, sort_keys=True)

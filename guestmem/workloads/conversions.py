@@ -4,7 +4,8 @@ Layout: the boot region at 0 and one private-capable ``data`` region at 4 GiB, s
 one slice per vCPU (a multiple of 4 MiB). The host answers the guest's PORT_SYNC requests:
 
 - check_private: the private pattern must not appear in the host's shared view
-  (a hit is a ``private_leak``);
+  (a hit is a ``private_leak``; with in-place conversion the view refuses private pages,
+  counted as ``private_refused``);
 - check_shared: the shared view must hold exactly the guest's shared pattern
   (otherwise ``shared_lost``); then the host writes the inverted pattern, which the guest
   verifies (a failure there is a ``guest_mismatch``);
@@ -14,6 +15,7 @@ one slice per vCPU (a multiple of 4 MiB). The host answers the guest's PORT_SYNC
 
 from __future__ import annotations
 
+import errno
 import threading
 
 from ..guest import PORT_SYNC
@@ -45,6 +47,7 @@ class Conversions:
         self.shared_lost = 0
         self.guest_mismatches = 0
         self.map_failures = 0
+        self.private_refused = 0
         self._lock = threading.Lock()
 
     def regions(self, vcpus: int, memory: int) -> list[Region]:
@@ -74,10 +77,17 @@ class Conversions:
         r = vcpu.get_regs()
         gpa, size, pattern = r.rdi, r.rsi, r.rdx & 0xFF
         if op == OP_CHECK_PRIVATE:
-            leaked = bytes([pattern]) * 16 in self.memory.read(gpa, size)
+            try:
+                leaked = bytes([pattern]) * 16 in self.memory.read(gpa, size)
+                refused = False
+            except OSError as exc:  # in place: the host view of private pages cannot be touched
+                if exc.errno != errno.EFAULT:
+                    raise
+                leaked, refused = False, True
             with self._lock:
                 self.checks += 1
                 self.private_leaks += leaked
+                self.private_refused += refused
         elif op == OP_CHECK_SHARED:
             lost = self.memory.read(gpa, size) != bytes([pattern]) * size
             self.memory.fill(gpa, size, pattern ^ 0xFF)
@@ -104,6 +114,7 @@ class Conversions:
         return {
             "iterations_per_vcpu": self.iterations, "iterations_done": self.done, "slice_bytes": self.slice,
             "host_checks": self.checks, "mismatches": self.mismatches, "private_leaks": self.private_leaks,
+            "private_refused": self.private_refused,
             "shared_lost": self.shared_lost, "guest_mismatches": self.guest_mismatches,
             "map_failures": self.map_failures,
         }

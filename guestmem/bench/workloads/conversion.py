@@ -10,11 +10,17 @@ Goal: at least 20,000 conversions per second (4 KiB and 2 MiB).
 
 Needs SW_PROTECTED VMs and KVM_CAP_EXIT_HYPERCALL; this host's kernel has neither, so the
 kvm row says so and the model runs alone.
+
+The "in-place" rows do the same on the model's "next" profile (the in-place conversion
+series): the test slot is one guest_memfd (MMAP|INIT_SHARED, GMEM_ONLY) and the host converts
+with KVM_SET_MEMORY_ATTRIBUTES2 on that file; no second backing exists.
 """
 
 from __future__ import annotations
 
 import time
+
+import guestmem
 
 from ... import uapi
 from ...types import HypercallExit, IoExit
@@ -47,11 +53,18 @@ def _asm(size: int, page_attr: int) -> str:
             f"failed: out {FAIL_PORT:#x}, al; jmp failed")
 
 
-def _round_trips(g: guests.Guest, trips: int) -> tuple[float, int]:
+def _round_trips(g: guests.Guest, trips: int, in_place: bool = False) -> tuple[float, int]:
     """Run ``trips`` round trips; returns (seconds, conversions)."""
     vm, vcpu = g.vm, g.vcpu
     g.restart(r12=trips)
-    setattrs, ret, run = vm.set_memory_attributes, vcpu.set_hypercall_ret, vcpu.run
+    ret, run = vcpu.set_hypercall_ret, vcpu.run
+    if in_place:
+        file_set, base = g.test_gmem.set_memory_attributes, guests.TEST_GPA
+
+        def setattrs(gpa: int, size: int, attributes: int) -> None:
+            file_set(gpa - base, size, attributes)
+    else:
+        setattrs = vm.set_memory_attributes
     conversions = 0
     t0 = time.perf_counter()
     while True:
@@ -75,22 +88,25 @@ def run(ctx: Context) -> None:
     repeat = ctx.pick(3, 7)
     trips = {"4 KiB": ctx.pick(500, 10_000), "2 MiB": ctx.pick(500, 10_000), "1 GiB": ctx.pick(100, 2000)}
     budget = ctx.pick(0.5, 3.0)  # seconds per sample
-    for backend in BACKENDS:
+    cases = [(backend, False) for backend in BACKENDS] + [("model", True)]
+    for backend, in_place in cases:
         for size, page_attr, name in SIZES:
-            case = f"{name} private↔shared"
+            case = f"{name} private↔shared" + (" in-place" if in_place else "")
             goal = GOAL if size < (1 << 30) else None
             with ctx.guard(case, backend, goal):
-                with system(backend) as sys_:
+                opened = guestmem.open_system("model", profile="next") if in_place else system(backend)
+                with opened as sys_:
                     g = guests.build(sys_, _asm(size, page_attr), cpl=0, vm_type=int(uapi.VmType.SW_PROTECTED),
-                                     test="private", test_size=1 << 30, hypercalls=True)
+                                     test="gmem-shared" if in_place else "private", test_size=1 << 30,
+                                     hypercalls=True)
                     try:
                         ctx.status(f"{backend} {name}: up to {trips[name]:,} round trips x {repeat}")
-                        dt, _ = _round_trips(g, 10)  # warm-up: translation, first faults
+                        dt, _ = _round_trips(g, 10, in_place)  # warm-up: translation, first faults
                         # as many trips as fit the time budget per sample, at most the nominal count
                         n = max(10, min(trips[name], int(budget * 10 / dt)))
                         rates = []
                         for _ in range(repeat):
-                            dt, conv = _round_trips(g, n)
+                            dt, conv = _round_trips(g, n, in_place)
                             rates.append(conv / dt)
                     finally:
                         g.close()
