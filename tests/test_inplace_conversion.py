@@ -392,3 +392,19 @@ def test_tdx_like_fault_view_is_checked_against_the_file(nxt):
     gmem.set_memory_attributes(0, P, PRIVATE)
     assert sync(v, 3) == PRIVATE_VALUE
     m.close()
+
+
+def test_hwpoison_and_punch_follow_the_file_attributes(sw_vm):
+    """A poisoned shared page SIGBUSes; punching heals it back to a zero shared page, while a
+    healed private page stays unreachable from the host."""
+    gmem = sw_vm.create_guest_memfd(4 * P, MMAP)
+    gmem.set_memory_attributes(0, 2 * P, 0)
+    m = gmem.mmap()
+    m.write(0, b"x")
+    gmem.inject_hwpoison(0)
+    gmem.inject_hwpoison(3 * P)
+    assert touch(m, 0) == "SIGBUS" and touch(m, P) == 0
+    gmem.punch_hole(0, 4 * P)
+    assert touch(m, 0) == 0 and touch(m, 3 * P) == "SIGBUS"
+    gmem.set_memory_attributes(3 * P, P, 0)
+    assert touch(m, 3 * P) == 0

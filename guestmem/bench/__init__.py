@@ -10,7 +10,8 @@ Workloads (the CLI names):
 =============  ==================================================================
 exits          exit round trip: Python ``Vcpu.run`` loop vs a C KVM_RUN loop
 touch          guest first touch of 1 GiB (kvm gmem at CPL3; model private/shared)
-conversion     guest MAP_GPA_RANGE round trips of 4 KiB, 2 MiB, 1 GiB
+conversion     guest MAP_GPA_RANGE round trips of 4 KiB, 2 MiB, 1 GiB (VM-level and in-place)
+footprint      host memory of the conversions workload: in-place vs two backings
 attributes     set_memory_attributes scaling 4 KiB..1 TiB; 1 M random conversions
 fileops        guest_memfd create/fallocate/punch/bind: model vs kernel
 compute        a tight guest loop: MIPS per backend
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 from .harness import FAIL, MISS, PASS, SKIP, Report, Row, command_line
 from .harness import run as _run
-from .workloads import attributes, compute, conversion, dropin, exits, fileops, touch
+from .workloads import attributes, compute, conversion, dropin, exits, fileops, footprint, touch
 
 __all__ = ["WORKLOADS", "run", "run_live", "Report", "Row", "PASS", "MISS", "SKIP", "FAIL"]
 
@@ -31,6 +32,7 @@ WORKLOADS = {
     "exits": ("exit round trip", exits.run),
     "touch": ("first touch", touch.run),
     "conversion": ("conversion round trip", conversion.run),
+    "footprint": ("host memory by conversion layout", footprint.run),
     "attributes": ("attribute scaling", attributes.run),
     "fileops": ("file operations", fileops.run),
     "compute": ("guest compute", compute.run),
