@@ -37,12 +37,23 @@ def kvm_device() -> str:
 
 def kvm_available(device: str | None = None) -> tuple[bool, str]:
     """Whether the KVM device can be opened read-write, and why not."""
+    import fcntl
+
+    from .uapi import KVM_API_VERSION, KVM_GET_API_VERSION
+
     path = device or kvm_device()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         return False, f"{path}: {exc.strerror}"
-    os.close(fd)
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as exc:
+        return False, f"{path} is not a KVM device (KVM_GET_API_VERSION: {exc.strerror})"
+    finally:
+        os.close(fd)
+    if version != KVM_API_VERSION:
+        return False, f"{path}: KVM API version {version}, guestmem speaks {KVM_API_VERSION}"
     return True, f"{path} is accessible"
 
 

@@ -6,6 +6,7 @@ the exit code, so tests drive the CLI without a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -21,6 +22,25 @@ def _address(text: str) -> int:
     if value < 0:
         raise click.BadParameter(f"{text} is negative")
     return value
+
+
+_IMAGE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
+
+
+def _check_output(path: str | None, option: str, formats: tuple[str, ...] | None = None) -> None:
+    """Refuse, before any work, an output file that cannot be written or drawn."""
+    if path is None:
+        return
+    if formats is not None:
+        suffix = os.path.splitext(path)[1].lower().lstrip(".")
+        if suffix not in formats:
+            raise click.BadParameter(f"{path!r}: cannot draw .{suffix or '(no suffix)'}; use one of "
+                                     f"{', '.join('.' + f for f in formats)}", param_hint=option)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise click.BadParameter(f"{path!r}: directory {directory} does not exist", param_hint=option)
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{path!r}: not writable", param_hint=option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +116,8 @@ def bench(names: tuple[str, ...], quick: bool, json_path: str | None, plot_path:
         gbench.resolve(names)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAMES") from exc
+    _check_output(json_path, "--json")
+    _check_output(plot_path, "--plot", _IMAGE_FORMATS)
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:  # a pipe or a log: rows on one line each
         console = Console(width=max(console.width, 180))
@@ -147,6 +169,11 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
         size = job.parse_size(memory) if memory else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--memory") from exc
+    if size is not None and size <= 0:
+        raise click.BadParameter(f"{memory!r} is not a positive size", param_hint="--memory")
+    _check_output(map_path, "--map", _IMAGE_FORMATS)
+    if iterations is not None and (workload or ("guest" if guest_path else "conversions")) != "conversions":
+        raise click.BadParameter("only the conversions workload has iterations", param_hint="--iterations")
     if guest_path is not None:
         if workload is not None:
             raise click.UsageError(f"give either a WORKLOAD ({workload!r}) or --guest, not both")
@@ -263,14 +290,18 @@ def kselftest(source: str | None, profile: str | None, keyword: str | None, time
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: sys.argv[1:]) and return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Without standalone mode, click returns a subcommand's ``Exit(code)`` instead of raising it.
-        rc = cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="guestmem",
+        rc = cli.main(args=args, prog_name="guestmem",
                       standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        if "--json" in args and args[:1] in (["run"], ["info"]):  # machine-readable output: errors too
+            click.echo(json.dumps({"error": exc.format_message(), "exit_code": exc.exit_code}))
+        else:  # one line: the usage text click would add is one --help away
+            click.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)

@@ -88,6 +88,12 @@ def host_report(device: str | None = None) -> HostReport:
     except OSError as exc:
         why = f"{device}: {os.strerror(exc.errno)}" if exc.errno else f"{device}: {exc}"
         return HostReport(kvm_accessible=False, kvm_reason=why, features=_verdict(None, None, why), **base)
+    try:
+        system.api_version()
+    except OSError as exc:  # opened, but not a KVM device (e.g. --device /dev/null)
+        system.close()
+        why = f"{device} is not a KVM device (KVM_GET_API_VERSION: {os.strerror(exc.errno or 0)})"
+        return HostReport(kvm_accessible=False, kvm_reason=why, features=_verdict(None, None, why), **base)
     with system:
         caps = {cap.name: system.check_extension(cap) for cap in Cap}
         report: dict[str, Any] = dict(

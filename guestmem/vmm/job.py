@@ -173,7 +173,8 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
         reason += "; profile next (in-place conversion series v8)"
     if on_backend is not None:
         on_backend(chosen, reason)
-    size = work.default_memory if memory is None else memory
+    # Without --memory, the default grows with the vCPUs so that every vCPU gets its minimum.
+    size = max(work.default_memory, vcpus * getattr(work, "memory_per_vcpu", 0)) if memory is None else memory
     regions = [boot_region(), *work.regions(vcpus, size)]
     interrupted = False
     with _open_system(chosen, conversion) as system:

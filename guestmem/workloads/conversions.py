@@ -33,6 +33,7 @@ class Conversions:
     summary = "private<->shared conversions of 4 KiB, 2 MiB, 2 MiB+4 KiB with host data checks"
     needs_private = True
     default_memory = 64 << 20
+    memory_per_vcpu = WINDOW
 
     def __init__(self, iterations: int = 16) -> None:
         if iterations < 1:
