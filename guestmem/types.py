@@ -8,9 +8,11 @@ place, at its ioctl call). Field names keep the uapi names.
 from __future__ import annotations
 
 import dataclasses
-from typing import NewType
+from typing import Any, NewType, TypeVar, dataclass_transform
 
 from .uapi import PAGE_SHIFT, PAGE_SIZE
+
+_T = TypeVar("_T")
 
 Gpa = NewType("Gpa", int)
 """A guest physical address."""
@@ -33,7 +35,10 @@ def gfn_to_gpa(gfn: int) -> Gpa:
     return Gpa(gfn << PAGE_SHIFT)
 
 
-_frozen = dataclasses.dataclass(frozen=True, slots=True)
+@dataclass_transform(frozen_default=True)
+def _frozen(cls: type[_T]) -> type[_T]:
+    """``@dataclass(frozen=True, slots=True)``, spelled so that type checkers see a dataclass."""
+    return dataclasses.dataclass(frozen=True, slots=True)(cls)
 
 _HEX_FIELDS = frozenset({"port", "phys_addr", "gpa", "args", "ret", "flags"})
 
@@ -132,7 +137,7 @@ class Sregs:
     apic_base: int = 0xFEE00900
     interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
 
-    def replace(self, **changes: object) -> "Sregs":
+    def replace(self, **changes: Any) -> "Sregs":
         return dataclasses.replace(self, **changes)
 
 

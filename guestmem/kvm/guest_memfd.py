@@ -37,7 +37,7 @@ class GuestMemfd(FdObject):
         return f"<kvm.GuestMemfd size={self.size:#x} flags={self.flags:#x} fd={self._fd}>"
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        """fallocate(2) (api.rst 4.141, spec §2.2).
+        """fallocate(2) (api.rst 4.142, spec §2.2).
 
         :raises OSError: EBADF if closed; VFS: EINVAL (offset < 0, length <= 0), EOPNOTSUPP
             (unknown or invalid mode combination), EFBIG (overflow); guest_memfd: EOPNOTSUPP

@@ -69,7 +69,7 @@ class Vm(FdObject):
         ioctl(fd, uapi.KVM_ENABLE_CAP, "KVM_ENABLE_CAP", s, f"cap={int(cap)}, args={list(args)}, flags={flags:#x}")
 
     def create_guest_memfd(self, size: int, flags: int = 0, reserved: Any = None) -> "GuestMemfd":
-        """KVM_CREATE_GUEST_MEMFD (api.rst 4.141): a new guest_memfd of ``size`` bytes.
+        """KVM_CREATE_GUEST_MEMFD (api.rst 4.142): a new guest_memfd of ``size`` bytes.
 
         ``size`` is sent as the u64 the kernel reads as signed, so negative sizes reach it.
         ``reserved`` (six u64, default zeros) is never checked by the kernel.

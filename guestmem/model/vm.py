@@ -169,7 +169,7 @@ class Vm:
     # --- guest_memfd --------------------------------------------------------------------------
 
     def create_guest_memfd(self, size: int, flags: int = 0, reserved: Any = None) -> GuestMemfd:
-        """KVM_CREATE_GUEST_MEMFD (api.rst 4.141): a new guest_memfd of ``size`` bytes.
+        """KVM_CREATE_GUEST_MEMFD (api.rst 4.142): a new guest_memfd of ``size`` bytes.
 
         ``reserved`` is never checked, as in the kernel. Errors, in order: EBADF closed VM fd;
         EINVAL flags outside KVM_CAP_GUEST_MEMFD_FLAGS for this VM (none in 6.8); EINVAL
