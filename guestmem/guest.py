@@ -5,6 +5,7 @@ writer with ``write(offset, data)`` such as ``hostmem.Mapping``), so one image r
 kvm backend and on the model. Keystone is imported on first use.
 
 Building blocks:
+
 - ``assemble(source, address, bits)``: keystone, errors as ValueError.
 - ``long_mode_guest(code, ...)``: a 64-bit guest at CPL0 or CPL3 with a GDT (ring 0 and ring 3
   code/data, a 64-bit TSS), an IDT whose exception handlers report to ``PORT_FAIL``, 4-level
@@ -15,6 +16,7 @@ Building blocks:
   loads its registers.
 
 Host <-> guest convention (for tests and workloads; the backends know nothing about it):
+
 - ``out PORT_DONE, eax``: the guest finished; EAX (the 4 data bytes) is its result.
 - ``out PORT_SYNC, eax`` / ``in eax, PORT_SYNC``: a rendezvous; the host answers an IN with
   ``vcpu.complete_io(data)``.

@@ -3,26 +3,26 @@
 Installed with guestmem (entry point ``pytest11``), so a test suite that has guestmem installed
 gets, with no conftest:
 
-Fixtures
-    ``guestmem_backend``   the backend name; a test using it runs once per backend ("kvm",
-                           "model"), and a backend this host cannot run shows as a skip with the
-                           reason. ``GUESTMEM_BACKENDS=model`` (comma list) selects backends.
-    ``guestmem_system``    an open ``System`` on that backend, closed after the test.
-    ``guestmem_vm``        a ``Vm`` on that system; its type is ``@pytest.mark.vm_type(T)``
-                           (default 0, ``VmType.DEFAULT``).
-    ``guestmem_machine``   a factory: ``guestmem_machine(code, vcpus=1, memory=2 MiB,
-                           private=False, cpl=0)`` builds a ``guestmem.vmm.Machine`` with a
-                           64-bit guest assembled from ``code`` loaded, closed after the test.
+Fixtures:
 
-Markers
-    ``requires_kvm``            skip unless /dev/kvm is usable (with the reason).
-    ``requires_private_memory`` on the kvm backend, skip unless the kernel has private memory
-                                (a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE); the model always has it.
-    ``vm_type(T)``              the VM type ``guestmem_vm`` creates.
+- ``guestmem_backend``: the backend name; a test using it runs once per backend ("kvm",
+  "model"), and a backend this host cannot run shows as a skip with the reason.
+  ``GUESTMEM_BACKENDS=model`` (a comma list) selects backends.
+- ``guestmem_system``: an open ``System`` on that backend, closed after the test.
+- ``guestmem_vm``: a ``Vm`` on that system; its type is ``@pytest.mark.vm_type(T)`` (default 0).
+- ``guestmem_machine``: a factory, ``guestmem_machine(code, vcpus=1, memory=2 MiB,
+  private=False, cpl=0)``, that builds a ``guestmem.vmm.Machine`` with a 64-bit guest assembled
+  from ``code`` loaded; every machine is closed after the test.
 
-Helpers (``guestmem.pytest_plugin``)
-    ``assert_exit(exit, kind, **fields)`` asserts an exit's type and fields and returns it;
-    ``run_until(vcpu, kind, limit=...)`` runs a vCPU until an exit of ``kind``.
+Markers:
+
+- ``requires_kvm``: skip unless /dev/kvm is usable (with the reason).
+- ``requires_private_memory``: on the kvm backend, skip unless the kernel has private memory
+  (a VM type with KVM_MEMORY_ATTRIBUTE_PRIVATE); the model always has it.
+- ``vm_type(T)``: the VM type ``guestmem_vm`` creates.
+
+Helpers: ``assert_exit(exit, kind, **fields)`` asserts an exit's type and fields and returns it;
+``run_until(vcpu, kind, limit=...)`` runs a vCPU until an exit of ``kind``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ whose backing an invalidation switches without touching the engine), the fault p
 KVM exits and ``unicorn_cpu`` holds the engine plumbing (registers through libunicorn).
 
 Locks (order: ``Vm._lock`` -> ``uc_lock``):
+
 - ``_ioctl_lock``: vcpu->mutex; every vCPU ioctl holds it, so they serialise like in KVM.
 - ``uc_lock``: held while inside ``emu_start`` and while touching the Unicorn instance. The
   vCPU thread never waits for ``Vm._lock`` while holding it.

@@ -165,6 +165,7 @@ class Machine:
         """Run every vCPU on its own thread until all stop; returns the run loops.
 
         ``poll`` is called every ``interval`` seconds from the calling thread (progress bars).
+
         :raises: the first vCPU thread's error; KeyboardInterrupt after stopping every vCPU;
             TimeoutError after ``timeout`` seconds.
         """

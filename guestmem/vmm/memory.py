@@ -429,6 +429,7 @@ class GuestMemory:
         """Hold shared guest pages [gpa, gpa+size) the way a device's DMA mapping does.
 
         ``on_release`` is called if a conversion needs the pages back (then the pin is dropped).
+
         :raises OSError: EFAULT outside one guest_memfd-backed region; EOPNOTSUPP if the
             backend cannot pin; the backend's errno (EFAULT for private pages).
         """
