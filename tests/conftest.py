@@ -1,7 +1,7 @@
 """Test fixtures: the ``backend`` fixture runs a test on every backend.
 
 The kvm parameter skips with a stated reason when /dev/kvm (or ``$GUESTMEM_KVM_DEVICE``)
-cannot be opened; the model parameter skips only until the model backend exists.
+cannot be opened (the rule of the shipped pytest plugin, guestmem.pytest_plugin).
 
 ``@pytest.mark.kvm_pvm_differs(reason)`` marks a test of kernel behaviour that this project
 host's kvm_pvm (software KVM, DEVELOPERS.md) gets wrong. On kvm_pvm the test's kvm run is a
@@ -11,12 +11,12 @@ On hardware KVM, and on the model, the test runs as usual.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
 import guestmem
+from guestmem.pytest_plugin import backend_skip_reason  # the rule the shipped plugin applies
 
 BACKENDS = ["kvm", "model"]
 
@@ -40,18 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         backend = callspec.params.get("backend") if callspec else None
         if backend in (None, "kvm"):  # None: a kvm-only test
             item.add_marker(pytest.mark.xfail(strict=True, reason=mark.args[0]))
-
-
-def backend_skip_reason(name: str) -> str | None:
-    wanted = os.environ.get("GUESTMEM_BACKENDS")
-    if wanted and name not in wanted.split(","):
-        return f"backend {name} not selected by GUESTMEM_BACKENDS={wanted}"
-    if name == "kvm":
-        ok, why = guestmem.kvm_available()
-        return None if ok else f"kvm backend unavailable: {why}"
-    if importlib.util.find_spec("guestmem.model") is None:
-        return "model backend not built yet"
-    return None
 
 
 @pytest.fixture(params=BACKENDS)
