@@ -157,6 +157,134 @@ class CpuidEntry:
     edx: int = 0
 
 
+# --- FPU, XSAVE, XCRs, debug registers, events, LAPIC -------------------------------------------
+
+
+@_frozen
+class Fpu:
+    """struct kvm_fpu: ``fpr`` 8 x87 registers and ``xmm`` 16 SSE registers, 16 bytes each."""
+
+    fpr: tuple[bytes, ...] = (bytes(16),) * 8
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    xmm: tuple[bytes, ...] = (bytes(16),) * 16
+    mxcsr: int = 0x1F80
+
+    def replace(self, **changes: object) -> "Fpu":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@_frozen
+class Xsave:
+    """struct kvm_xsave: the XSAVE area (4096 bytes, more from KVM_GET_XSAVE2 with dynamic features)."""
+
+    region: bytes
+
+    @property
+    def xstate_bv(self) -> int:
+        """XSTATE_BV of the XSAVE header (bytes 512..519): which components hold state."""
+        return int.from_bytes(self.region[512:520], "little")
+
+
+@_frozen
+class Xcr:
+    """struct kvm_xcr: extended control register ``xcr`` (0 = XCR0) and its ``value``."""
+
+    xcr: int
+    value: int
+
+
+@_frozen
+class DebugRegs:
+    """struct kvm_debugregs (``db`` is DR0-DR3)."""
+
+    db: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dr6: int = 0xFFFF0FF0
+    dr7: int = 0x400
+    flags: int = 0
+
+
+@_frozen
+class ExceptionEvent:
+    """kvm_vcpu_events.exception."""
+
+    injected: int = 0
+    nr: int = 0
+    has_error_code: int = 0
+    pending: int = 0
+    error_code: int = 0
+
+
+@_frozen
+class InterruptEvent:
+    """kvm_vcpu_events.interrupt."""
+
+    injected: int = 0
+    nr: int = 0
+    soft: int = 0
+    shadow: int = 0
+
+
+@_frozen
+class NmiEvent:
+    """kvm_vcpu_events.nmi."""
+
+    injected: int = 0
+    pending: int = 0
+    masked: int = 0
+    pad: int = 0
+
+
+@_frozen
+class SmiEvent:
+    """kvm_vcpu_events.smi."""
+
+    smm: int = 0
+    pending: int = 0
+    smm_inside_nmi: int = 0
+    latched_init: int = 0
+
+
+@_frozen
+class TripleFaultEvent:
+    """kvm_vcpu_events.triple_fault."""
+
+    pending: int = 0
+
+
+@_frozen
+class VcpuEvents:
+    """struct kvm_vcpu_events (``flags``: uapi.VcpuEventValid; ``reserved`` is not carried)."""
+
+    exception: ExceptionEvent = ExceptionEvent()
+    interrupt: InterruptEvent = InterruptEvent()
+    nmi: NmiEvent = NmiEvent()
+    sipi_vector: int = 0
+    flags: int = 0
+    smi: SmiEvent = SmiEvent()
+    triple_fault: TripleFaultEvent = TripleFaultEvent()
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+    def replace(self, **changes: object) -> "VcpuEvents":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@_frozen
+class LapicState:
+    """struct kvm_lapic_state: the 1 KiB local APIC register page (register n at byte n*16)."""
+
+    regs: bytes
+
+    def register(self, offset: int) -> int:
+        """The 32-bit register at byte ``offset`` (e.g. 0x20 = APIC ID, 0x30 = version)."""
+        return int.from_bytes(self.regs[offset:offset + 4], "little")
+
+
 # --- file status --------------------------------------------------------------------------------
 
 

@@ -50,6 +50,20 @@ class Cap(enum.IntEnum):
     GUEST_MEMFD_MEMORY_ATTRIBUTES = 250
     """In-place conversion series (not merged): 250 as posted in v8; earlier revisions used
     245/246/249. The model reads its number from ``Profile.gmem_attributes_cap``."""
+    IRQ_ROUTING = 25
+    IRQ_INJECT_STATUS = 26
+    IRQFD = 32
+    IOEVENTFD = 36
+    VCPU_EVENTS = 41
+    DEBUGREGS = 50
+    IRQFD_RESAMPLE = 82
+    EXT_EMUL_CPUID = 95
+    IOEVENTFD_ANY_LENGTH = 122
+    MANUAL_DIRTY_LOG_PROTECT2 = 168
+    DIRTY_LOG_RING = 192
+    BINARY_STATS_FD = 203
+    XSAVE2 = 208
+    DIRTY_LOG_RING_ACQ_REL = 223
 
 
 class VmType(enum.IntEnum):
@@ -396,6 +410,172 @@ class kvm_fpu(ctypes.Structure):
     ]
 
 
+KVM_APIC_REG_SIZE = 0x400
+
+
+class kvm_lapic_state(ctypes.Structure):
+    """asm/kvm.h: the local APIC register page."""
+
+    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+
+
+class kvm_xsave(ctypes.Structure):
+    """asm/kvm.h: 4096 bytes of XSAVE area; KVM_GET_XSAVE2 may write more (KVM_CAP_XSAVE2 bytes)."""
+
+    _fields_ = [("region", ctypes.c_uint32 * 1024)]
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", ctypes.c_uint64 * 4), ("dr6", ctypes.c_uint64), ("dr7", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 9)]
+
+
+class kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("has_error_code", ctypes.c_uint8),
+                ("pending", ctypes.c_uint8), ("error_code", ctypes.c_uint32)]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("soft", ctypes.c_uint8),
+                ("shadow", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):
+    _fields_ = [("injected", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("masked", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):
+    _fields_ = [("smm", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("smm_inside_nmi", ctypes.c_uint8),
+                ("latched_init", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events_triple_fault(ctypes.Structure):
+    _fields_ = [("pending", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception), ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi), ("sipi_vector", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+        ("smi", kvm_vcpu_events_smi), ("triple_fault", kvm_vcpu_events_triple_fault),
+        ("reserved", ctypes.c_uint8 * 26), ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    ]
+
+
+class VcpuEventValid(enum.IntFlag):
+    """kvm_vcpu_events.flags (KVM_VCPUEVENT_VALID_*)."""
+
+    NMI_PENDING = 1 << 0
+    SIPI_VECTOR = 1 << 1
+    SHADOW = 1 << 2
+    SMM = 1 << 3
+    PAYLOAD = 1 << 4
+    TRIPLE_FAULT = 1 << 5
+
+
+class kvm_irq_level(ctypes.Structure):
+    """``irq`` shares its u32 with ``status`` (KVM_IRQ_LINE_STATUS writes the status back)."""
+
+    _fields_ = [("irq", ctypes.c_uint32), ("level", ctypes.c_uint32)]
+
+
+class kvm_irqfd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_uint32), ("gsi", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("resamplefd", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 16)]
+
+
+class IrqfdFlag(enum.IntFlag):
+    """kvm_irqfd.flags (KVM_IRQFD_FLAG_*)."""
+
+    DEASSIGN = 1 << 0
+    RESAMPLE = 1 << 1
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    _fields_ = [("datamatch", ctypes.c_uint64), ("addr", ctypes.c_uint64), ("len", ctypes.c_uint32),
+                ("fd", ctypes.c_int32), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 36)]
+
+
+class IoeventfdFlag(enum.IntFlag):
+    """kvm_ioeventfd.flags (KVM_IOEVENTFD_FLAG_*; FAST_MMIO has no uapi name, only its bit)."""
+
+    DATAMATCH = 1 << 0
+    PIO = 1 << 1
+    DEASSIGN = 1 << 2
+    VIRTIO_CCW_NOTIFY = 1 << 3
+
+
+KVM_IOEVENTFD_VALID_FLAG_MASK = (1 << 5) - 1
+
+
+class kvm_dirty_log(ctypes.Structure):
+    """``dirty_bitmap`` is a user pointer (a union with u64 padding2)."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("padding1", ctypes.c_uint32), ("dirty_bitmap", ctypes.c_uint64)]
+
+
+class kvm_clear_dirty_log(ctypes.Structure):
+    _fields_ = [("slot", ctypes.c_uint32), ("num_pages", ctypes.c_uint32), ("first_page", ctypes.c_uint64),
+                ("dirty_bitmap", ctypes.c_uint64)]
+
+
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+KVM_DIRTY_LOG_PAGE_OFFSET = 64  # asm/kvm.h: the dirty ring's page offset in the vCPU mapping
+
+
+class kvm_dirty_gfn(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32), ("offset", ctypes.c_uint64)]
+
+
+class DirtyGfnFlag(enum.IntFlag):
+    """kvm_dirty_gfn.flags (KVM_DIRTY_GFN_F_*)."""
+
+    DIRTY = 1 << 0
+    RESET = 1 << 1
+
+
+class kvm_stats_header(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("name_size", ctypes.c_uint32), ("num_desc", ctypes.c_uint32),
+                ("id_offset", ctypes.c_uint32), ("desc_offset", ctypes.c_uint32), ("data_offset", ctypes.c_uint32)]
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """Fixed part of a descriptor; ``name_size`` bytes of NUL-padded name follow it."""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("exponent", ctypes.c_int16), ("size", ctypes.c_uint16),
+                ("offset", ctypes.c_uint32), ("bucket_size", ctypes.c_uint32)]
+
+
+class StatsType(enum.IntEnum):
+    """KVM_STATS_TYPE_* (flags & 0xF)."""
+
+    CUMULATIVE = 0
+    INSTANT = 1
+    PEAK = 2
+    LINEAR_HIST = 3
+    LOG_HIST = 4
+
+
+class StatsUnit(enum.IntEnum):
+    """KVM_STATS_UNIT_* ((flags >> 4) & 0xF)."""
+
+    NONE = 0
+    BYTES = 1
+    SECONDS = 2
+    CYCLES = 3
+    BOOLEAN = 4
+
+
+class StatsBase(enum.IntEnum):
+    """KVM_STATS_BASE_* ((flags >> 8) & 0xF)."""
+
+    POW10 = 0
+    POW2 = 1
+
+
 class stat(ctypes.Structure):
     """x86-64 ``struct stat`` (asm/stat.h), what fstat(2) fills."""
 
@@ -524,6 +704,8 @@ KVM_GET_VCPU_MMAP_SIZE = _IO(0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(0x05, kvm_cpuid2)
 KVM_GET_MSR_FEATURE_INDEX_LIST = _IOWR(0x0A, kvm_msr_list)
 KVM_CREATE_VCPU = _IO(0x41)
+KVM_GET_EMULATED_CPUID = _IOWR(0x09, kvm_cpuid2)
+KVM_GET_DIRTY_LOG = _IOW(0x42, kvm_dirty_log)
 KVM_SET_NR_MMU_PAGES = _IO(0x44)
 KVM_GET_NR_MMU_PAGES = _IO(0x45)
 KVM_SET_USER_MEMORY_REGION = _IOW(0x46, kvm_userspace_memory_region)
@@ -531,6 +713,10 @@ KVM_SET_TSS_ADDR = _IO(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(0x48, ctypes.c_uint64)
 KVM_SET_USER_MEMORY_REGION2 = _IOW(0x49, kvm_userspace_memory_region2)
 KVM_CREATE_IRQCHIP = _IO(0x60)
+KVM_IRQ_LINE = _IOW(0x61, kvm_irq_level)
+KVM_IRQ_LINE_STATUS = _IOWR(0x67, kvm_irq_level)
+KVM_IRQFD = _IOW(0x76, kvm_irqfd)
+KVM_IOEVENTFD = _IOW(0x79, kvm_ioeventfd)
 KVM_RUN = _IO(0x80)
 KVM_GET_REGS = _IOR(0x81, kvm_regs)
 KVM_SET_REGS = _IOW(0x82, kvm_regs)
@@ -540,15 +726,27 @@ KVM_GET_MSRS = _IOWR(0x88, kvm_msrs)
 KVM_SET_MSRS = _IOW(0x89, kvm_msrs)
 KVM_GET_FPU = _IOR(0x8C, kvm_fpu)
 KVM_SET_FPU = _IOW(0x8D, kvm_fpu)
+KVM_GET_LAPIC = _IOR(0x8E, kvm_lapic_state)
+KVM_SET_LAPIC = _IOW(0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(0x99, kvm_mp_state)
+KVM_GET_VCPU_EVENTS = _IOR(0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(0xA2, kvm_debugregs)
 KVM_SET_TSC_KHZ = _IO(0xA2)
 KVM_GET_TSC_KHZ = _IO(0xA3)
 KVM_ENABLE_CAP = _IOW(0xA3, kvm_enable_cap)
+KVM_GET_XSAVE = _IOR(0xA4, kvm_xsave)
+KVM_SET_XSAVE = _IOW(0xA5, kvm_xsave)
 KVM_GET_XCRS = _IOR(0xA6, kvm_xcrs)
 KVM_SET_XCRS = _IOW(0xA7, kvm_xcrs)
+KVM_CLEAR_DIRTY_LOG = _IOWR(0xC0, kvm_clear_dirty_log)
+KVM_RESET_DIRTY_RINGS = _IO(0xC7)
+KVM_GET_STATS_FD = _IO(0xCE)
+KVM_GET_XSAVE2 = _IOR(0xCF, kvm_xsave)
 KVM_SET_MEMORY_ATTRIBUTES = _IOW(0xD2, kvm_memory_attributes)
 KVM_SET_MEMORY_ATTRIBUTES2 = _IOWR(0xD2, kvm_memory_attributes2)  # in-place series; gmem fd
 KVM_CREATE_GUEST_MEMFD = _IOWR(0xD4, kvm_create_guest_memfd)

@@ -1,20 +1,89 @@
-"""x86 vCPU state beyond the registers on /dev/kvm: CPUID, MSRs, MP state, TSC frequency.
+"""x86 vCPU state beyond the registers on /dev/kvm: CPUID, MSRs, MP state, TSC frequency,
+FPU, XSAVE, XCRs, LAPIC, vcpu events and debug registers.
 
 ``VcpuState`` is mixed into ``vcpu.Vcpu``; each method is one vCPU ioctl, with the struct
 converted here and nowhere else. Variable-length structs (kvm_cpuid2, kvm_msrs) are built
-as a header followed by their entries, as the kernel reads them.
+as a header followed by their entries, as the kernel reads them. Fixed structs whose fields
+mirror a ``types`` dataclass field for field (kvm_fpu, kvm_debugregs, kvm_vcpu_events) go
+through ``struct_to_value`` / ``value_to_struct``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
-from typing import Iterable
+from typing import Any, Iterable, TypeVar
 
 from .. import uapi
 from ..encoding import encode_unsigned
-from ..types import CpuidEntry
+from ..errors import oserror
+from ..types import (CpuidEntry, DebugRegs, ExceptionEvent, Fpu, InterruptEvent, LapicState, NmiEvent,
+                     SmiEvent, TripleFaultEvent, VcpuEvents, Xcr, Xsave)
 from ._ioctl import int_arg, ioctl
+
+_T = TypeVar("_T")
+# Nested struct members of kvm_vcpu_events and the dataclass each becomes.
+_NESTED: dict[str, type] = {"exception": ExceptionEvent, "interrupt": InterruptEvent, "nmi": NmiEvent,
+                            "smi": SmiEvent, "triple_fault": TripleFaultEvent}
+
+
+def struct_to_value(cls: type[_T], s: ctypes.Structure) -> _T:
+    """The ``types`` dataclass ``cls`` from struct ``s``, field by field (same names).
+
+    Nested structs become their ``_NESTED`` dataclass; arrays of byte arrays become tuples of
+    bytes, arrays of integers tuples of ints.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        v = getattr(s, f.name)
+        if isinstance(v, ctypes.Structure):
+            v = struct_to_value(_NESTED[f.name], v)
+        elif isinstance(v, ctypes.Array):
+            v = tuple(bytes(x) if isinstance(x, ctypes.Array) else int(x) for x in v)
+        out[f.name] = v
+    return cls(**out)
+
+
+def value_to_struct(value: Any, s: ctypes.Structure, what: str) -> ctypes.Structure:
+    """Fill struct ``s`` from dataclass ``value`` (the inverse of ``struct_to_value``).
+
+    :raises TypeError: a field of the wrong Python type (int for integers, bytes for registers).
+    :raises OSError: EINVAL for an integer that does not fit its field or a byte string or
+        tuple of the wrong length.
+    """
+    ctypes_of = dict(type(s)._fields_)
+    for f in dataclasses.fields(value):
+        v, name, ctype = getattr(value, f.name), f"{what}.{f.name}", ctypes_of[f.name]
+        if dataclasses.is_dataclass(v):
+            value_to_struct(v, getattr(s, f.name), name)
+        elif issubclass(ctype, ctypes.Array):
+            arr = getattr(s, f.name)
+            if not isinstance(v, tuple) or len(v) != len(arr):
+                raise TypeError(f"{name} must be a tuple of {len(arr)} values") if not isinstance(v, tuple) \
+                    else oserror(errno.EINVAL, f"{name} has {len(v)} elements; the struct holds {len(arr)}")
+            for i, item in enumerate(v):
+                if isinstance(arr[i], ctypes.Array):
+                    _check_bytes(item, len(arr[i]), f"{name}[{i}]")
+                    ctypes.memmove(ctypes.addressof(arr[i]), bytes(item), len(item))
+                else:
+                    arr[i] = _encode_int(item, ctypes.sizeof(ctype._type_) * 8, f"{name}[{i}]")
+        else:
+            setattr(s, f.name, _encode_int(v, ctypes.sizeof(ctype) * 8, name))
+    return s
+
+
+def _encode_int(v: Any, bits: int, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    return encode_unsigned(v, bits, name)
+
+
+def _check_bytes(v: Any, size: int, name: str) -> None:
+    if not isinstance(v, (bytes, bytearray)):
+        raise TypeError(f"{name} must be bytes, not {type(v).__name__}")
+    if len(v) != size:
+        raise oserror(errno.EINVAL, f"{name} is {len(v)} bytes; the field holds {size}")
 
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
@@ -137,3 +206,157 @@ class VcpuState:
         """KVM_SET_TSC_KHZ on the vCPU (api.rst 4.55). :raises OSError: EBADF if closed; EINVAL."""
         fd = self._check()
         ioctl(fd, uapi.KVM_SET_TSC_KHZ, "KVM_SET_TSC_KHZ", int_arg(khz, "khz"), f"khz={khz}")
+
+    # --- FPU, XSAVE, XCRs ---------------------------------------------------------------------
+
+    def get_fpu(self) -> Fpu:
+        """KVM_GET_FPU (api.rst 4.22): x87 and SSE state. :raises OSError: EBADF if closed."""
+        s = uapi.kvm_fpu()
+        ioctl(self._check(), uapi.KVM_GET_FPU, "KVM_GET_FPU", s)
+        return struct_to_value(Fpu, s)
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        """KVM_SET_FPU (api.rst 4.23).
+
+        :raises TypeError: not an ``Fpu``, or a field of the wrong type.
+        :raises OSError: EBADF if closed; EINVAL for a value that does not fit its field.
+        """
+        if not isinstance(fpu, Fpu):
+            raise TypeError(f"set_fpu takes an Fpu, not {type(fpu).__name__}")
+        fd = self._check()
+        ioctl(fd, uapi.KVM_SET_FPU, "KVM_SET_FPU", value_to_struct(fpu, uapi.kvm_fpu(), "fpu"))
+
+    def get_xsave(self) -> Xsave:
+        """KVM_GET_XSAVE (api.rst 4.42): the first 4096 bytes of the XSAVE area.
+
+        :raises OSError: EBADF if closed; ENOTTY/EINVAL where KVM_CAP_XSAVE is 0.
+        """
+        s = uapi.kvm_xsave()
+        ioctl(self._check(), uapi.KVM_GET_XSAVE, "KVM_GET_XSAVE", s)
+        return Xsave(bytes(s))
+
+    def get_xsave2(self) -> Xsave:
+        """KVM_GET_XSAVE2 (api.rst 4.136): the whole XSAVE area, KVM_CAP_XSAVE2 (VM fd) bytes.
+
+        :raises OSError: EBADF if closed; ENOTTY without KVM_CAP_XSAVE2.
+        """
+        fd = self._check()
+        size = max(self.vm.check_extension(uapi.Cap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave))
+        buf = (ctypes.c_uint8 * size)()
+        ioctl(fd, uapi.KVM_GET_XSAVE2, "KVM_GET_XSAVE2", buf, f"size={size}")
+        return Xsave(bytes(buf))
+
+    def set_xsave(self, xsave: Xsave) -> None:
+        """KVM_SET_XSAVE (api.rst 4.43): load an XSAVE area (4096 bytes, or KVM_CAP_XSAVE2 bytes).
+
+        :raises TypeError: not an ``Xsave`` or ``region`` not bytes.
+        :raises OSError: EBADF if closed; EINVAL for a region shorter than 4096 bytes or
+            longer than KVM_CAP_XSAVE2, or a state the kernel refuses (XSTATE_BV outside the
+            guest's XCR0 support, MXCSR reserved bits).
+        """
+        if not isinstance(xsave, Xsave) or not isinstance(xsave.region, (bytes, bytearray)):
+            raise TypeError(f"set_xsave takes an Xsave with bytes, not {type(xsave).__name__}")
+        fd = self._check()
+        size = max(self.vm.check_extension(uapi.Cap.XSAVE2), ctypes.sizeof(uapi.kvm_xsave))
+        if not ctypes.sizeof(uapi.kvm_xsave) <= len(xsave.region) <= size:
+            raise oserror(errno.EINVAL, f"xsave region is {len(xsave.region)} bytes; the kernel reads "
+                                        f"{ctypes.sizeof(uapi.kvm_xsave)}..{size}")
+        buf = (ctypes.c_uint8 * size).from_buffer_copy(bytes(xsave.region).ljust(size, b"\0"))
+        ioctl(fd, uapi.KVM_SET_XSAVE, "KVM_SET_XSAVE", buf, f"size={len(xsave.region)}")
+
+    def get_xcrs(self) -> tuple[Xcr, ...]:
+        """KVM_GET_XCRS (api.rst 4.44): the extended control registers (XCR0 only on x86).
+
+        :raises OSError: EBADF if closed; EINVAL without XSAVE on the host.
+        """
+        s = uapi.kvm_xcrs()
+        ioctl(self._check(), uapi.KVM_GET_XCRS, "KVM_GET_XCRS", s)
+        return tuple(Xcr(x.xcr, x.value) for x in s.xcrs[:min(s.nr_xcrs, uapi.KVM_MAX_XCRS)])
+
+    def set_xcrs(self, xcrs: Iterable[Xcr], flags: int = 0) -> None:
+        """KVM_SET_XCRS (api.rst 4.45): the first entry for XCR0 is set; other XCRs are ignored.
+
+        :raises TypeError: an entry that is not an ``Xcr``.
+        :raises OSError: EBADF if closed; then in the kernel's order EINVAL for more than
+            KVM_MAX_XCRS (16) entries or ``flags`` != 0; EINVAL for an XCR0 value the guest
+            cannot have (x87 bit clear, AVX without SSE, bits beyond the guest's CPUID leaf 0xD).
+        """
+        table = list(xcrs)
+        for x in table:
+            if not isinstance(x, Xcr):
+                raise TypeError(f"set_xcrs takes Xcr values, not {type(x).__name__}")
+        fd = self._check()
+        s = uapi.kvm_xcrs()
+        s.nr_xcrs = encode_unsigned(len(table), 32, "nr_xcrs")
+        s.flags = _encode_int(flags, 32, "flags")
+        if len(table) > uapi.KVM_MAX_XCRS:  # the array holds 16: the kernel's EINVAL, said here
+            raise oserror(errno.EINVAL, f"{len(table)} XCRs > KVM_MAX_XCRS ({uapi.KVM_MAX_XCRS})")
+        for dst, x in zip(s.xcrs, table):
+            dst.xcr, dst.value = _encode_int(x.xcr, 32, "xcr"), _encode_int(x.value, 64, "value")
+        ioctl(fd, uapi.KVM_SET_XCRS, "KVM_SET_XCRS", s, f"nr_xcrs={len(table)}, flags={s.flags:#x}")
+
+    # --- LAPIC, events, debug registers -------------------------------------------------------
+
+    def get_lapic(self) -> LapicState:
+        """KVM_GET_LAPIC (api.rst 4.57): the local APIC register page.
+
+        :raises OSError: EBADF if closed; EINVAL without an in-kernel irqchip (KVM_CREATE_IRQCHIP).
+        """
+        s = uapi.kvm_lapic_state()
+        ioctl(self._check(), uapi.KVM_GET_LAPIC, "KVM_GET_LAPIC", s)
+        return LapicState(bytes(s))
+
+    def set_lapic(self, lapic: LapicState) -> None:
+        """KVM_SET_LAPIC (api.rst 4.58).
+
+        :raises TypeError: not a ``LapicState`` with bytes.
+        :raises OSError: EBADF if closed; EINVAL for a page that is not 1024 bytes; ENXIO
+            without an in-kernel irqchip; EINVAL for an APIC ID the kernel refuses.
+        """
+        if not isinstance(lapic, LapicState):
+            raise TypeError(f"set_lapic takes a LapicState, not {type(lapic).__name__}")
+        _check_bytes(lapic.regs, uapi.KVM_APIC_REG_SIZE, "regs")
+        fd = self._check()
+        s = uapi.kvm_lapic_state.from_buffer_copy(bytes(lapic.regs))
+        ioctl(fd, uapi.KVM_SET_LAPIC, "KVM_SET_LAPIC", s)
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        """KVM_GET_VCPU_EVENTS (api.rst 4.31): pending/injected exception, interrupt, NMI, SMI.
+
+        :raises OSError: EBADF if closed.
+        """
+        s = uapi.kvm_vcpu_events()
+        ioctl(self._check(), uapi.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", s)
+        return struct_to_value(VcpuEvents, s)
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        """KVM_SET_VCPU_EVENTS (api.rst 4.32); ``flags`` says which optional parts are valid.
+
+        :raises TypeError: not a ``VcpuEvents`` or a field of the wrong type.
+        :raises OSError: EBADF if closed; EINVAL for flags outside KVM_VCPUEVENT_VALID_*,
+            PAYLOAD/TRIPLE_FAULT without their capability, an exception both pending and
+            injected, an exception vector > 31, SMM fields without SMM support.
+        """
+        if not isinstance(events, VcpuEvents):
+            raise TypeError(f"set_vcpu_events takes VcpuEvents, not {type(events).__name__}")
+        fd = self._check()
+        s = value_to_struct(events, uapi.kvm_vcpu_events(), "events")
+        ioctl(fd, uapi.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", s, f"flags={s.flags:#x}")
+
+    def get_debugregs(self) -> DebugRegs:
+        """KVM_GET_DEBUGREGS (api.rst 4.33): DR0-3, DR6, DR7. :raises OSError: EBADF if closed."""
+        s = uapi.kvm_debugregs()
+        ioctl(self._check(), uapi.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", s)
+        return struct_to_value(DebugRegs, s)
+
+    def set_debugregs(self, debugregs: DebugRegs) -> None:
+        """KVM_SET_DEBUGREGS (api.rst 4.34).
+
+        :raises TypeError: not a ``DebugRegs`` or a field of the wrong type.
+        :raises OSError: EBADF if closed; EINVAL for flags != 0 or DR6/DR7 with bits above 31.
+        """
+        if not isinstance(debugregs, DebugRegs):
+            raise TypeError(f"set_debugregs takes DebugRegs, not {type(debugregs).__name__}")
+        fd = self._check()
+        s = value_to_struct(debugregs, uapi.kvm_debugregs(), "debugregs")
+        ioctl(fd, uapi.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", s)
