@@ -155,8 +155,10 @@ def test_lapic_reset_values_and_round_trip(system) -> None:
         ap.set_lapic(LapicState(bytes(regs)))
         assert ap.get_lapic().register(0x80) == 0x20
         assert _errno(ap.set_lapic, LapicState(bytes(10))) == errno.EINVAL
-        bsp.close()
-        ap.close()
+        far = vm.create_vcpu(257)
+        assert far.get_lapic().register(0x20) == 1 << 24  # the xAPIC ID register holds the id's low byte
+        for v in (bsp, ap, far):
+            v.close()
 
 
 CLOSED_CALLS = {

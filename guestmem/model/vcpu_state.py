@@ -98,7 +98,7 @@ class VcpuState:
         self._debugregs = DebugRegs()
         self._events = VcpuEvents()
         page = bytearray(KVM_APIC_REG_SIZE)
-        for off, value in {**_LAPIC_RESET, 0x20: vcpu_id << 24,
+        for off, value in {**_LAPIC_RESET, 0x20: (vcpu_id & 0xFF) << 24,  # the xAPIC ID is a u8
                            0x350: 0x700 if vcpu_id == 0 else 0x10000}.items():
             page[off:off + 4] = value.to_bytes(4, "little")
         self._lapic = bytes(page)
