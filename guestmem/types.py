@@ -285,6 +285,132 @@ class LapicState:
         return int.from_bytes(self.regs[offset:offset + 4], "little")
 
 
+# --- memslots, dirty log, binary stats ------------------------------------------------------------
+
+
+@_frozen
+class MemoryRegion:
+    """A memslot as the last successful KVM_SET_USER_MEMORY_REGION{,2} left it.
+
+    The kernel has no GET for memslots: both backends keep this shadow (``Vm.memslots()``),
+    as a VMM does. ``slot`` is ``as_id << 16 | id``; ``guest_memfd`` is the fd number the call
+    passed (0 without KVM_MEM_GUEST_MEMFD); ``gmem_only`` says the slot's shared faults are
+    served by its guest_memfd too (a file created with GUEST_MEMFD_FLAG_MMAP, 6.18).
+    """
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int = 0
+    guest_memfd: int = 0
+    gmem_only: bool = False
+
+    @property
+    def id(self) -> int:
+        return self.slot & 0xFFFF
+
+    @property
+    def as_id(self) -> int:
+        return self.slot >> 16
+
+    @property
+    def base_gfn(self) -> int:
+        return self.guest_phys_addr >> PAGE_SHIFT
+
+    @property
+    def npages(self) -> int:
+        return self.memory_size >> PAGE_SHIFT
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def pgoff(self) -> int:
+        """The first guest_memfd page of a gmem slot."""
+        return self.guest_memfd_offset >> PAGE_SHIFT
+
+    @property
+    def is_gmem(self) -> bool:
+        return bool(self.flags & 4)  # KVM_MEM_GUEST_MEMFD
+
+
+@_frozen
+class DirtyLog:
+    """KVM_GET_DIRTY_LOG's bitmap of memslot ``slot``: bit n (little-endian u64 words, as the
+    kernel writes them) is page n of the slot, set if the guest wrote it since the last call."""
+
+    slot: int
+    npages: int
+    bitmap: bytes
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """Runs ``(first_page, end_page)`` of dirty pages, in slot page numbers."""
+        n = int.from_bytes(self.bitmap, "little") & ((1 << self.npages) - 1)
+        out = []
+        while n:
+            lo = (n & -n).bit_length() - 1
+            m = n >> lo
+            length = ((m ^ (m + 1)) >> 1).bit_length()
+            out.append((lo, lo + length))
+            n &= ~(((1 << length) - 1) << lo)
+        return tuple(out)
+
+    def pages(self) -> int:
+        """How many pages are dirty."""
+        return (int.from_bytes(self.bitmap, "little") & ((1 << self.npages) - 1)).bit_count()
+
+
+@_frozen
+class StatsDesc:
+    """One descriptor of a binary stats fd (struct kvm_stats_desc and its name).
+
+    ``flags`` packs type (``uapi.StatsType``), unit and base; the value is
+    ``raw * base ** exponent`` in ``unit``.
+    """
+
+    name: str
+    flags: int
+    exponent: int
+    size: int
+    offset: int
+    bucket_size: int
+
+    @property
+    def type(self) -> int:
+        return self.flags & 0xF
+
+    @property
+    def unit(self) -> int:
+        return (self.flags >> 4) & 0xF
+
+    @property
+    def base(self) -> int:
+        return (self.flags >> 8) & 0xF
+
+
+@_frozen
+class Stats:
+    """A read of a binary stats fd (KVM_GET_STATS_FD): the id string, the descriptors and,
+    per descriptor, its ``size`` u64 values (histograms have more than one)."""
+
+    id: str
+    descriptors: tuple[StatsDesc, ...]
+    values: tuple[tuple[int, ...], ...]
+
+    def __getitem__(self, name: str) -> int | tuple[int, ...]:
+        """The value of stat ``name`` (a tuple for histograms). :raises KeyError: no such stat."""
+        for d, v in zip(self.descriptors, self.values):
+            if d.name == name:
+                return v[0] if d.size == 1 else v
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, int | tuple[int, ...]]:
+        return {d.name: (v[0] if d.size == 1 else v) for d, v in zip(self.descriptors, self.values)}
+
+
 # --- file status --------------------------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 Model-only: private memory, memory-fault exits and hwpoison cannot run on this host's KVM.
 Until the model ``Vm`` lands these tests drive ``guestmem.model.vcpu.Vcpu`` through
 ``ContractVm``, a minimal VM honouring the internal contract the vCPU relies on (``_lock``,
-``_slot_for_gfn``, ``_attribute_at``, invalidation listeners, ``_stats_providers``).
+``_slot_for_gfn``, ``_attribute_at``, invalidation listeners, ``_stats_providers``, and the
+dirty-log and ioeventfd hooks of ``model.vm_state``, here with nothing logged or registered).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class ContractVm:
         self.attrs: dict[int, int] = {}
         self._listeners: list = []
         self._stats_providers: list = []
+        self._ioeventfds: list = []
         self._users = 1
 
     def _get_kvm(self) -> None:
@@ -82,6 +84,12 @@ class ContractVm:
 
     def _attribute_at(self, gfn: int) -> int:
         return self.attrs.get(gfn, 0)
+
+    def _dirty_logged(self, slot) -> bool:
+        return False
+
+    def _log_dirty(self, slot, gfn: int) -> bool:
+        return False
 
     def _add_invalidation_listener(self, cb) -> None:
         self._listeners.append(cb)

@@ -70,6 +70,14 @@ class System(FdObject):
         """KVM_GET_SUPPORTED_CPUID (api.rst 4.46). :raises OSError: EBADF if closed."""
         return read_cpuid(self._check(), uapi.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
 
+    def get_emulated_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """KVM_GET_EMULATED_CPUID (api.rst 4.99): features KVM emulates in software (e.g.
+        MOVBE, RDPID), which userspace may expose though the host CPU lacks them.
+
+        :raises OSError: EBADF if closed.
+        """
+        return read_cpuid(self._check(), uapi.KVM_GET_EMULATED_CPUID, "KVM_GET_EMULATED_CPUID")
+
     def get_msr_index_list(self) -> tuple[int, ...]:
         """KVM_GET_MSR_INDEX_LIST (api.rst 4.3). :raises OSError: EBADF if closed."""
         return read_msr_list(self._check(), uapi.KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")

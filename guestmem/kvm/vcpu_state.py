@@ -21,6 +21,7 @@ from ..errors import oserror
 from ..types import (CpuidEntry, DebugRegs, ExceptionEvent, Fpu, InterruptEvent, LapicState, NmiEvent,
                      SmiEvent, TripleFaultEvent, VcpuEvents, Xcr, Xsave)
 from ._ioctl import int_arg, ioctl
+from .stats import StatsFd
 
 _T = TypeVar("_T")
 # Nested struct members of kvm_vcpu_events and the dataclass each becomes.
@@ -360,3 +361,11 @@ class VcpuState:
         fd = self._check()
         s = value_to_struct(debugregs, uapi.kvm_debugregs(), "debugregs")
         ioctl(fd, uapi.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", s)
+
+    def get_stats_fd(self) -> StatsFd:
+        """KVM_GET_STATS_FD on the vCPU (api.rst 4.134): the vCPU's binary statistics.
+
+        :raises OSError: EBADF if closed; ENOTTY before Linux 5.14.
+        """
+        fd = ioctl(self._check(), uapi.KVM_GET_STATS_FD, "KVM_GET_STATS_FD")
+        return StatsFd(fd, f"vCPU {self.vcpu_id}")

@@ -17,6 +17,7 @@ from .. import uapi
 from ..encoding import encode_fd, encode_unsigned
 from ._fd import FdObject
 from ._ioctl import fill_array, int_arg, ioctl
+from .vm_state import VmState
 
 if TYPE_CHECKING:
     from .guest_memfd import GuestMemfd
@@ -35,7 +36,7 @@ def _encode_memslot(s: Any, slot: int, flags: int, guest_phys_addr: int, memory_
     return (f"slot={s.slot:#x}, flags={s.flags:#x}, guest_phys_addr={s.guest_phys_addr:#x}, "
             f"memory_size={s.memory_size:#x}, userspace_addr={s.userspace_addr:#x}")
 
-class Vm(FdObject):
+class Vm(VmState, FdObject):
     """An open KVM VM of ``type`` created by ``system``."""
 
     def __init__(self, system: "System", fd: int, type: int) -> None:  # noqa: A002
@@ -43,6 +44,7 @@ class Vm(FdObject):
         self.type = type
         self._fd = fd
         self.vcpus: list[Any] = []
+        self._init_shadow()
 
     def __repr__(self) -> str:
         return f"<kvm.Vm type={self.type} fd={self._fd}>"
@@ -87,7 +89,9 @@ class Vm(FdObject):
         fill_array(s.reserved, reserved, "reserved")
         gfd = ioctl(fd, uapi.KVM_CREATE_GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD", s,
                     f"size={int(size):#x}, flags={int(flags):#x}")
-        return GuestMemfd(self, gfd, int(size), int(flags))
+        gmem = GuestMemfd(self, gfd, int(size), int(flags))
+        self._remember_gmem(gmem)
+        return gmem
 
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int = 0, guest_memfd: Any = None,
@@ -114,6 +118,8 @@ class Vm(FdObject):
         fill_array(s.pad2, pad2, "pad2")
         ioctl(fd, uapi.KVM_SET_USER_MEMORY_REGION2, "KVM_SET_USER_MEMORY_REGION2", s,
               f"{what}, guest_memfd={s.guest_memfd}, guest_memfd_offset={s.guest_memfd_offset:#x}")
+        self._remember_memslot(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr,
+                               s.guest_memfd, s.guest_memfd_offset)
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int = 0) -> None:
@@ -129,6 +135,7 @@ class Vm(FdObject):
         s = uapi.kvm_userspace_memory_region()
         what = _encode_memslot(s, slot, flags, guest_phys_addr, memory_size, userspace_addr)
         ioctl(fd, uapi.KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", s, what)
+        self._remember_memslot(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.141): set attributes of [address, address+size).
@@ -145,6 +152,7 @@ class Vm(FdObject):
         s.flags = encode_unsigned(flags, 64, "flags")
         ioctl(fd, uapi.KVM_SET_MEMORY_ATTRIBUTES, "KVM_SET_MEMORY_ATTRIBUTES", s,
               f"address={s.address:#x}, size={s.size:#x}, attributes={s.attributes:#x}, flags={s.flags:#x}")
+        self._remember_attributes(s.address, s.size, s.attributes)
 
     def create_vcpu(self, vcpu_id: int) -> Any:
         """KVM_CREATE_VCPU (api.rst 4.7): a new vCPU with ``vcpu_id`` (see ``kvm.vcpu.Vcpu``).

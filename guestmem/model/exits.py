@@ -124,6 +124,10 @@ def handle_fault(v, ev):
     is_write = access in (c.UC_MEM_WRITE_UNMAPPED, c.UC_MEM_WRITE_PROT)
     with v._vm._lock:
         if ev[0] == "wprot":  # a write to a READONLY slot is emulated as MMIO
+            b, ex = gm.lookup(v._vm, gfn, fault_private)
+            if ex is None and b is not None and b.gmem is None and v._vm._log_dirty(b.slot, gfn):
+                map_backing(v, gfn, b, 0)  # a write-protected page of a dirty-logged slot: now dirty
+                return None
             b, ex = None, None
         else:
             b, ex = gm.lookup(v._vm, gfn, fault_private)
@@ -145,6 +149,11 @@ def map_backing(v, gfn: int, b, alias: int) -> None:
     prot = _unicorn().unicorn_const.UC_PROT_ALL
     if b.gmem is None and b.slot.flags & MemFlag.READONLY:
         prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
+    if b.gmem is None and v._vm._dirty_logged(b.slot):
+        # Dirty logging (vm_state): 4 KiB pages, write-protected until the write that logs them.
+        start, n, level = gfn, 1, 0
+        if not v._vm._is_dirty(b.slot, gfn):
+            prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
     window = not v._tdx() and v._map.can_window(b)
     if not window and level == 2 and v._vm._private_mem:
         # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn

@@ -178,6 +178,10 @@ def write_guest_phys(vm, gpa: int, data: bytes) -> bool:
     if host is None or len(data) > PAGE - gpa % PAGE:
         return False
     ctypes.memmove(host, data, len(data))
+    gfn = gpa % PHYS_LIMIT // PAGE
+    slot = vm._slot_for_gfn(gfn)
+    if slot is not None:
+        vm._log_dirty(slot, gfn)  # KVM marks the pages it writes for the guest dirty
     return True
 
 

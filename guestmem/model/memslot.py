@@ -37,6 +37,7 @@ from ..rangemap import RangeMap
 from ..uapi import MemFlag
 
 if TYPE_CHECKING:
+    from ..types import MemoryRegion
     from .guest_memfd import GuestMemfd
 
 LEVEL_PAGES = {1: 1 << 9, 2: 1 << 18}
@@ -67,6 +68,17 @@ class Memslot:
     def is_gmem(self) -> bool:
         """Created with KVM_MEM_GUEST_MEMFD (true even after the file is released)."""
         return bool(self.flags & MemFlag.GUEST_MEMFD)
+
+    def _region(self) -> "MemoryRegion":
+        """A frozen snapshot in the uapi's terms (``Vm.memslots()``)."""
+        from ..types import MemoryRegion
+
+        gmem = self.gmem
+        fd = gmem._fd if gmem is not None and getattr(gmem, "_fd", None) is not None else 0
+        return MemoryRegion(slot=self.as_id << 16 | self.id, flags=self.flags,
+                            guest_phys_addr=self.base_gfn << 12, memory_size=self.npages << 12,
+                            userspace_addr=self.userspace_addr, guest_memfd_offset=self.pgoff << 12,
+                            guest_memfd=fd, gmem_only=self.gmem_only)
 
     def gfn_to_pgoff(self, gfn: int) -> int:
         """The guest_memfd page backing ``gfn`` (gfn must be inside the slot)."""

@@ -56,6 +56,7 @@ from .unicorn_cpu import unicorn
 
 MAX_REGIONS = 256
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+_PROT_WRITE = 2  # UC_PROT_WRITE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mremap.restype = ctypes.c_void_p
 _libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
@@ -198,6 +199,9 @@ class RegionMap:
                 b, ex = None, True
             if ex is not None or b is None or b.slot is not r.slot or (r.level and not gm.block_ok(vm, b, r.level, gfn)):
                 drop.append(base)
+                continue
+            if r.prot & _PROT_WRITE and b.gmem is None and vm._dirty_logged(b.slot) and not vm._is_dirty(b.slot, gfn):
+                drop.append(base)  # a logged page whose log was read: write-protect it again (vm_state)
                 continue
             t = _target(b, gfn)
             if t == r.target:

@@ -131,6 +131,15 @@ class System:
 
         return supported_cpuid()
 
+    def get_emulated_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """KVM_GET_EMULATED_CPUID (api.rst 4.99): features emulated beyond the CPU's own.
+
+        Empty: the model's whole CPU is emulated and KVM_GET_SUPPORTED_CPUID already lists
+        everything it implements. :raises OSError: EBADF if closed.
+        """
+        self._check_open()
+        return ()
+
     def get_msr_index_list(self) -> tuple[int, ...]:
         """KVM_GET_MSR_INDEX_LIST (api.rst 4.3): the MSRs KVM_GET_MSRS/SET_MSRS accept.
 

@@ -533,6 +533,9 @@ class Vcpu(VcpuState):
             while True:
                 ex = self._run_once()
                 if ex is not None:
+                    if self._vm._ioeventfds and self._vm._ioeventfd_signal(ex):
+                        self._complete_pending()  # an ioeventfd took the write: no exit (vm_state)
+                        continue
                     self._last_exit = ex
                     return ex
 

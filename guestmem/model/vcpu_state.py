@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..encoding import encode_unsigned
 
@@ -40,6 +40,9 @@ from ..errors import oserror
 from ..types import CpuidEntry, DebugRegs, Fpu, LapicState, VcpuEvents, Xcr, Xsave
 from ..uapi import KVM_APIC_REG_SIZE, KVM_MAX_XCRS, MpState, VcpuEventValid
 from . import cpuid as _cpuid
+
+if TYPE_CHECKING:
+    from .stats import StatsFd
 
 KVM_MAX_CPUID_ENTRIES = 256
 XSAVE_SIZE = 4096
@@ -428,6 +431,14 @@ class VcpuState:
             self._debugregs = DebugRegs(db=db, dr6=dr6, dr7=dr7)  # type: ignore[arg-type]
 
 
+    def get_stats_fd(self) -> "StatsFd":
+        """KVM_GET_STATS_FD on the vCPU (api.rst 4.134): the model vCPU's counters (its
+        mappings and IN/OUT sites; see ``model.stats``). Errors: EBADF."""
+        from .stats import StatsFd
+
+        self._check()
+        return StatsFd(f"kvm-{os.getpid()}/vcpu-{self.vcpu_id}", self._stats)  # type: ignore[attr-defined]
+
 # Bit widths of kvm_vcpu_events' fields (nested members: every field is a u8 but error_code).
 _EVENT_WIDTHS = {"sipi_vector": 32, "flags": 32, "exception_payload": 64, "error_code": 32}
 
@@ -468,3 +479,4 @@ def _supported_xcr0() -> int:
         if e.function == 0xD and e.index == 0:
             return e.eax
     return XFEATURE_FP | XFEATURE_SSE
+

@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..encoding import encode_array, encode_fd, encode_u64, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
+from ..types import MemoryRegion
 from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
                     PAGE_SIZE, TASK_SIZE_MAX, Cap, MemFlag, MemoryAttribute)
 from . import fdtable
 from .guest_memfd import GuestMemfd
 from .memslot import LEVEL_PAGES, Memslot
 from .profile import PRIVATE_MEM_VM_TYPES, Profile
+from .vm_state import VmState
 from .vcpu_checks import check_vcpu_id
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ _V1_FLAGS = int(MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY)  # int: ~ on IntFlag
 InvalidationListener = Callable[[int, int], None]
 
 
-class Vm:
+class Vm(VmState):
     """A model VM, returned by ``System.create_vm`` (KVM_CREATE_VM)."""
 
     def __init__(self, system: "System", type: int) -> None:
@@ -77,6 +79,7 @@ class Vm:
         self._invalidations = 0
         self._users = 1
         self._dead = False
+        self._init_vm_state()  # irq lines, irqfds, ioeventfds, dirty logs (vm_state)
         self._fd: int | None = fdtable.fd_install(self)
 
     def __repr__(self) -> str:
@@ -129,6 +132,7 @@ class Vm:
             self._gfn_maps = [RangeMap(default=None) for _ in range(self._nr_as)]
             self._attributes.clear()
             self._nr_memslot_pages = 0
+            self._release_vm_state()
             self._dead = True
 
     # --- capabilities -------------------------------------------------------------------------
@@ -159,6 +163,9 @@ class Vm:
                 if argv[0] & ~valid:
                     raise oserror(errno.EINVAL, f"quirks {argv[0]:#x} outside KVM_CAP_DISABLE_QUIRKS2 {valid:#x}")
                 self._disabled_quirks |= argv[0]  # no quirk changes what the model does
+                return
+            if cap == Cap.MANUAL_DIRTY_LOG_PROTECT2:
+                self._enable_manual_dirty_log(argv[0])
                 return
             if cap != Cap.EXIT_HYPERCALL:
                 raise oserror(errno.EINVAL, f"capability {cap} cannot be enabled on a VM")
@@ -344,6 +351,7 @@ class Vm:
                 new._mixed = old._mixed
                 self._remove(old)
                 self._install(new)
+            self._dirty_log_commit(old, new)
 
     def _gmem_bind_check(self, fd: int, offset: int, npages: int) -> GuestMemfd:
         """The checks of kvm_gmem_bind, in order; returns the file to bind."""
@@ -383,6 +391,7 @@ class Vm:
         self._remove(slot)
         self._unbind(slot)
         self._nr_memslot_pages -= slot.npages
+        self._dirty_log_commit(slot, None)
         self._invalidate_range(slot.base_gfn, slot.end_gfn)
 
     def _slot_for_gfn(self, gfn: int, as_id: int = 0) -> Memslot | None:
@@ -391,10 +400,16 @@ class Vm:
             return None
         return self._gfn_maps[as_id].get(gfn)
 
-    def memslots(self) -> list[Memslot]:
-        """guestmem extension: the memslots, sorted by (as_id, id)."""
+    def memslots(self) -> list[MemoryRegion]:
+        """guestmem extension: frozen snapshots of the memslots, sorted by (as_id, id).
+
+        The same shape as the kvm backend's shadow; ``guest_memfd`` is the bound file's fd
+        (0 once the file is closed or released), where kvm reports the fd the call passed.
+        :raises OSError: EBADF if the VM fd is closed.
+        """
         with self._lock:
-            return [self._slots[k] for k in sorted(self._slots)]
+            self._check_open()
+            return [self._slots[k]._region() for k in sorted(self._slots)]
 
     # --- memory attributes ----------------------------------------------------------------------
 
