@@ -8,8 +8,8 @@ the guest_memfd inode, not of the VM's GFNs. ``FileState`` is the part of the mo
 
 * ``attributes`` is a RangeMap over file pages whose default is the file's initial state:
   PRIVATE, or 0 (shared) with GUEST_MEMFD_FLAG_INIT_SHARED. A fresh file stores no run; a
-  file of any size with n conversions stores O(n) runs. ``shared_pages`` counts the pages
-  whose attribute is 0 and is updated from the runs a store replaces, never by walking pages.
+  file of any size with n conversions stores O(n) runs, and a conversion costs O(log n)
+  whatever it covers (a RangeMap set); ``shared_pages()`` sums the stored runs (introspection).
 * ``pins`` holds the live host references (``GuestMemfd.pin``: a DMA pin, a long-lived
   page reference) as page ranges, keyed by handle. A conversion to private fails with EAGAIN
   while a pin overlaps it; ``first_busy`` gives the first busy page. Pins are few; their
@@ -25,8 +25,7 @@ the guest_memfd inode, not of the VM's GFNs. ``FileState`` is the part of the mo
   fallocated but untouched pages as holes), so it costs O(runs + extents). The model's memfd
   may hold only some 4 KiB pages of an allocated block.
 
-Invariants: ``attributes`` holds only 0 and PRIVATE; ``shared_pages`` equals the number of
-pages of [0, npages) whose attribute is 0; every pin lies inside the file and covers only
+Invariants: ``attributes`` holds only 0 and PRIVATE, inside [0, npages); every pin lies inside the file and covers only
 pages that were shared when it was taken.
 """
 
@@ -89,12 +88,11 @@ def _measure(a: list[tuple[int, int]], b: list[tuple[int, int]], c: list[tuple[i
 class FileState:
     """Attributes, pins and folio accounting of one guest_memfd (see the module docstring)."""
 
-    __slots__ = ("npages", "attributes", "shared_pages", "pins", "folio_pages", "splits", "merges", "allocated")
+    __slots__ = ("npages", "attributes", "pins", "folio_pages", "splits", "merges", "allocated")
 
     def __init__(self, npages: int, init_shared: bool, folio_pages: int = 1) -> None:
         self.npages = npages
         self.attributes: RangeMap[int] = RangeMap(default=0 if init_shared else PRIVATE)
-        self.shared_pages = npages if init_shared else 0
         self.pins: dict[int, tuple[int, int]] = {}
         self.folio_pages = folio_pages
         self.splits = 0
@@ -106,6 +104,11 @@ class FileState:
     def is_private(self, page: int) -> bool:
         return self.attributes.get(page) == PRIVATE
 
+    def shared_pages(self) -> int:
+        """Pages whose attribute is 0 (O(runs): the stored runs are the non-default ones)."""
+        stored = sum(e - s for s, e, _ in self.attributes)
+        return stored if self.attributes.default == PRIVATE else self.npages - stored
+
     def _shared_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         return [(s, e) for s, e, v in self.attributes.ranges(start, end) if v == 0]
 
@@ -116,9 +119,7 @@ class FileState:
             n = self.folio_pages
             blo, bhi = (start // n) * n, -(-end // n) * n
             before = _block_runs(self._shared_runs(blo, bhi), n)
-        shared_before = sum(e - s for s, e in self._shared_runs(start, end))
         self.attributes.set(start, end, value)
-        self.shared_pages += (end - start if value == 0 else 0) - shared_before
         if huge:
             after = _block_runs(self._shared_runs(blo, bhi), n)
             allocated = self.allocated_blocks(memfd, blo, bhi)
@@ -129,6 +130,8 @@ class FileState:
 
     def first_busy(self, start: int, end: int) -> int | None:
         """The first page of [start, end) held by a pin, or None."""
+        if not self.pins:
+            return None
         busy = [max(s, start) for s, e in self.pins.values() if s < end and e > start]
         return min(busy) if busy else None
 
@@ -171,7 +174,7 @@ class FileState:
         """Assert the invariants (tests; O(runs))."""
         self.attributes.check()
         assert all(v == PRIVATE or v == 0 for _, _, v in self.attributes.ranges(0, self.npages))
-        assert self.shared_pages == sum(e - s for s, e in self._shared_runs(0, self.npages))
+        assert all(0 <= s < e <= self.npages for s, e, _ in self.attributes)
         for s, e in self.pins.values():
             assert 0 <= s < e <= self.npages
 
@@ -263,7 +266,7 @@ class FileOps:
             self._check_open()
             offset, size = encode_u64(offset, "offset"), encode_u64(size, "size")
             attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
-            words = encode_array(reserved, 11, 64, "reserved")
+            words = () if reserved is None else encode_array(reserved, 11, 64, "reserved")
             if not self._in_place:
                 raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2 needs kvm.gmem_in_place_conversion")
             if flags or any(words):
@@ -345,6 +348,7 @@ class FileOps:
 
     def _stats(self) -> dict:
         st, fd = self._state, self._memfd_fd
+        shared = st.shared_pages()
         if st.folio_pages > 1:  # whole folios are charged
             allocated = sum(e - s for s, e in st.allocated_blocks(fd, 0, st.npages)) * st.folio_pages
         else:
@@ -352,8 +356,8 @@ class FileOps:
         return {
             "size": self.size,
             "folio_size": st.folio_pages << PAGE_SHIFT,
-            "pages_private": st.npages - st.shared_pages,
-            "pages_shared": st.shared_pages,
+            "pages_private": st.npages - shared,
+            "pages_shared": shared,
             "pages_allocated": allocated,
             "attribute_ranges": len(st.attributes),
             "folios": {size_label(k): v for k, v in st.folio_counts(fd).items()},

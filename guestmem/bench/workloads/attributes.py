@@ -21,6 +21,8 @@ import random
 import time
 import tracemalloc
 
+import guestmem
+
 from ... import hostmem, uapi
 from ...units import format_size
 from ..backends import BACKENDS, system
@@ -59,6 +61,27 @@ class _TiBVm:
         return list(get(0, TIB)) if get else None
 
 
+class _InPlaceFile:
+    """The same 1 TiB memslot on profile "next": attributes set on its guest_memfd
+    (KVM_SET_MEMORY_ATTRIBUTES2; file offset = GPA here). ``vm`` is the file's converter, so the
+    timing loops below run unchanged."""
+
+    def __init__(self, sys_) -> None:
+        self.real_vm = sys_.create_vm(int(uapi.VmType.SW_PROTECTED))
+        flags = int(uapi.GuestMemfdFlag.MMAP | uapi.GuestMemfdFlag.INIT_SHARED)  # starts shared, like a VM
+        self.gmem = self.real_vm.create_guest_memfd(TIB, flags)
+        self.real_vm.set_user_memory_region2(0, int(uapi.MemFlag.GUEST_MEMFD), 0, TIB, guest_memfd=self.gmem,
+                                             guest_memfd_offset=0)
+        self.vm = self.gmem
+
+    def close(self) -> None:
+        self.gmem.close()
+        self.real_vm.close()
+
+    def ranges(self) -> list[tuple[int, int, int]]:
+        return [(s * PAGE, e * PAGE, v) for s, e, v in self.gmem._state.attributes.ranges(0, TIB // PAGE)]
+
+
 def _random_ops(rng: random.Random, n: int) -> list[tuple[int, int, int]]:
     """n conversions: log-uniform 1..2^18 pages at a random page, PRIVATE or shared."""
     top = math.log(1 << 18)
@@ -85,7 +108,7 @@ def _check_ranges(ranges: list[tuple[int, int, int]] | None, what: str) -> int:
     return sum(1 for r in ranges if r[2])
 
 
-def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
+def _scaling(ctx: Context, backend: str, tvm: _TiBVm | _InPlaceFile, suffix: str = "") -> None:
     """µs per call for each size, over an empty map and over one holding FRAGMENTS ranges
     spread evenly across the 1 TiB (so a big update has to drop thousands of them)."""
     setattrs = tvm.vm.set_memory_attributes
@@ -114,8 +137,9 @@ def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
                 if i >= 2:
                     times.append(dt / 1000)
             st = Stats(tuple(times))
-            ctx.add(f"set {format_size(size)} over {series}", backend, st.median, "µs", detail=fmt_stats(st, unit=" µs"),
-                    goal=GOAL_1T if size == TIB else None, kind="scaling", x=size, samples=times)
+            ctx.add(f"set {format_size(size)} over {series}{suffix}", backend, st.median, "µs",
+                    detail=fmt_stats(st, unit=" µs"), goal=GOAL_1T if size == TIB else None,
+                    kind="scaling" if not suffix else "", x=size, samples=times)
         if fragmented:
             stored = _check_ranges(tvm.ranges(), "fragmented map")
             check(stored in (-1, FRAGMENTS), f"expected {FRAGMENTS} private ranges, found {stored}")
@@ -123,7 +147,7 @@ def _scaling(ctx: Context, backend: str, tvm: _TiBVm) -> None:
         check(_check_ranges(tvm.ranges(), "after scaling") in (0, -1), "attributes left behind after clearing 1 TiB")
 
 
-def _random(ctx: Context, backend: str, tvm: _TiBVm) -> None:
+def _random(ctx: Context, backend: str, tvm: _TiBVm | _InPlaceFile, suffix: str = "") -> None:
     n = ctx.pick(20_000, 1_000_000)
     chunk = 10_000
     rng = random.Random(6)
@@ -143,7 +167,7 @@ def _random(ctx: Context, backend: str, tvm: _TiBVm) -> None:
     ranges = tvm.ranges()
     stored = _check_ranges(ranges, "after random conversions")
     st = Stats(tuple(per_chunk))
-    ctx.add(f"{n:,} random 4K–1G conversions, 1 TiB VM", backend, total / n / 1000, "µs",
+    ctx.add(f"{n:,} random 4K–1G conversions, 1 TiB VM{suffix}", backend, total / n / 1000, "µs",
             detail=f"mean over all; per-{chunk:,} batch {fmt_stats(st, unit=' µs')}; "
                    f"{stored if stored >= 0 else '?'} private ranges at the end",
             goal=GOAL_RANDOM, samples=per_chunk)
@@ -221,5 +245,13 @@ def run(ctx: Context) -> None:
                 ran = True
         except Skip as exc:
             ctx.skip("all", backend, str(exc))
+    with ctx.guard("in-place (all)", "model"):
+        with guestmem.open_system("model", profile="next") as sys_:
+            f = _InPlaceFile(sys_)
+            try:
+                _scaling(ctx, "model", f, " (in-place, guest_memfd)")
+                _random(ctx, "model", f, " (in-place, guest_memfd)")
+            finally:
+                f.close()
     if not ran and not ctx.rows:
         raise Skip("no backend with memory attributes")
