@@ -364,6 +364,15 @@ class DirtyLog:
 
 
 @_frozen
+class DirtyGfn:
+    """One harvested entry of a vCPU's dirty ring (struct kvm_dirty_gfn): page ``offset`` of
+    memslot ``slot`` (as_id << 16 | id) was written."""
+
+    slot: int
+    offset: int
+
+
+@_frozen
 class StatsDesc:
     """One descriptor of a binary stats fd (struct kvm_stats_desc and its name).
 

@@ -165,7 +165,7 @@ CLOSED_CALLS = {
     "get_fpu": (), "set_fpu": (Fpu(),), "get_xsave": (), "get_xsave2": (), "set_xsave": (Xsave(bytes(4096)),),
     "get_xcrs": (), "set_xcrs": ([Xcr(0, 1)],), "get_lapic": (), "set_lapic": (LapicState(bytes(1024)),),
     "get_vcpu_events": (), "set_vcpu_events": (VcpuEvents(),), "get_debugregs": (),
-    "set_debugregs": (DebugRegs(),),
+    "set_debugregs": (DebugRegs(),), "get_stats_fd": (), "collect_dirty_ring": (),
 }
 
 

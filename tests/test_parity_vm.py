@@ -250,6 +250,32 @@ def test_manual_protect_keeps_the_log_until_cleared(system, vm) -> None:
     vcpu.close()
 
 
+def test_dirty_ring_where_the_host_has_it(system) -> None:
+    """KVM_CAP_DIRTY_LOG_RING (this host: up to 1 MiB; the model: 0, no ring). With a ring
+    the bitmap interface is off (ENXIO), entries name (slot, page), and only harvested
+    entries are reset."""
+    with system.create_vm() as vm:
+        if not vm.check_extension(Cap.DIRTY_LOG_RING):
+            assert _errno(vm.enable_cap, Cap.DIRTY_LOG_RING, 4096) == errno.EINVAL
+            assert _errno(vm.reset_dirty_rings) == errno.EINVAL
+            vcpu = vm.create_vcpu(0)
+            assert _errno(vcpu.collect_dirty_ring) == errno.EINVAL
+            vcpu.close()
+            return
+        assert _errno(vm.enable_cap, Cap.DIRTY_LOG_RING, 100) == errno.EINVAL  # not a power of two
+        vm.enable_cap(Cap.DIRTY_LOG_RING, 4096)
+        vcpu, _ = real_mode(vm, WRITER, flags=LOG)
+        assert vcpu.collect_dirty_ring() == ()
+        vcpu.run()
+        assert [(g.slot, g.offset) for g in vcpu.collect_dirty_ring()] == [(0, 3), (0, 5), (0, 6)]
+        assert vcpu.collect_dirty_ring() == ()
+        assert _errno(vm.get_dirty_log, 0) == errno.ENXIO
+        assert vm.reset_dirty_rings() == 3
+        vcpu.run()  # page 6 again: logged again once reset
+        assert [(g.slot, g.offset) for g in vcpu.collect_dirty_ring()] == [(0, 6)]
+        vcpu.close()
+
+
 # --- stats and emulated CPUID ------------------------------------------------------------------------
 
 
@@ -292,6 +318,7 @@ def test_emulated_cpuid(system) -> None:
 CLOSED_CALLS = {  # stats() is introspection and works on a closed VM on both backends
     "memslots": (), "get_memory_attributes": (0, P), "irq_line": (0, 1), "irqfd": (0, 0),
     "ioeventfd": (0, 0x1000, 4), "get_dirty_log": (0,), "clear_dirty_log": (0, 0, 64), "get_stats_fd": (),
+    "reset_dirty_rings": (),
 }
 
 

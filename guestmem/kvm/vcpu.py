@@ -461,9 +461,10 @@ class Vcpu(VcpuState, FdObject):
                 if ident != me and frame.f_code is _RUN_CODE and frame.f_locals.get("self") is self]
 
     def _release(self) -> None:
-        """Unmap kvm_run before the vCPU fd closes."""
+        """Unmap kvm_run (and the dirty ring) before the vCPU fd closes."""
         self._page.release()
         self._map.close()
+        self._release_dirty_ring()
 
 
 _RUN_CODE = Vcpu.run.__code__

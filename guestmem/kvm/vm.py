@@ -44,6 +44,7 @@ class Vm(VmState, FdObject):
         self.type = type
         self._fd = fd
         self.vcpus: list[Any] = []
+        self.dirty_ring_bytes = 0
         self._init_shadow()
 
     def __repr__(self) -> str:
@@ -69,6 +70,8 @@ class Vm(VmState, FdObject):
         s.flags = encode_unsigned(flags, 32, "flags")
         fill_array(s.args, args, "args")
         ioctl(fd, uapi.KVM_ENABLE_CAP, "KVM_ENABLE_CAP", s, f"cap={int(cap)}, args={list(args)}, flags={flags:#x}")
+        if s.cap in (uapi.Cap.DIRTY_LOG_RING, uapi.Cap.DIRTY_LOG_RING_ACQ_REL):
+            self.dirty_ring_bytes = s.args[0]  # vCPUs map their ring of this size (vcpu_state)
 
     def create_guest_memfd(self, size: int, flags: int = 0, reserved: Any = None) -> "GuestMemfd":
         """KVM_CREATE_GUEST_MEMFD (api.rst 4.142): a new guest_memfd of ``size`` bytes.

@@ -115,6 +115,8 @@ class System:
             return 1 if p.tdp and p.era >= 2 else 0
         if cap == Cap.GUEST_MEMFD_FLAGS:
             return p.gmem_flags(private) if p.era >= 2 else 0
+        if cap == Cap.DIRTY_LOG_RING or cap == Cap.DIRTY_LOG_RING_ACQ_REL:
+            return 0  # the model logs dirty pages in bitmaps only (model.vm_state)
         if vm is not None and cap in HOST_VM_CAPS:
             return HOST_VM_CAPS[cap]
         return HOST_CAPS.get(cap, 0)

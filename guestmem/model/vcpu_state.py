@@ -439,6 +439,12 @@ class VcpuState:
         self._check()
         return StatsFd(f"kvm-{os.getpid()}/vcpu-{self.vcpu_id}", self._stats)  # type: ignore[attr-defined]
 
+    def collect_dirty_ring(self) -> tuple:
+        """Harvest the vCPU's dirty ring: the model has none (see ``Vm.reset_dirty_rings``).
+        Errors: EBADF; EINVAL no dirty ring."""
+        self._check()
+        raise oserror(errno.EINVAL, "the VM has no dirty ring (the model logs dirty pages in bitmaps only)")
+
 # Bit widths of kvm_vcpu_events' fields (nested members: every field is a u8 but error_code).
 _EVENT_WIDTHS = {"sipi_vector": 32, "flags": 32, "exception_payload": 64, "error_code": 32}
 

@@ -355,6 +355,14 @@ class VmState:
             raise oserror(errno.EINVAL, f"MANUAL_DIRTY_LOG_PROTECT2 options {options:#x} outside {allowed:#x}")
         self._manual_dirty = options
 
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS (api.rst 4.128). The model has no dirty ring (its
+        KVM_CAP_DIRTY_LOG_RING is 0 and enable_cap refuses it), so this is the kernel's
+        answer for a VM without one. Errors: EBADF closed fd; EINVAL no dirty ring.
+        """
+        self._check_open()  # type: ignore[attr-defined]
+        raise oserror(errno.EINVAL, "the VM has no dirty ring (the model logs dirty pages in bitmaps only)")
+
     # --- statistics ---------------------------------------------------------------------------
 
     def get_stats_fd(self) -> StatsFd:
