@@ -22,7 +22,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
+#include <signal.h>
 #include <unistd.h>
 
 extern long gm_open(const char *path, int flags);
@@ -37,11 +39,14 @@ enum { GM_IOCTL = 1, GM_MMAP, GM_MUNMAP, GM_FALLOCATE, GM_FSTAT, GM_READ, GM_WRI
 static unsigned char owned[GM_MAXFD]; /* 1: the fd is served by the model */
 static int nmaps;                      /* model mappings that munmap must report */
 static __thread int inside;            /* this thread is inside the interpreter */
+static __thread int serving_fd = -1;   /* the model fd this thread has a call in progress on */
+static int kick_fd = -1;               /* server.py's pipe: a vCPU fd to kick (a signal arrived) */
 
 static int ready;                      /* the interpreter started and attached the server */
 
 void gm_set_ready(void) { ready = 1; }
 void gm_set_owned(int fd, int value) { if (fd >= 0 && fd < GM_MAXFD) owned[fd] = (unsigned char)value; }
+void gm_set_kick_fd(int fd) { kick_fd = fd; }
 void gm_add_maps(int delta) { __atomic_add_fetch(&nmaps, delta, __ATOMIC_SEQ_CST); }
 
 static const char *device(void)
@@ -70,7 +75,9 @@ static long call(int op, int fd, unsigned long a, unsigned long b, unsigned long
 {
 	int saved = errno;
 	inside = 1;
+	serving_fd = fd;
 	long r = gm_call(op, fd, a, b, c, d, e);
+	serving_fd = -1;
 	inside = 0;
 	errno = saved;
 	return r;
@@ -264,4 +271,75 @@ int dup2(int fd, int newfd)
 		return next(fd, newfd);
 	}
 	return (int)result(call(GM_DUP3, fd, (unsigned long)newfd, 0, 0, 0, 0));
+}
+
+/* Signals. The kernel ends a KVM_RUN with EINTR when a signal with a handler arrives. The
+ * model's vCPU runs in this thread, so the program's handlers are wrapped: after the
+ * handler ran, a thread that was inside a call on a model fd (KVM_RUN) writes that fd to
+ * server.py's kick pipe (write(2) is async-signal safe) and the server kicks the vCPU.
+ * sigaction() reports the program's own handlers back to it, never the wrapper.
+ */
+static struct sigaction user_act[NSIG];
+static unsigned char wrapped[NSIG];
+
+static void trampoline(int sig, siginfo_t *info, void *uctx)
+{
+	int saved = errno;
+	struct sigaction *a = &user_act[sig];
+	if (a->sa_flags & SA_SIGINFO)
+		a->sa_sigaction(sig, info, uctx);
+	else if (a->sa_handler != SIG_DFL && a->sa_handler != SIG_IGN)
+		a->sa_handler(sig);
+	int fd = serving_fd;
+	if (fd >= 0 && kick_fd >= 0)
+		syscall(SYS_write, kick_fd, &fd, sizeof(fd));
+	errno = saved;
+}
+
+static int handles(const struct sigaction *act)
+{
+	if (!act)
+		return 0;
+	if (act->sa_flags & SA_SIGINFO)
+		return act->sa_sigaction != NULL;
+	return act->sa_handler != SIG_DFL && act->sa_handler != SIG_IGN;
+}
+
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
+{
+	NEXT(int, "sigaction", int, const struct sigaction *, struct sigaction *);
+	if (sig <= 0 || sig >= NSIG || sig == SIGKILL || sig == SIGSTOP)
+		return next(sig, act, old);
+	struct sigaction prev = user_act[sig], kernel_old;
+	int was_wrapped = wrapped[sig], r;
+	if (handles(act)) {
+		struct sigaction mine = *act;
+		mine.sa_flags |= SA_SIGINFO;
+		mine.sa_sigaction = trampoline;
+		r = next(sig, &mine, &kernel_old);
+	} else {
+		r = next(sig, act, &kernel_old);
+	}
+	if (r != 0)
+		return r;
+	if (act) {
+		user_act[sig] = *act;
+		wrapped[sig] = (unsigned char)handles(act);
+	}
+	if (old)
+		*old = was_wrapped ? prev : kernel_old;
+	return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t handler)
+{
+	struct sigaction act, old;
+	memset(&act, 0, sizeof(act));
+	act.sa_handler = handler;
+	act.sa_flags = SA_RESTART; /* glibc's BSD semantics */
+	sigemptyset(&act.sa_mask);
+	sigaddset(&act.sa_mask, sig);
+	if (sigaction(sig, &act, &old) < 0)
+		return SIG_ERR;
+	return old.sa_handler;
 }

@@ -49,6 +49,7 @@ long gm_call(int op, int fd, unsigned long a, unsigned long b, unsigned long c, 
 """
 _CDEF_LIB = """
 void gm_set_ready(void);
+void gm_set_kick_fd(int fd);
 void gm_set_owned(int fd, int value);
 void gm_add_maps(int delta);
 """

@@ -137,6 +137,26 @@ class Server:
             },
         }
 
+    # --- signals -------------------------------------------------------------------------------
+
+    def start_kicker(self) -> None:
+        """A thread that kicks the vCPU whose fd a signal handler wrote to the pipe (interpose.c)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.lib.gm_set_kick_fd(w)
+        threading.Thread(target=self._kicker, args=(r,), name="guestmem-devkvm-kicker", daemon=True).start()
+
+    def _kicker(self, r: int) -> None:
+        while True:
+            data = os.read(r, 4)
+            if len(data) < 4:
+                return
+            f = self._files.get(int.from_bytes(data, "little"))
+            if f is not None and f.kind == "vcpu":
+                try:
+                    f.obj.kick()  # a running KVM_RUN returns EINTR (KVM_EXIT_INTR), as after a signal
+                except OSError:
+                    pass  # closed meanwhile
+
     # --- fds ---------------------------------------------------------------------------------
 
     def _install(self, obj: Any, kind: str) -> int:
@@ -589,6 +609,7 @@ def attach(lib: Any) -> None:
     global _server
     _server = Server(lib, os.environ.get("GUESTMEM_DEVKVM_PROFILE") or "6.18",
                      os.environ.get("GUESTMEM_DEVKVM_TRACE") or None)
+    _server.start_kicker()
     lib.gm_set_ready()
 
 

@@ -17,7 +17,9 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 /* The guest_memfd uapi (Linux 6.8), for distro headers that predate it. */
@@ -41,6 +43,14 @@ struct kvm_userspace_memory_region2 {
 
 #define CHECK(cond, what) do { if (!(cond)) { printf("FAIL %s (errno %d %s)\n", what, errno, strerror(errno)); exit(1); } \
                                printf("ok %s\n", what); } while (0)
+
+static volatile sig_atomic_t alarms;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	alarms++;
+}
 
 int main(void)
 {
@@ -120,6 +130,23 @@ int main(void)
 	run->exit_reason = 0x55;
 	CHECK(ioctl(vcpu, KVM_RUN, 0) < 0 && errno == EINTR, "immediate_exit is EINTR");
 	CHECK(run->exit_reason == 0x55, "immediate_exit leaves exit_reason alone");
+
+	/* A signal with a handler ends a KVM_RUN that would otherwise never return. */
+	run->immediate_exit = 0;
+	mem[0x100] = 0xeb; /* jmp $ */
+	mem[0x101] = 0xfe;
+	regs.rip = 0x100;
+	CHECK(ioctl(vcpu, KVM_SET_REGS, &regs) == 0, "KVM_SET_REGS to a spinning guest");
+	struct sigaction sa = { .sa_handler = on_alarm };
+	sigemptyset(&sa.sa_mask);
+	CHECK(sigaction(SIGALRM, &sa, NULL) == 0, "SIGALRM handler");
+	struct sigaction back;
+	CHECK(sigaction(SIGALRM, NULL, &back) == 0 && back.sa_handler == on_alarm, "sigaction reports the handler");
+	struct itimerval it = { .it_value = { .tv_usec = 100000 } };
+	CHECK(setitimer(ITIMER_REAL, &it, NULL) == 0, "timer armed");
+	CHECK(ioctl(vcpu, KVM_RUN, 0) < 0 && errno == EINTR && run->exit_reason == KVM_EXIT_INTR,
+	      "a timer signal ends KVM_RUN with EINTR (KVM_EXIT_INTR)");
+	CHECK(alarms == 1, "the program's handler ran once");
 
 	CHECK(munmap(run, size) == 0, "munmap kvm_run");
 	CHECK(close(gmem2) == 0 && fallocate(gmem, FALLOC_FL_KEEP_SIZE, 0, 0x1000) == 0, "the file outlives its dup");
