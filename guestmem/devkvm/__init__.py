@@ -35,7 +35,6 @@ def program_env(profile: str | None = None, trace: str | None = None,
     env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
     env["GUESTMEM_DEVKVM_SYSPATH"] = os.pathsep.join(os.path.abspath(p) if not p or os.path.exists(p) else p
                                                      for p in sys.path)
-    env["PYTHONHOME"] = sys.base_prefix  # the embedded interpreter's standard library
     if profile:
         env["GUESTMEM_DEVKVM_PROFILE"] = profile
     else:

@@ -222,7 +222,7 @@ class Server:
     def _create_vcpu(self, f: _File, arg: int) -> int:
         vcpu = f.obj.create_vcpu(arg)
         fd = self._install(vcpu, "vcpu")
-        self._files[fd].run = _RunPage(f.obj.system.vcpu_mmap_size())
+        self._files[fd].run = _RunPage(uapi.KVM_VCPU_MMAP_PAGES * uapi.PAGE_SIZE)  # KVM_GET_VCPU_MMAP_SIZE
         return fd
 
     def _create_guest_memfd(self, f: _File, arg: int) -> int:
