@@ -100,14 +100,14 @@ class Server:
             "system": {
                 uapi.KVM_GET_API_VERSION: lambda f, arg: f.obj.api_version(),
                 uapi.KVM_CREATE_VM: self._create_vm,
-                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg & 0xFFFFFFFF),
+                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg),
                 uapi.KVM_GET_VCPU_MMAP_SIZE: lambda f, arg: f.obj.vcpu_mmap_size(),
                 uapi.KVM_GET_SUPPORTED_CPUID: lambda f, arg: _put_cpuid(arg, f.obj.get_supported_cpuid()),
                 uapi.KVM_GET_MSR_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_index_list()),
                 uapi.KVM_GET_MSR_FEATURE_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_feature_index_list()),
             },
             "vm": {
-                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg & 0xFFFFFFFF),
+                uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg),
                 uapi.KVM_CREATE_VCPU: self._create_vcpu,
                 uapi.KVM_SET_USER_MEMORY_REGION: _set_user_memory_region,
                 uapi.KVM_SET_USER_MEMORY_REGION2: _set_user_memory_region2,
