@@ -103,3 +103,22 @@ def test_model_cpuid_describes_the_emulated_cpu(model_system) -> None:
     leaf = {e.function: e for e in model_system.get_supported_cpuid()}
     phys_bits = leaf[0x8000_0008].eax & 0xFF
     assert 1 << (phys_bits - 1) == guest_mapping.TDX_SHARED_BIT
+
+
+def test_osxsave_is_not_supported_but_follows_cr4_in_get_cpuid2(system) -> None:
+    """CPUID.1:ECX.OSXSAVE mirrors CR4.OSXSAVE: KVM_GET_SUPPORTED_CPUID never has it, and a
+    vCPU's KVM_GET_CPUID2 shows it once CR4.OSXSAVE is set (kvm_update_cpuid_runtime)."""
+    osxsave, cr4_osxsave = 1 << 27, 1 << 18
+    supported = system.get_supported_cpuid()
+    leaf1 = next(e for e in supported if e.function == 1)
+    assert not leaf1.ecx & osxsave
+    if not leaf1.ecx & (1 << 26):
+        pytest.skip("this CPU has no XSAVE")
+    with system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid2(supported)
+        assert not next(e for e in vcpu.get_cpuid2() if e.function == 1).ecx & osxsave
+        sregs = vcpu.get_sregs()
+        vcpu.set_sregs(sregs.replace(cr4=sregs.cr4 | cr4_osxsave))
+        assert next(e for e in vcpu.get_cpuid2() if e.function == 1).ecx & osxsave
+        vcpu.close()

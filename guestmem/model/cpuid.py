@@ -5,13 +5,15 @@ Data model
 ``supported_cpuid()`` answers KVM_GET_SUPPORTED_CPUID: every leaf the emulated CPU (Unicorn's
 default x86-64 model) implements, read by executing CPUID in Unicorn once per process, so
 a guest that sees these values sees the CPU that really runs it (vendor, family, features,
-40 physical address bits). Leaves with subleaves carry KVM_CPUID_FLAG_SIGNIFCANT_INDEX, as
+40 physical address bits); the bits that follow CR4 at run time (OSXSAVE, OSPKE) are clear, as
+KVM reports them. Leaves with subleaves carry KVM_CPUID_FLAG_SIGNIFCANT_INDEX, as
 in kvm_dev_ioctl_get_cpuid (arch/x86/kvm/cpuid.c). ``MSRS`` lists the MSRs the model keeps
 per vCPU (KVM_GET_MSR_INDEX_LIST) with their reset values; feature MSRs are none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
@@ -34,6 +36,11 @@ MSRS: dict[int, int] = {
 }
 
 _lock = threading.Lock()
+
+# CPUID bits that mirror CR4 at run time (kvm_update_cpuid_runtime): KVM never reports them
+# as supported and sets them in a vCPU's table from its CR4. (leaf, register, bit, CR4 bit)
+RUNTIME_BITS = ((0x1, "ecx", 27, 18),   # OSXSAVE <- CR4.OSXSAVE
+                (0x7, "ecx", 4, 22))    # OSPKE <- CR4.PKE
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,4 +85,7 @@ def supported_cpuid() -> tuple[CpuidEntry, ...]:
                             break
                 else:
                     out.append(CpuidEntry(leaf, 0, 0, *cpuid(leaf)))
+        for leaf, reg, bit, _ in RUNTIME_BITS:
+            out = [dataclasses.replace(e, **{reg: getattr(e, reg) & ~(1 << bit)}) if e.function == leaf else e
+                   for e in out]
         return tuple(out)

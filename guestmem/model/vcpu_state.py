@@ -5,7 +5,8 @@ Data model
 ``VcpuState`` is a mixin of ``vcpu.Vcpu``; each vCPU owns one copy of:
 
 * ``_cpuid``: the entries userspace set with KVM_SET_CPUID2 (empty until then), as
-  ``types.CpuidEntry``. Once the vCPU has run, only an identical table may be set again
+  ``types.CpuidEntry``; KVM_GET_CPUID2 shows them with the CR4-mirroring bits (OSXSAVE,
+  OSPKE) taken from the current CR4, as kvm_update_cpuid_runtime keeps them. Once the vCPU has run, only an identical table may be set again
   (kvm_set_cpuid's post-run rule, 5.16+). The guest's CPUID instruction answers from the
   emulated CPU itself (Unicorn), whose leaves are what KVM_GET_SUPPORTED_CPUID reports.
 * ``_msrs``: index -> value for the MSRs of ``cpuid.MSRS``; any other index is refused,
@@ -29,6 +30,7 @@ All of it is guarded by the vCPU's ioctl lock, like vcpu->mutex.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import os
@@ -86,6 +88,15 @@ def host_tsc_khz() -> int:
     return 1_000_000
 
 
+def _runtime_cpuid(e: CpuidEntry, cr4: int) -> CpuidEntry:
+    """``e`` with the bits that mirror CR4 set from ``cr4`` (kvm_update_cpuid_runtime)."""
+    for leaf, reg, bit, cr4_bit in _cpuid.RUNTIME_BITS:
+        if e.function == leaf and (e.index == 0 or leaf == 0x1):
+            value = getattr(e, reg) & ~(1 << bit) | ((cr4 >> cr4_bit) & 1) << bit
+            e = dataclasses.replace(e, **{reg: value})
+    return e
+
+
 class VcpuState:
     """CPUID, MSR, MP-state and TSC ioctls of a model vCPU (mixed into ``vcpu.Vcpu``)."""
 
@@ -114,7 +125,8 @@ class VcpuState:
         """
         self._check()
         with self._ioctl_lock:
-            return self._cpuid
+            cr4 = self._read_sregs().cr4  # type: ignore[attr-defined]
+            return tuple(_runtime_cpuid(e, cr4) for e in self._cpuid)
 
     def set_cpuid2(self, entries: Iterable[CpuidEntry]) -> None:
         """KVM_SET_CPUID2 (api.rst 4.20): the CPUID table userspace chose for this vCPU.
