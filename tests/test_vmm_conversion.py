@@ -199,3 +199,69 @@ def test_guest_sees_discarded_private_memory_as_zero_and_gets_errors_in_rax(mode
         assert seen == {"first": 0, "reread": expected, "bad": -KvmHypercallError.EINVAL & U64}
         assert m.exits["hypercall"] == 4
         assert m.conversions.stats.conversions == 3 and m.conversions.stats.failed == 1
+
+
+# --- pre-faulting, counters and error codes -----------------------------------------------------------
+
+
+def gmem_pages_allocated(vm) -> int:
+    return vm.stats()["gmem"]["pages_allocated"]
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_prefault_maps_the_converted_range_on_the_requesting_vcpu(model_system, prefault):
+    """With prefault, a conversion to private pre-faults the range on the vCPU that asked
+    (KVM_PRE_FAULT_MEMORY on private GFNs allocates the gmem pages, spec 2.5), on both the
+    explicit and the implicit path; without a vCPU, or without prefault, nothing is allocated."""
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 8 * MiB, private=True)])
+    vcpu = vm.create_vcpu(0)
+    try:
+        mgr = ConversionManager(mem, prefault=prefault)
+        assert mgr.prefault is prefault
+        assert mgr.convert(DATA, 3 * MiB, True, vcpu=vcpu) == 0
+        fault = MemoryFaultExit(int(MemoryExitFlag.PRIVATE), DATA + 4 * MiB, PAGE_SIZE, errno.EFAULT)
+        assert mgr.handle_memory_fault(vcpu, fault) is True
+        assert mgr.convert(DATA + 6 * MiB, 2 * PAGE_SIZE, True) == 0  # no vCPU: nothing to pre-fault on
+        done = 3 * MiB + PAGE_SIZE if prefault else 0
+        assert mgr.stats.prefaulted_bytes == done
+        assert gmem_pages_allocated(vm) == done // PAGE_SIZE
+    finally:
+        vcpu.close()
+        mem.close()
+        vm.close()
+
+
+def test_counters_accumulate_over_conversions(manager):
+    assert manager.convert(DATA, 2 * PAGE_SIZE, True) == 0
+    assert manager.convert(DATA, PAGE_SIZE, False) == 0
+    assert manager.convert(DATA + MiB, PAGE_SIZE, True, explicit=False) == 0
+    manager.convert(DATA + 1, PAGE_SIZE, True)
+    d = manager.stats.as_dict()
+    assert d.pop("seconds") > 0
+    assert d == {
+        "conversions": 3, "bytes_converted": 4 * PAGE_SIZE, "explicit": 2, "implicit": 1, "failed": 1,
+        "by_direction": {"to_private": 2, "to_shared": 1},
+        "by_size": [{"direction": "to_private", "size": PAGE_SIZE, "label": "4 KiB", "count": 1},
+                    {"direction": "to_private", "size": 2 * PAGE_SIZE, "label": "8 KiB", "count": 1},
+                    {"direction": "to_shared", "size": PAGE_SIZE, "label": "4 KiB", "count": 1}],
+        "errors": {"KVM_EINVAL": 1}, "discarded_bytes": 4 * PAGE_SIZE, "prefaulted_bytes": 0,
+        "eagain_retries": 0, "pins_released": 0,
+    }
+
+
+@pytest.mark.parametrize("err, code", [
+    (errno.EINVAL, KvmHypercallError.EINVAL), (errno.EPERM, KvmHypercallError.EPERM),
+    (errno.ENOTTY, KvmHypercallError.EOPNOTSUPP), (errno.ENOMEM, KvmHypercallError.EFAULT),
+    (None, KvmHypercallError.EFAULT),
+])
+def test_a_failed_attribute_change_answers_the_guest_with_its_kvm_code(manager, monkeypatch, err, code):
+    """Fault injection: an OSError from KVM_SET_MEMORY_ATTRIBUTES becomes the guest's -KVM_E*
+    (EFAULT for errors MAP_GPA_RANGE has no code for), and nothing is counted as converted."""
+    def fail(*args):
+        raise OSError(err, "injected") if err is not None else OSError("injected")
+    monkeypatch.setattr(manager.memory, "set_attributes", fail)
+    vcpu = RecordingVcpu()
+    assert manager.handle_hypercall(vcpu, hc(DATA, 1, MapGpaRangeAttr.ENCRYPTED)) == -code
+    assert vcpu.ret == -code & U64
+    assert manager.stats.conversions == 0 and manager.stats.errors == {f"KVM_{code.name}": 1}
