@@ -358,3 +358,48 @@ def test_guest_memfd_fd_is_not_cloexec_and_is_rdwr(kvm_system):
     assert os.readlink(f"/proc/self/fd/{g.fileno()}") == "anon_inode:[kvm-gmem]"  # E2 (6.18)
     g.close()
     vm.close()
+
+
+def test_mmap_at_a_file_offset_shows_that_page(vm):
+    """A mapping at a non-zero, page-aligned file offset starts at that page of the file."""
+    require(vm, MMAP | INIT_SHARED)
+    g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    whole = g.mmap()
+    whole.fill(2 * P, P, 0x22)
+    part = g.mmap(2 * P, 2 * P)
+    assert part.read(0, P) == b"\x22" * P and part.read(P, P) == b"\0" * P
+    part.fill(P, P, 0x33)
+    assert whole.read(3 * P, P) == b"\x33" * P
+    part.close()
+    whole.close()
+
+
+@pytest.mark.parametrize("mode, err", [
+    (0xFFFFFFFF, errno.EOPNOTSUPP),   # every bit: unknown mode bits
+    (-1, errno.EOPNOTSUPP),           # the same 32 bits, as a C int
+    (1 << 32, errno.EINVAL),          # no 32-bit mode holds it: refused before the syscall
+])
+def test_fallocate_mode_at_the_edges_of_its_32_bits(vm, mode, err):
+    g = vm.create_guest_memfd(4 * P)
+    raises(err, g.fallocate, mode, 0, P)
+
+
+def test_model_error_messages_name_the_rule(model_system):
+    """guestmem.errors: the message after the strerror names what was refused (model side;
+    the kvm side can only repeat its arguments)."""
+    vm = model_system.create_vm()
+    g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    cases = [
+        (lambda: g.read(1), "read"), (lambda: g.write(b"x"), "write"),
+        (lambda: g.pread(1, 0), "seek"), (lambda: g.pwrite(b"x", 0), "seek"), (lambda: g.lseek(0, 0), "seek"),
+        (lambda: g.fallocate(0x100 | KEEP, 0, P), "mode"), (lambda: g.fallocate(PUNCH & ~KEEP, 0, P), "keep_size"),
+        (lambda: g.fallocate(Falloc.COLLAPSE_RANGE | KEEP, 0, P), "keep_size"),  # takes no KEEP_SIZE
+        (lambda: g.fallocate(Falloc.UNSHARE_RANGE | KEEP, 0, P), "punch_hole"),  # guest_memfd's own rule
+        (lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "prot_exec"),
+        (lambda: vm.create_guest_memfd(P, 1 << 40), "flags"), (lambda: vm.create_guest_memfd(1), "size"),
+    ]
+    for call, word in cases:
+        with pytest.raises(OSError) as info:
+            call()
+        assert word in str(info.value).split(": ", 1)[1].lower(), info.value
+    vm.close()

@@ -114,3 +114,59 @@ def test_inject_hwpoison_rejects_unaligned_and_out_of_file_offsets(model_system)
         gmem.inject_hwpoison(0)
     assert exc.value.errno == errno.EBADF
     vm.close()
+
+
+def test_hwpoison_in_a_mapping_at_a_file_offset(model_system):
+    """A host mapping of the file from page 2 SIGBUSes exactly at the poisoned file page 3,
+    whether it existed before the poison or was made after; a punch recovers it (spec 6.5)."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(4 * PAGE, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    before = g.mmap(2 * PAGE, 2 * PAGE)
+    before.fill(0, 2 * PAGE, 0x44)
+    g.inject_hwpoison(3 * PAGE)
+    after = g.mmap(2 * PAGE, 2 * PAGE)
+    for m in (before, after):
+        assert probe.touch(m, PAGE) == "SIGBUS"
+        assert probe.touch(m, 0) == 0x44
+    g.punch_hole(3 * PAGE, PAGE)
+    for m in (before, after):
+        assert probe.touch(m, PAGE) == 0
+        m.close()
+    g.close()
+    vm.close()
+
+
+def test_punching_a_poisoned_page_of_a_private_only_file_keeps_host_mappings_sigbus(model_system):
+    """Without INIT_SHARED no page is host-visible (spec 3.3): recovering a poisoned page by a
+    punch does not make it appear in an existing mapping."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(2 * PAGE, GuestMemfdFlag.MMAP)
+    m = g.mmap()
+    g.inject_hwpoison(0)
+    assert probe.touch(m, 0) == "SIGBUS"
+    g.punch_hole(0, PAGE)
+    assert probe.touch(m, 0) == "SIGBUS" and probe.touch(m, PAGE) == "SIGBUS"
+    m.close()
+    g.close()
+    vm.close()
+
+
+@pytest.mark.parametrize("err, reported", [(errno.ENOSPC, errno.ENOMEM), (errno.EMFILE, errno.ENOMEM),
+                                           (errno.EINTR, errno.EINTR)])
+def test_allocation_failure_is_reported_as_the_kernel_would(model_system, monkeypatch, err, reported):
+    """Fault injection on the model's backing store: running out of it is ENOMEM (the only
+    allocation failure guest_memfd reports besides EINTR, spec 2.2), and nothing is allocated."""
+    from guestmem import hostmem
+
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(2 * PAGE)
+
+    def fail(*args):
+        raise OSError(err, "injected")
+    monkeypatch.setattr(hostmem, "fallocate_encoded", fail)
+    with pytest.raises(OSError) as info:
+        g.allocate(0, PAGE)
+    assert info.value.errno == reported
+    assert vm.stats()["gmem"]["pages_allocated"] == 0
+    g.close()
+    vm.close()
