@@ -159,6 +159,16 @@ def test_bind_range_outside_file_is_einval(vm, offset, size):
     raises(errno.EINVAL, add_gmem, vm, g, size=size, offset=offset)
 
 
+def test_bind_offset_sum_wraps_in_loff_t(vm):
+    """6.18 adds offset + size in loff_t: just below 2**63 the sum wraps negative and the
+    end-of-file check passes, so a range far past the file binds (docs/kernel-findings.md).
+    Profiles without the wrap: tests/test_profiles.py."""
+    g = vm.create_guest_memfd(M2)
+    add_gmem(vm, g, size=2 * P, offset=(1 << 63) - P)
+    raises(errno.EINVAL, add_gmem, vm, g, SLOT + 1, GPA + M4, P, 1 << 63)  # offset itself negative
+    raises(errno.EINVAL, add_gmem, vm, g, SLOT + 1, GPA + M4, P, (1 << 63) - P)  # no wrap: past EOF
+
+
 def test_bind_exactly_to_end_of_file(vm):
     g = vm.create_guest_memfd(M4)
     add_gmem(vm, g, offset=M2, size=M2)

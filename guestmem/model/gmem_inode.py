@@ -317,7 +317,7 @@ class FileOps:
             if length == 0 or (offset | length) & (PAGE_SIZE - 1) or offset + length > self.size:
                 raise oserror(errno.EINVAL, f"pin [{offset:#x}, +{length:#x}) is not whole pages of the file")
             start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
-            if self.vm._profile.era < 2 or not self.flags & GuestMemfdFlag.MMAP:
+            if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
                 raise oserror(errno.EFAULT, "pin: the guest_memfd cannot be mapped by the host")
             private = (self._state.attributes.uniform(start, end) != 0 if self._in_place
                        else not self.flags & GuestMemfdFlag.INIT_SHARED)

@@ -110,6 +110,11 @@ def lookup(vm, gfn: int, fault_private: bool | None):
         if not slot.flags & _GUEST_MEMFD or gmem is None or gmem._released or not gmem._host_address:
             return None, _fault_exit(gfn, fault_private, _errno.EFAULT)
         pgoff = slot.pgoff + gfn - slot.base_gfn
+        if pgoff >= gmem.size // PAGE:
+            # Only a wrapped bind range check (Profile.bind_offset_signed) binds past EOF; the
+            # kernel then allocates page cache past i_size, the model has no page: a documented
+            # deviation (README), reported as the fault exit of a released file.
+            return None, _fault_exit(gfn, fault_private, _errno.EFAULT)
         if _poisoned(gmem, pgoff, 1):
             return None, _fault_exit(gfn, fault_private, Errno.EHWPOISON)
         return Backing(slot, fault_private, gmem, gmem._host_address + pgoff * PAGE), None
@@ -130,7 +135,7 @@ def block_ok(vm, b: Backing, level: int, start: int) -> bool:
         pgoff = slot.pgoff + start - slot.base_gfn
         if vm._private_mem and vm._profile.gmem_in_place_conversion and b.gmem._state.attributes.uniform(pgoff, pgoff + n) is None:
             return False  # in-place: the file's attributes are mixed inside the block
-        return not _poisoned(b.gmem, pgoff, n)
+        return pgoff + n <= b.gmem.size // PAGE and not _poisoned(b.gmem, pgoff, n)
     return host_range_mapped(slot.userspace_addr + (start - slot.base_gfn) * PAGE, n * PAGE)
 
 

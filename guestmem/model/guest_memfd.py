@@ -266,7 +266,7 @@ class GuestMemfd(FileOps):
         if offset < 0 or length <= 0:
             raise oserror(errno.EINVAL, f"fallocate offset {offset} / len {length} out of range")
         keep = _KEEP_SIZE
-        if self.vm._profile.era >= 2:
+        if self.vm._profile.vfs_fallocate_611:
             if mode & ~_KNOWN_E2:
                 raise oserror(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} has unknown bits")
             op = mode & _MODE_MASK_E2
@@ -423,9 +423,9 @@ class GuestMemfd(FileOps):
             length = self.size if length is None else length
             if length <= 0 or offset < 0 or offset % PAGE_SIZE:
                 raise oserror(errno.EINVAL, f"mmap length {length:#x} / offset {offset:#x} invalid")
-            if prot & PROT_EXEC:
+            if prot & PROT_EXEC and self.vm._profile.gmem_noexec:
                 raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
-            if self.vm._profile.era < 2 or not self.flags & GuestMemfdFlag.MMAP:
+            if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
                 raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
             if flags & _MAP_TYPE not in (MAP_SHARED, _MAP_SHARED_VALIDATE):
                 raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")

@@ -8,19 +8,31 @@ paths scattered through the model. Profiles are chosen by name in
 ``open_system(backend="model", profile=...)``; any field can be overridden by keyword
 (``open_system("model", memory_attributes=False)``).
 
-* ``"6.18"`` (default): hardware x86 KVM at 6.18 (E2) built with memory-attribute support
-  and ``KVM_SW_PROTECTED_VM``: VM types DEFAULT and SW_PROTECTED, KVM_CAP_MEMORY_ATTRIBUTES
-  = 8, guest_memfd MMAP/INIT_SHARED, SMM (two address spaces for default VMs) and TDP
-  (KVM_CAP_PRE_FAULT_MEMORY = 1). Where this host's kernel supports a feature the model
-  agrees with it (caps, errnos, limits measured on /dev/kvm).
+Each profile reproduces one kernel line built with ``KVM_SW_PROTECTED_VM`` (memory
+attributes and SW_PROTECTED VMs), except ``"6.18-host"``:
+
+* ``"6.8"``: the original design (E1): no create flags, mmap always ENODEV,
+  KVM_CAP_GUEST_MEMFD = 0 on a default VM, only VMs with private memory may bind, the 6.8
+  VFS fallocate errnos, two address spaces even for SW_PROTECTED VMs, no
+  GUEST_MEMFD_FLAGS / PRE_FAULT_MEMORY. Read from the spec's E1 sources (a7800aa80ea4);
+  the loff_t bind offset is the spec's reading, not re-read for this profile.
+* ``"6.12"``: Debian's stable line, read in Debian's linux-source-6.12 (6.12.117). Still
+  before create flags: every create flag EINVAL, GUEST_MEMFD_FLAGS 0, mmap ENODEV (no mmap
+  method, and the anon-inode mount is not noexec, so PROT_EXEC is ENODEV too), only VMs
+  with private memory bind (KVM_CAP_GUEST_MEMFD 0 on default VMs), no GMEM_ONLY slots. New
+  since 6.8: KVM_PRE_FAULT_MEMORY (cap = TDP), one address space for SW_PROTECTED VMs, the
+  6.11+ VFS fallocate errnos, the kvm_gmem_bind offset in u64 (no wrap), and the stable
+  backport refusing to clear GUEST_MEMFD on a slot. Debian's own build has
+  KVM_SW_PROTECTED_VM off (SEV on): there VM_TYPES lacks SW_PROTECTED and the selftests
+  needing it skip; this profile models the build with it, as the selftests expect.
+* ``"6.18"`` (default): hardware x86 KVM at 6.18 (E2): VM types DEFAULT and SW_PROTECTED,
+  KVM_CAP_MEMORY_ATTRIBUTES = 8, guest_memfd MMAP/INIT_SHARED, SMM (two address spaces for
+  default VMs) and TDP (KVM_CAP_PRE_FAULT_MEMORY = 1). Where this host's kernel supports a
+  feature the model agrees with it (caps, errnos, limits measured on /dev/kvm).
 * ``"6.18-host"``: exactly the kernel on the project host (kvm_pvm, 6.18): no memory
   attributes (KVM_SET_MEMORY_ATTRIBUTES -> ENOTTY, cap 0), VM_TYPES = 1, no SMM
   (KVM_CAP_MULTI_ADDRESS_SPACE = 0, one address space), no TDP (PRE_FAULT_MEMORY = 0).
   Conformance tests that touch these points compare the kvm backend against this profile.
-* ``"6.8"``: the original design (E1) on a kernel with ``KVM_SW_PROTECTED_VM``: no create
-  flags, mmap always ENODEV, KVM_CAP_GUEST_MEMFD = 0 on a default VM, only VMs with private
-  memory may bind, zeroing at allocation, the 6.8 VFS fallocate errnos, two address spaces
-  even for SW_PROTECTED VMs, no GUEST_MEMFD_FLAGS / PRE_FAULT_MEMORY caps.
 * ``"next"``: "6.18" plus what is in flight upstream (spec 13.2-13.3), none of it in a
   released kernel. It follows the **guest_memfd in-place conversion series v8** (Ackerley
   Tng, Sean Christopherson, Fuad Tabba et al., "KVM: guest_memfd: in-place conversion",
@@ -42,6 +54,7 @@ profile has memory attributes and is not reported in KVM_CAP_VM_TYPES.
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import Any
 
 from ..uapi import VmType
@@ -70,17 +83,43 @@ PRIVATE_MEM_VM_TYPES = frozenset({int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Profile:
-    """One kernel build's guest_memfd behaviour (see the module docstring)."""
+    """One kernel build's guest_memfd behaviour (see the module docstring).
+
+    Each field is one user-visible difference between kernel versions; a model rule reads
+    exactly one field (STYLE 28), so a profile is data, never a code path.
+    """
 
     name: str
-    era: int
-    """1 = E1 (6.8), 2 = E2 (6.18)."""
     memory_attributes: bool
     """CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES: SET_MEMORY_ATTRIBUTES exists and SW VMs can be made."""
     smm: bool
     """Default VMs have two memslot address spaces (KVM_CAP_MULTI_ADDRESS_SPACE = 2)."""
     tdp: bool
-    """Two-dimensional paging: KVM_CAP_PRE_FAULT_MEMORY (6.10+) reads 1."""
+    """Two-dimensional paging: KVM_CAP_PRE_FAULT_MEMORY reads 1 where the ioctl exists."""
+    gmem_mmap: bool = True
+    """6.18+: create flags MMAP and INIT_SHARED, KVM_CAP_GUEST_MEMFD_FLAGS, mmap of a gmem
+    created with MMAP, GMEM_ONLY memslots. Without it every create flag is EINVAL, the cap
+    reads 0 and mmap is ENODEV (the file has no mmap method)."""
+    gmem_private_only: bool = False
+    """6.8-6.12: only VMs with private memory may bind a guest_memfd (KVM_MEM_GUEST_MEMFD is an
+    invalid memslot flag elsewhere) and KVM_CAP_GUEST_MEMFD reads 0 on other VMs."""
+    private_vm_smm: bool = False
+    """6.8: VMs with private memory keep the SMM address space (kvm_arch_nr_memslot_as_ids
+    became 1 for them later)."""
+    pre_fault_memory: bool = True
+    """6.10+: KVM_PRE_FAULT_MEMORY exists (else ENOTTY, cap 0)."""
+    vfs_fallocate_611: bool = True
+    """6.11+ vfs_fallocate mode checks (EOPNOTSUPP where 6.8 said EINVAL; spec 2.2)."""
+    gmem_noexec: bool = True
+    """The gmem file's mount is noexec (anon_inodefs raised SB_I_NOEXEC in 6.15; 6.19's own fs
+    is MNT_NOEXEC): mmap(PROT_EXEC) is EPERM before any other file check. Without it the
+    missing mmap method answers ENODEV first."""
+    bind_offset_signed: bool = True
+    """kvm_gmem_bind computes ``offset + size`` in loff_t (6.8, 6.13-7.1): the sum wraps negative
+    for offsets just below 2**63 and the end-of-file check passes (docs/kernel-findings.md).
+    False: u64 arithmetic (6.12, 7.2+), any offset past the file is EINVAL."""
+    bind_overlap_errno: int = errno.EINVAL
+    """Binding a file range that another memslot of the file holds: EINVAL, EEXIST from 7.2."""
     max_gpa_bits: int = 52
     """Memslots must end at or below 2**max_gpa_bits (x86 kvm_mmu_max_gfn, measured: 52)."""
     gmem_in_place_conversion: bool = False
@@ -109,31 +148,35 @@ class Profile:
         return 0b11 if self.memory_attributes else 0b1
 
     def gmem_flags(self, private_mem: bool) -> int:
-        """kvm_gmem_get_supported_flags: MMAP always (E2), INIT_SHARED only without private memory
+        """kvm_gmem_get_supported_flags: MMAP always, INIT_SHARED only without private memory
         unless in-place conversion is on, plus the HugeTLB flag where modelled."""
-        if self.era < 2:
+        if not self.gmem_mmap:
             return 0
         flags = 0b01 if private_mem and not self.gmem_in_place_conversion else 0b11
         return flags | self.gmem_hugetlb_flag
 
     def address_spaces(self, private_mem: bool) -> int:
-        """kvm_arch_nr_memslot_as_ids: SMM adds a second one, except for private-mem VMs (E2+)."""
+        """kvm_arch_nr_memslot_as_ids: SMM adds a second one, not for private-mem VMs (6.12+)."""
         if not self.smm:
             return 1
-        if private_mem and self.era >= 2:
+        if private_mem and not self.private_vm_smm:
             return 1
         return 2
 
     def can_bind(self, private_mem: bool) -> bool:
-        """Whether KVM_MEM_GUEST_MEMFD is a valid memslot flag for this VM (E1: private-mem VMs only)."""
-        return self.era >= 2 or private_mem
+        """Whether KVM_MEM_GUEST_MEMFD is a valid memslot flag for this VM."""
+        return private_mem or not self.gmem_private_only
 
 
 PROFILES: dict[str, Profile] = {
-    "6.18": Profile(name="6.18", era=2, memory_attributes=True, smm=True, tdp=True),
-    "6.18-host": Profile(name="6.18-host", era=2, memory_attributes=False, smm=False, tdp=False),
-    "6.8": Profile(name="6.8", era=1, memory_attributes=True, smm=True, tdp=False),
-    "next": Profile(name="next", era=2, memory_attributes=True, smm=True, tdp=True,
+    "6.8": Profile(name="6.8", memory_attributes=True, smm=True, tdp=False, gmem_mmap=False,
+                   gmem_private_only=True, private_vm_smm=True, pre_fault_memory=False,
+                   vfs_fallocate_611=False, gmem_noexec=False),
+    "6.12": Profile(name="6.12", memory_attributes=True, smm=True, tdp=True, gmem_mmap=False,
+                    gmem_private_only=True, gmem_noexec=False, bind_offset_signed=False),
+    "6.18": Profile(name="6.18", memory_attributes=True, smm=True, tdp=True),
+    "6.18-host": Profile(name="6.18-host", memory_attributes=False, smm=False, tdp=False),
+    "next": Profile(name="next", memory_attributes=True, smm=True, tdp=True,
                     gmem_in_place_conversion=True, gmem_write=True, gmem_hugetlb_flag=1 << 3,
                     gmem_huge_sizes=(1 << 21, 1 << 30)),
 }

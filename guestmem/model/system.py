@@ -106,15 +106,15 @@ class System:
         if cap == p.gmem_attributes_cap and p.gmem_in_place_conversion:
             return 8 if vm is None or private else 0
         if cap == Cap.GUEST_MEMFD:
-            if p.era < 2 and vm is not None and not private:
+            if p.gmem_private_only and vm is not None and not private:
                 return 0
             return 1
         if cap == Cap.VM_TYPES:
             return p.vm_types_cap
         if cap == Cap.PRE_FAULT_MEMORY:
-            return 1 if p.tdp and p.era >= 2 else 0
+            return 1 if p.tdp and p.pre_fault_memory else 0
         if cap == Cap.GUEST_MEMFD_FLAGS:
-            return p.gmem_flags(private) if p.era >= 2 else 0
+            return p.gmem_flags(private)
         if cap == Cap.DIRTY_LOG_RING or cap == Cap.DIRTY_LOG_RING_ACQ_REL:
             return 0  # the model logs dirty pages in bitmaps only (model.vm_state)
         if vm is not None and cap in HOST_VM_CAPS:

@@ -618,7 +618,7 @@ class Vcpu(VcpuState):
         """
         self._check()
         profile = self._vm._profile
-        if profile.era < 2:
+        if not profile.pre_fault_memory:
             raise oserror(_errno.ENOTTY, "KVM_PRE_FAULT_MEMORY does not exist before Linux 6.10")
         if flags:
             raise oserror(_errno.EINVAL, f"flags {flags:#x} must be 0")

@@ -358,19 +358,37 @@ class Vm(VmState):
         gmem = fdtable.fdget_typed(fd, GuestMemfd, errno.EINVAL, "guest_memfd")
         if gmem.vm is not self:
             raise oserror(errno.EINVAL, f"guest_memfd fd {fd} belongs to another VM")
-        if offset >= 1 << 63 or offset % PAGE_SIZE or offset + (npages << PAGE_SHIFT) > gmem.size:
+        if not self._gmem_range_in_file(offset, npages << PAGE_SHIFT, gmem.size):
             raise oserror(errno.EINVAL, f"guest_memfd range [{offset:#x}, +{npages << PAGE_SHIFT:#x}) "
                                         f"outside the {gmem.size:#x}-byte file")
         start = offset >> PAGE_SHIFT
         if gmem._bindings.stored(start, start + npages):
-            raise oserror(errno.EINVAL, f"guest_memfd range at {offset:#x} is already bound to another memslot")
+            raise oserror(self._profile.bind_overlap_errno,
+                          f"guest_memfd range at {offset:#x} is already bound to another memslot")
         return gmem
+
+    def _gmem_range_in_file(self, offset: int, size: int, file_size: int) -> bool:
+        """kvm_gmem_bind's range check, in the profile's arithmetic (``bind_offset_signed``).
+
+        ``offset`` and ``size`` arrive as u64 and ``offset + size`` does not wrap u64 (checked
+        earlier). In loff_t the offset must be >= 0, and the sum wraps negative once it passes
+        2**63 - 1, which the end-of-file comparison then accepts (docs/kernel-findings.md).
+        """
+        if offset % PAGE_SIZE:
+            return False
+        end = offset + size
+        if self._profile.bind_offset_signed:
+            if offset >= 1 << 63:
+                return False
+            if end >= 1 << 63:
+                end -= 1 << 64  # s64 wrap: negative, so never beyond i_size
+        return end <= file_size
 
     def _gmem_bind(self, gmem: GuestMemfd, slot: Memslot, pgoff: int) -> None:
         """Record a validated binding (kvm_gmem_bind's commit); takes no file reference."""
         slot.gmem, slot.pgoff = gmem, pgoff
-        # E2: GMEM_ONLY with GUEST_MEMFD_FLAG_MMAP; in-place conversion: every binding.
-        slot.gmem_only = self._profile.era >= 2 and (bool(gmem.flags & 1) or self._in_place)
+        # 6.18+: GMEM_ONLY with GUEST_MEMFD_FLAG_MMAP; in-place conversion: every binding.
+        slot.gmem_only = self._profile.gmem_mmap and (bool(gmem.flags & 1) or self._in_place)
         gmem._bindings.set(pgoff, pgoff + slot.npages, slot)
 
     def _unbind(self, slot: Memslot) -> None:

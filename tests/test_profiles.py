@@ -1,0 +1,169 @@
+"""Kernel profiles (guestmem.model.profile): each version difference, parametrized over profiles.
+
+The expected values below are written from the kernel sources (spec sections 8 and 13; 6.12
+from Debian's linux-source-6.12, 6.12.117), not read from the Profile fields, so a wrong
+field fails here. Profiles other than the host's kernel line cannot be run on a kernel here:
+these are model-only tests; the host's own behaviour for the same rules is checked on both
+backends in the conformance files (test_memslots.py, test_guest_memfd.py).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+
+import guestmem
+from guestmem.model.profile import PROFILES
+from guestmem.uapi import Cap, Falloc, MemFlag, VmType
+
+P = 4096
+SW = int(VmType.SW_PROTECTED)
+GMEM = int(MemFlag.GUEST_MEMFD)
+KEEP = int(Falloc.KEEP_SIZE)
+PROT_RWX = 7
+MAP_SHARED = 1
+
+# name -> facts read in that kernel's sources
+EXPECT: dict[str, dict[str, Any]] = {
+    "6.8": dict(flags_default=0, flags_sw=0, cap_gmem_default=0, default_binds=False, sw_as=2,
+                pre_fault_cap=0, pre_fault_errno=errno.ENOTTY, exec_errno=errno.ENODEV,
+                wrapped_bind=True, overlap=errno.EINVAL, collapse_keep=errno.EINVAL),
+    "6.12": dict(flags_default=0, flags_sw=0, cap_gmem_default=0, default_binds=False, sw_as=1,
+                 pre_fault_cap=1, pre_fault_errno=errno.ENOENT, exec_errno=errno.ENODEV,
+                 wrapped_bind=False, overlap=errno.EINVAL, collapse_keep=errno.EOPNOTSUPP),
+    "6.18": dict(flags_default=3, flags_sw=1, cap_gmem_default=1, default_binds=True, sw_as=1,
+                 pre_fault_cap=1, pre_fault_errno=errno.ENOENT, exec_errno=errno.EPERM,
+                 wrapped_bind=True, overlap=errno.EINVAL, collapse_keep=errno.EOPNOTSUPP),
+    "6.18-host": dict(flags_default=3, flags_sw=None, cap_gmem_default=1, default_binds=True, sw_as=None,
+                      pre_fault_cap=0, pre_fault_errno=errno.EOPNOTSUPP, exec_errno=errno.EPERM,
+                      wrapped_bind=True, overlap=errno.EINVAL, collapse_keep=errno.EOPNOTSUPP),
+}
+
+
+def raises(err: int, fn, *args, **kwargs) -> None:
+    with pytest.raises(OSError) as info:
+        fn(*args, **kwargs)
+    assert info.value.errno == err, info.value
+
+
+@pytest.fixture(params=sorted(EXPECT))
+def prof(request):
+    with guestmem.open_system("model", profile=request.param) as s:
+        yield s, EXPECT[request.param]
+
+
+def test_every_profile_has_expectations():
+    assert set(EXPECT) == set(PROFILES)
+
+
+def _sw_vm(s, e):
+    if e["flags_sw"] is None:
+        pytest.skip("this profile has no VM type with private memory")
+    return s.create_vm(SW)
+
+
+def test_guest_memfd_caps(prof):
+    s, e = prof
+    vm = s.create_vm(0)
+    assert s.check_extension(Cap.GUEST_MEMFD) == 1
+    assert vm.check_extension(Cap.GUEST_MEMFD) == e["cap_gmem_default"]
+    assert vm.check_extension(Cap.GUEST_MEMFD_FLAGS) == e["flags_default"]
+    assert s.check_extension(Cap.PRE_FAULT_MEMORY) == e["pre_fault_cap"]
+    if e["flags_sw"] is not None:
+        sw = s.create_vm(SW)
+        assert sw.check_extension(Cap.GUEST_MEMFD_FLAGS) == e["flags_sw"]
+        assert sw.check_extension(Cap.GUEST_MEMFD) == 1
+        assert sw.check_extension(Cap.MULTI_ADDRESS_SPACE) == e["sw_as"]
+
+
+@pytest.mark.parametrize("bit", range(64))
+def test_create_flags_follow_the_profile(prof, bit):
+    s, e = prof
+    vm = s.create_vm(0)
+    if e["flags_default"] & (1 << bit):
+        vm.create_guest_memfd(P, 1 << bit).close()
+    else:
+        raises(errno.EINVAL, vm.create_guest_memfd, P, 1 << bit)
+
+
+def test_which_vms_may_bind(prof):
+    s, e = prof
+    vm = s.create_vm(0)
+    g = vm.create_guest_memfd(2 * P)  # creating works on every VM type
+    if e["default_binds"]:
+        vm.set_user_memory_region2(0, GMEM, 0, P, 0, g, 0)
+    else:
+        raises(errno.EINVAL, vm.set_user_memory_region2, 0, GMEM, 0, P, 0, g, 0)
+    if e["flags_sw"] is not None:
+        sw = s.create_vm(SW)
+        sw.set_user_memory_region2(0, GMEM, 0, P, 0, sw.create_guest_memfd(P), 0)
+
+
+def test_sw_vm_address_spaces(prof):
+    s, e = prof
+    sw = _sw_vm(s, e)
+    if e["sw_as"] == 2:
+        sw.set_user_memory_region2(1 << 16 | 1, 0, 0, P)
+    else:
+        raises(errno.EINVAL, sw.set_user_memory_region2, 1 << 16 | 1, 0, 0, P)
+
+
+def test_mmap_prot_exec(prof):
+    """Noexec mount (EPERM) where the kernel has one, else the missing mmap method (ENODEV)."""
+    s, e = prof
+    g = s.create_vm(0).create_guest_memfd(P, e["flags_default"] & 1)
+    raises(e["exec_errno"], g.mmap, P, 0, PROT_RWX, MAP_SHARED)
+
+
+def _bind_vm(s, e):
+    return s.create_vm(0) if e["default_binds"] else _sw_vm(s, e)
+
+
+def test_bind_offset_sum_wrapping_s64(prof):
+    """offset 2**63 - 4096 with 8 KiB: the loff_t sum wraps negative (docs/kernel-findings.md)."""
+    s, e = prof
+    vm = _bind_vm(s, e)
+    g = vm.create_guest_memfd(16 * P)
+    args = (1, GMEM, 0x100000, 2 * P, 0, g, (1 << 63) - P)
+    if e["wrapped_bind"]:
+        vm.set_user_memory_region2(*args)
+        assert vm.memslots()[0].pgoff == (1 << 51) - 1
+    else:
+        raises(errno.EINVAL, vm.set_user_memory_region2, *args)
+    for off in (1 << 63, (1 << 64) - 2 * P, 16 * P, 15 * P):  # never wraps: always past the file
+        raises(errno.EINVAL, vm.set_user_memory_region2, 2, GMEM, 0x200000, 2 * P, 0, g, off)
+
+
+def test_binding_a_bound_file_range(prof):
+    s, e = prof
+    vm = _bind_vm(s, e)
+    g = vm.create_guest_memfd(4 * P)
+    vm.set_user_memory_region2(0, GMEM, 0, 2 * P, 0, g, 0)
+    raises(e["overlap"], vm.set_user_memory_region2, 1, GMEM, 0x100000, 2 * P, 0, g, P)
+    vm.set_user_memory_region2(1, GMEM, 0x100000, 2 * P, 0, g, 2 * P)  # the free half binds
+
+
+def test_fallocate_vfs_generation(prof):
+    s, e = prof
+    g = _bind_vm(s, e).create_guest_memfd(4 * P)
+    raises(e["collapse_keep"], g.fallocate, int(Falloc.COLLAPSE_RANGE) | KEEP, 0, P)
+
+
+def test_pre_fault_memory_availability(prof):
+    s, e = prof
+    vm = s.create_vm(0)
+    vcpu = vm.create_vcpu(0)
+    raises(e["pre_fault_errno"], vcpu.pre_fault_memory, 1 << 30, P)  # no memslot there
+
+
+def test_wrapped_binding_past_eof_faults_in_the_model():
+    """Model deviation (README): the kernel gives a guest page cache past EOF behind a wrapped
+    binding; the model has no page there and reports the EFAULT of a missing gmem page
+    instead of touching memory outside its backing."""
+    with guestmem.open_system("model", profile="6.18") as s:
+        vm = s.create_vm(0)
+        g = vm.create_guest_memfd(16 * P, 3)
+        vm.set_user_memory_region2(1, GMEM, 0x100000, 2 * P, 0, g, (1 << 63) - P)
+        raises(errno.EFAULT, vm.create_vcpu(0).pre_fault_memory, 0x100000, 2 * P)
