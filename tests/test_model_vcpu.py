@@ -38,6 +38,7 @@ def asm(src: str) -> bytes:
 
 class Gmem:
     def __init__(self, size: int) -> None:
+        self.size = size
         self._memfd = hostmem.memfd("test-gmem", size)
         self._host_address = hostmem.mmap(size, 3, hostmem.MAP_SHARED, self._memfd, 0)
         self._poisoned: set[int] = set()
