@@ -132,6 +132,46 @@ def test_gt04_read_write_fail(vm, flags):
     raises(errno.ESPIPE, g.lseek, 0, 0)
 
 
+@pytest.mark.parametrize("offset", [-1, -P, -(1 << 63)])
+def test_negative_pread_pwrite_offset_is_einval_before_espipe(vm, offset):
+    """ksys_pread64/ksys_pwrite64 refuse pos < 0 before looking at the file (measured here)."""
+    g = vm.create_guest_memfd(4 * P)
+    raises(errno.EINVAL, g.pread, 64, offset)
+    raises(errno.EINVAL, g.pwrite, b"\0" * 64, offset)
+
+
+@pytest.mark.parametrize("whence, err", [(0, errno.ESPIPE), (3, errno.ESPIPE), (4, errno.ESPIPE),
+                                         (5, errno.EINVAL), (7, errno.EINVAL), (-1, errno.EINVAL)])
+@pytest.mark.parametrize("offset", [0, -1, 1 << 62])
+def test_lseek_bad_whence_is_einval_before_espipe(vm, whence, err, offset):
+    """ksys_lseek refuses whence > SEEK_HOLE (unsigned: -1 too) before the file's llseek,
+    which is ESPIPE for any offset."""
+    g = vm.create_guest_memfd(4 * P)
+    raises(err, g.lseek, offset, whence)
+
+
+def test_mprotect_exec_on_a_mapping(vm, backend):
+    """guest_memfd's mount is noexec, so a mapping lacks VM_MAYEXEC: mprotect(PROT_EXEC) is
+    EACCES on the kernel. Model deviation (README): its mapping is a memfd mapping, which the
+    raw mprotect cannot be stopped from making executable."""
+    import ctypes
+
+    from guestmem import hostmem
+
+    require(vm, MMAP | INIT_SHARED)
+    g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    m = g.mmap(4 * P, 0, PROT_READ | PROT_WRITE, MAP_SHARED)
+    libc = hostmem._libc
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    r = libc.mprotect(m.address, P, PROT_READ | PROT_EXEC)
+    err = ctypes.get_errno()
+    if backend == "model":
+        assert r == 0, "the model's mapping became non-executable: update the README deviation"
+    else:
+        assert r == -1 and err == errno.EACCES, (r, err)
+    m.close()
+
+
 @pytest.mark.parametrize("length", [0, P, 4 * P, 8 * P, -1])
 def test_truncate_is_einval(vm, length):
     g = vm.create_guest_memfd(4 * P)

@@ -67,6 +67,7 @@ _ino_counter = itertools.count(0x6D6F0000)  # st_ino values unique per guest_mem
 _S64_MAX = (1 << 63) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
+_SEEK_MAX = 4  # SEEK_HOLE
 
 # 6.11+ VFS: FALLOC_FL_MODE_MASK (6.17 added WRITE_ZEROES); 6.8 VFS: FALLOC_FL_SUPPORTED_MASK.
 # Plain ints: ``~`` on an IntFlag only complements the known bits.
@@ -468,12 +469,15 @@ class GuestMemfd(FileOps):
             return n
 
     def pread(self, n: int, offset: int) -> bytes:
-        """pread(2): EBADF if closed, else ESPIPE (the file is not positional)."""
+        """pread(2): EBADF if closed; EINVAL offset < 0 (ksys_pread64 checks it before the
+        file); else ESPIPE (the file is not positional)."""
         self._check_open()
+        self._check_pos(offset)
         raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
 
     def pwrite(self, data: bytes, offset: int) -> int:
-        """pwrite(2): EBADF if closed; ESPIPE without write population (the file is not positional).
+        """pwrite(2): EBADF if closed; EINVAL offset < 0 (ksys_pwrite64, before the file); ESPIPE
+        without write population (the file is not positional).
 
         With ``Profile.gmem_write`` (profile "next", the in-flight "population via write"
         series): writes ``data`` into shared pages at ``offset`` and returns its length.
@@ -483,21 +487,31 @@ class GuestMemfd(FileOps):
         """
         with self.vm._lock:
             self._check_open()
+            self._check_pos(offset)
             if not self.vm._profile.gmem_write:
                 raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
             return self._gmem_write(data, offset)
 
+    @staticmethod
+    def _check_pos(offset: int) -> None:
+        if encode_signed(offset, 64, "offset") < 0:
+            raise oserror(errno.EINVAL, f"offset {offset} is negative")
+
     def lseek(self, offset: int, whence: int) -> int:
-        """lseek(2): EBADF if closed; ESPIPE without write population.
+        """lseek(2): EBADF if closed; EINVAL whence > SEEK_HOLE (ksys_lseek, before the file's
+        llseek); ESPIPE without write population (no_llseek), whatever the offset.
 
         With ``Profile.gmem_write``: default_llseek (SEEK_SET/CUR/END; EINVAL for another
         whence or a negative result).
         """
         with self.vm._lock:
             self._check_open()
+            offset = encode_signed(offset, 64, "offset")
+            whence = encode_signed(whence, 32, "whence") & 0xFFFFFFFF  # unsigned int in the syscall
+            if whence > _SEEK_MAX:
+                raise oserror(errno.EINVAL, f"lseek whence {whence} > SEEK_MAX")
             if not self.vm._profile.gmem_write:
                 raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
-            offset = encode_signed(offset, 64, "offset")
             base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}.get(whence)
             if base is None or base + offset < 0:
                 raise oserror(errno.EINVAL, f"lseek({offset}, whence={whence})")
