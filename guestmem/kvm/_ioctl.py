@@ -12,12 +12,14 @@ calls without an argument omit it, which skips CPython's argument parsing (0.25 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 from typing import Any
 
 from ..encoding import encode_array, encode_unsigned
 from ..errors import oserror
+from ..hostmem import _libc
 
 _NO_ARG = object()
 
@@ -52,3 +54,20 @@ def fill_array(array: Any, values: Any, field: str) -> None:
     """Copy ``values`` (None = zeros) into a ctypes u64 array, encoding each element."""
     for i, v in enumerate(encode_array(values, len(array), 64, field)):
         array[i] = v
+
+
+def ioctl_ulong(fd: int, request: int, name: str, value: int, field: str) -> int:
+    """ioctl(fd, request, value) for an ``unsigned long`` passed by value (KVM_CHECK_EXTENSION).
+
+    ``fcntl.ioctl`` passes only a C int, so values outside it go through libc's ioctl with the
+    full 64 bits, as the kernel reads them (cap 1 << 32 is an unknown cap: 0, not EINVAL).
+    Values wider than 64 bits: EINVAL naming ``field``.
+    """
+    value = encode_unsigned(value, 64, field)
+    detail = f"{field}={value:#x}"
+    if value < 1 << 31:
+        return ioctl(fd, request, name, value, detail)
+    r = _libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(value))
+    if r < 0:
+        raise oserror(ctypes.get_errno(), f"{name}({detail})")
+    return r

@@ -13,7 +13,7 @@ from .. import uapi
 from ..errors import oserror
 from ..types import CpuidEntry
 from ._fd import FdObject
-from ._ioctl import int_arg, ioctl
+from ._ioctl import int_arg, ioctl, ioctl_ulong
 from .vcpu_state import read_cpuid, read_msr_list
 from .vm import Vm
 
@@ -57,7 +57,7 @@ class System(FdObject):
         :raises OSError: EBADF if closed.
         """
         fd = self._check()
-        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int_arg(cap, "cap"), f"cap={int(cap)}")
+        return ioctl_ulong(fd, uapi.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", cap, "cap")
 
     def vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE (api.rst 4.5): bytes to mmap on a vCPU fd for kvm_run.

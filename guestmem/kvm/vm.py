@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import uapi
 from ..encoding import encode_fd, encode_unsigned
 from ._fd import FdObject
-from ._ioctl import fill_array, int_arg, ioctl
+from ._ioctl import fill_array, int_arg, ioctl, ioctl_ulong
 from .vm_state import VmState
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Vm(VmState, FdObject):
         :raises OSError: EBADF if closed.
         """
         fd = self._check()
-        return ioctl(fd, uapi.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", int_arg(cap, "cap"), f"cap={int(cap)}")
+        return ioctl_ulong(fd, uapi.KVM_CHECK_EXTENSION, "KVM_CHECK_EXTENSION", cap, "cap")
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM fd (api.rst 4.37) with up to four ``args``.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from ..encoding import encode_u64
 from ..errors import oserror
 from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
@@ -81,7 +82,7 @@ class System:
         :raises OSError: EBADF if closed. Mirrors kvm_vm_ioctl_check_extension_generic (kvm == NULL).
         """
         self._check_open()
-        return self._extension(cap, None)
+        return self._extension(encode_u64(cap, "cap"), None)
 
     def _extension(self, cap: int, vm: "Vm | None") -> int:
         """Capability values of spec 1.2 for the profile, on /dev/kvm (vm None) or a VM."""

@@ -143,7 +143,7 @@ class Vm(VmState):
         :raises OSError: EBADF if the VM fd is closed. Mirrors kvm_vm_ioctl_check_extension_generic.
         """
         self._check_open()
-        return self.system._extension(cap, self)
+        return self.system._extension(encode_u64(cap, "cap"), self)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM (api.rst 4.37): KVM_CAP_EXIT_HYPERCALL and KVM_CAP_DISABLE_QUIRKS2.
