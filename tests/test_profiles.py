@@ -37,7 +37,7 @@ EXPECT: dict[str, dict[str, Any]] = {
                  pre_fault_cap=1, pre_fault_errno=errno.ENOENT, exec_errno=errno.EPERM,
                  wrapped_bind=True, overlap=errno.EINVAL, collapse_keep=errno.EOPNOTSUPP),
     "6.18-host": dict(flags_default=3, flags_sw=None, cap_gmem_default=1, default_binds=True, sw_as=None,
-                      pre_fault_cap=0, pre_fault_errno=errno.EOPNOTSUPP, exec_errno=errno.EPERM,
+                      pre_fault_cap=0, pre_fault_errno=errno.ENOSPC, exec_errno=errno.EPERM,
                       wrapped_bind=True, overlap=errno.EINVAL, collapse_keep=errno.EOPNOTSUPP),
 }
 
@@ -155,7 +155,7 @@ def test_pre_fault_memory_availability(prof):
     s, e = prof
     vm = s.create_vm(0)
     vcpu = vm.create_vcpu(0)
-    raises(e["pre_fault_errno"], vcpu.pre_fault_memory, 1 << 30, P)  # no memslot there
+    raises(e["pre_fault_errno"], vcpu.pre_fault_memory, 1 << 30, P)  # a VM that never had a memslot
 
 
 def test_wrapped_binding_past_eof_faults_in_the_model():

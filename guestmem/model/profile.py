@@ -120,6 +120,10 @@ class Profile:
     False: u64 arithmetic (6.12, 7.2+), any offset past the file is EINVAL."""
     bind_overlap_errno: int = errno.EINVAL
     """Binding a file range that another memslot of the file holds: EINVAL, EEXIST from 7.2."""
+    pre_fault_slotless_errno: int = 0
+    """kvm_pvm (the project host): KVM_PRE_FAULT_MEMORY on a VM that never had a memslot fails
+    with ENOSPC when the vCPU's MMU is loaded, before the no-TDP EOPNOTSUPP (measured; once
+    any memslot existed, even if deleted, EOPNOTSUPP). 0: no such rule."""
     max_gpa_bits: int = 52
     """Memslots must end at or below 2**max_gpa_bits (x86 kvm_mmu_max_gfn, measured: 52)."""
     gmem_in_place_conversion: bool = False
@@ -175,7 +179,8 @@ PROFILES: dict[str, Profile] = {
     "6.12": Profile(name="6.12", memory_attributes=True, smm=True, tdp=True, gmem_mmap=False,
                     gmem_private_only=True, gmem_noexec=False, bind_offset_signed=False),
     "6.18": Profile(name="6.18", memory_attributes=True, smm=True, tdp=True),
-    "6.18-host": Profile(name="6.18-host", memory_attributes=False, smm=False, tdp=False),
+    "6.18-host": Profile(name="6.18-host", memory_attributes=False, smm=False, tdp=False,
+                         pre_fault_slotless_errno=errno.ENOSPC),
     "next": Profile(name="next", memory_attributes=True, smm=True, tdp=True,
                     gmem_in_place_conversion=True, gmem_write=True, gmem_hugetlb_flag=1 << 3,
                     gmem_huge_sizes=(1 << 21, 1 << 30)),

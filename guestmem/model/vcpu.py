@@ -624,6 +624,8 @@ class Vcpu(VcpuState):
             raise oserror(_errno.EINVAL, f"flags {flags:#x} must be 0")
         if gpa % gm.PAGE or size % gm.PAGE or (gpa + size) % 2**64 <= gpa:
             raise oserror(_errno.EINVAL, f"range gpa={gpa:#x} size={size:#x} is unaligned or empty")
+        if profile.pre_fault_slotless_errno and not self._vm._had_memslot:
+            raise oserror(profile.pre_fault_slotless_errno, "this VM never had a memslot (MMU root allocation)")
         if not profile.tdp:
             raise oserror(_errno.EOPNOTSUPP, "pre-faulting needs the TDP MMU")
         with self._ioctl_lock:

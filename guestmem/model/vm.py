@@ -66,6 +66,7 @@ class Vm(VmState):
         self._slots: dict[tuple[int, int], Memslot] = {}
         self._gfn_maps: list[RangeMap[Memslot | None]] = [RangeMap(default=None) for _ in range(self._nr_as)]
         self._nr_memslot_pages = 0
+        self._had_memslot = False  # ever: profile.pre_fault_slotless_errno
         self._attributes: RangeMap[int] = RangeMap()
         self._gmems: "weakref.WeakSet[GuestMemfd]" = weakref.WeakSet()
         self._listeners: list[InvalidationListener] = []
@@ -397,6 +398,7 @@ class Vm(VmState):
             slot.gmem._bindings.set(slot.pgoff, slot.pgoff + slot.npages, None)
 
     def _install(self, slot: Memslot) -> None:
+        self._had_memslot = True
         self._slots[(slot.as_id, slot.id)] = slot
         self._gfn_maps[slot.as_id].set(slot.base_gfn, slot.end_gfn, slot)
 
