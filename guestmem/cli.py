@@ -73,6 +73,7 @@ def info(as_json: bool, device: str | None) -> None:
         host.add_row("backend", "everything runs on the model")
     host.add_row("kernel", report.kernel_release)
     host.add_row("kvm modules", ", ".join(report.kvm_modules) or "-")
+    host.add_row("model profile (profile=\"host\")", f"{report.model_profile}: {report.model_profile_reason}")
     if report.kvm_accessible:
         host.add_row("API version", str(report.api_version))
         host.add_row("VM types", ", ".join(report.vm_types))

@@ -48,6 +48,9 @@ class HostReport:
     vm_guest_memfd_flags: list[str] = dataclasses.field(default_factory=list)
     memory_attributes: list[str] = dataclasses.field(default_factory=list)
     vm_error: str | None = None
+    model_profile: str = ""
+    """The model profile ``open_system("model", profile="host")`` picks here, and why."""
+    model_profile_reason: str = ""
     features: list[Feature] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,8 +84,11 @@ def host_report(device: str | None = None) -> HostReport:
 
     if device is None:
         device = os.environ.get("GUESTMEM_KVM_DEVICE", "/dev/kvm")
+    from .model.profile import host_profile
+
+    profile, profile_reason = host_profile()
     base = dict(device=device, kvm_present=os.path.exists(device), kernel_release=os.uname().release,
-                kvm_modules=_kvm_modules())
+                kvm_modules=_kvm_modules(), model_profile=profile, model_profile_reason=profile_reason)
     try:
         system = open_system(device)
     except OSError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from .hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
-from .types import Exit, FileStat, Regs, Sregs
+from .types import Exit, FileStat, Regs, Sregs, StatFs
 
 
 @runtime_checkable
@@ -32,6 +32,9 @@ class GuestMemfd(Protocol):
 
     def fstat(self) -> FileStat:
         """fstat(2): size, blocks allocated, mode and times as a ``FileStat``."""
+
+    def fstatfs(self) -> StatFs:
+        """fstatfs(2): f_type names the filesystem (anon inodes until 6.18, guest_memfd's own from 6.19)."""
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_SHARED) -> Mapping:

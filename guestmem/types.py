@@ -439,6 +439,15 @@ class FileStat:
     st_ctime_ns: int
 
 
+@_frozen
+class StatFs:
+    """The fstatfs(2) fields that tell guest_memfd's filesystem apart (spec 13.1)."""
+
+    f_type: int
+    f_bsize: int
+    f_namelen: int
+
+
 # --- vCPU exits ---------------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ GMEM_CALLS = {
     "allocate": (0, P),
     "punch_hole": (0, P),
     "fstat": (),
+    "fstatfs": (),
     "mmap": (),
     "read": (1,),
     "write": (b"x",),

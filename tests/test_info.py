@@ -4,6 +4,7 @@ KVM it still reports (KVM absent, everything on the model) with exit code 0."""
 from __future__ import annotations
 
 import json
+import os
 
 from guestmem.cli import main
 from guestmem.info import HostReport, decode_bits, host_report
@@ -70,3 +71,16 @@ def test_decode_bits():
     assert decode_bits(0x13, GuestMemfdFlag) == ["MMAP", "INIT_SHARED", "0x10"]
     assert decode_bits(0b11, VmType) == ["DEFAULT", "SW_PROTECTED"]
     assert decode_bits(0, GuestMemfdFlag) == []
+
+
+def test_info_names_the_host_model_profile(capsys, monkeypatch):
+    """``guestmem info`` says which profile ``profile="host"`` picks here and why."""
+    from guestmem.model.profile import host_profile
+
+    monkeypatch.setenv("GUESTMEM_KVM_DEVICE", "/nonexistent/kvm")  # the choice does not need KVM
+    name, why = host_profile()
+    data = run_info_json(capsys)
+    assert (data["model_profile"], data["model_profile_reason"]) == (name, why)
+    assert os.uname().release in why
+    assert main(["info"]) == 0
+    assert f"{name}:" in capsys.readouterr().out

@@ -221,7 +221,7 @@ def test_data_belongs_to_the_file_not_the_gpa(model_system):
 
 
 @pytest.mark.parametrize("call, err", [
-    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, g, P), errno.EINVAL),   # file overlap
+    (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, g, P), errno.EEXIST),   # file overlap (7.2)
     (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x1000, M2, 0, g, 2 * M2), errno.EEXIST),   # GPA overlap
     (lambda vm, g: vm.set_user_memory_region2(2, GMEM, 0x4000_0000, M2, 0, 999, 2 * M2), errno.EBADF),
     (lambda vm, g: vm.set_user_memory_region2(1, 0, 0, M2, 0), errno.EINVAL),        # clear GUEST_MEMFD

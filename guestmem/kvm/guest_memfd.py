@@ -8,6 +8,7 @@ method here working. A mapping holds the file too, so it outlives ``close()``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from .. import hostmem
 from ..encoding import encode_unsigned
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
-from ..types import FileStat
+from ..types import FileStat, StatFs
 from ..uapi import KVM_SET_MEMORY_ATTRIBUTES2, Falloc, kvm_memory_attributes2
 from ._ioctl import fill_array, ioctl
 from ._fd import FdObject
@@ -23,6 +24,15 @@ from ._fd import FdObject
 if TYPE_CHECKING:
     from .vm import Vm
 
+
+
+class _Statfs(ctypes.Structure):
+    """struct statfs (x86-64 glibc layout)."""
+
+    _fields_ = [("f_type", ctypes.c_long), ("f_bsize", ctypes.c_long), ("f_blocks", ctypes.c_ulong),
+                ("f_bfree", ctypes.c_ulong), ("f_bavail", ctypes.c_ulong), ("f_files", ctypes.c_ulong),
+                ("f_ffree", ctypes.c_ulong), ("f_fsid", ctypes.c_int * 2), ("f_namelen", ctypes.c_long),
+                ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
 
 class GuestMemfd(FdObject):
     """An open guest_memfd of ``size`` bytes created with ``flags`` by ``vm``."""
@@ -68,6 +78,17 @@ class GuestMemfd(FdObject):
         return FileStat(st_mode=st.st_mode, st_ino=st.st_ino, st_size=st.st_size, st_blksize=st.st_blksize,
                         st_blocks=st.st_blocks, st_nlink=st.st_nlink, st_uid=st.st_uid, st_gid=st.st_gid,
                         st_mtime_ns=st.st_mtime_ns, st_ctime_ns=st.st_ctime_ns)
+
+    def fstatfs(self) -> StatFs:
+        """fstatfs(2): f_type names the filesystem (anon inodes until 6.18, guest_memfd's own
+        from 6.19), f_bsize and f_namelen.
+
+        :raises OSError: EBADF if closed.
+        """
+        buf = _Statfs()
+        if hostmem._libc.fstatfs(ctypes.c_int(self._check()), ctypes.byref(buf)) != 0:
+            raise oserror(ctypes.get_errno(), "fstatfs(guest_memfd)")
+        return StatFs(f_type=buf.f_type, f_bsize=buf.f_bsize, f_namelen=buf.f_namelen)
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_SHARED) -> Mapping:

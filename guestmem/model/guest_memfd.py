@@ -53,7 +53,7 @@ from ..encoding import encode_signed
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
-from ..types import FileStat
+from ..types import FileStat, StatFs
 from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag, MemoryAttribute
 from . import fdtable
 from .gmem_inode import FileOps, FileState, size_label
@@ -68,6 +68,8 @@ _S64_MAX = (1 << 63) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
 _SEEK_MAX = 4  # SEEK_HOLE
+_MADV_NOHUGEPAGE = 15
+_NAME_MAX = 255
 
 # 6.11+ VFS: FALLOC_FL_MODE_MASK (6.17 added WRITE_ZEROES); 6.8 VFS: FALLOC_FL_SUPPORTED_MASK.
 # Plain ints: ``~`` on an IntFlag only complements the known bits.
@@ -115,6 +117,7 @@ class GuestMemfd(FileOps):
                                 folio_size >> PAGE_SHIFT)
         self._pos = 0  # file position of write() (population via write)
         self._memfd_fd = -1  # created at first use (``_memfd``)
+        self._empty_fd = -1  # the empty file behind mappings without INIT_SHARED (6.19+: one per file)
         self._host_addr: int | None = None  # mapped at first use (``_host_address``)
         self._bindings: RangeMap["Memslot | None"] = RangeMap(default=None)
         self._poisoned: set[int] = set()
@@ -212,6 +215,9 @@ class GuestMemfd(FileOps):
             if self._memfd_fd >= 0:
                 os.close(self._memfd_fd)
                 self._memfd_fd = -1
+            if self._empty_fd >= 0:
+                os.close(self._empty_fd)
+                self._empty_fd = -1
             vm._gmems.discard(self)
         vm._put_kvm()
 
@@ -430,13 +436,28 @@ class GuestMemfd(FileOps):
                 raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
             if flags & _MAP_TYPE not in (MAP_SHARED, _MAP_SHARED_VALIDATE):
                 raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
+            profile = self.vm._profile
             if self._host_visible():
                 address = hostmem.mmap(length, prot, MAP_SHARED, self._memfd, offset)
                 if (self._in_place or self._poisoned) and offset < self.size:
                     self._map_range(address - offset, offset, min(offset + length, self.size), prot)
+            elif profile.gmem_mempolicy_per_file:
+                # No shared pages exist without INIT_SHARED or in-place conversion: SIGBUS
+                # everywhere. One empty file per guest_memfd, so an mbind policy belongs to
+                # the file (6.19+).
+                if self._empty_fd < 0:
+                    self._empty_fd = hostmem.memfd("guestmem-gmem-private")
+                address = hostmem.mmap(length, prot, MAP_SHARED, self._empty_fd, offset)
             else:
-                # No shared pages exist without INIT_SHARED or in-place conversion: SIGBUS everywhere.
-                address = hostmem.mmap(length, prot, MAP_SHARED, _sigbus_fd(), 0)
+                empty = hostmem.memfd("guestmem-gmem-private")  # per mapping: mbind stays per VMA
+                try:
+                    address = hostmem.mmap(length, prot, MAP_SHARED, empty, offset)
+                finally:
+                    os.close(empty)
+            if profile.gmem_collapse_einval:
+                # The kernel's gmem VMA never takes huge pages (MADV_COLLAPSE: EINVAL); a memfd
+                # VMA would, unless marked NOHUGEPAGE.
+                hostmem.madvise(address, length, _MADV_NOHUGEPAGE)
             pin = _FilePin()
             mapping = Mapping(address, length, owner=pin)
             self._refs += 1
@@ -519,6 +540,16 @@ class GuestMemfd(FileOps):
             return self._pos
 
     # --- fstat ------------------------------------------------------------------------------
+
+    def fstatfs(self) -> StatFs:
+        """fstatfs(2): the filesystem of the file, simple_statfs of its pseudo-fs: f_type is
+        ANON_INODE_FS_MAGIC until 6.18, GUEST_MEMFD_MAGIC from 6.19 (profile
+        ``gmem_fs_magic``); f_bsize 4096, f_namelen 255.
+
+        :raises OSError: EBADF if closed.
+        """
+        self._check_open()
+        return StatFs(f_type=self.vm._profile.gmem_fs_magic, f_bsize=PAGE_SIZE, f_namelen=_NAME_MAX)
 
     def fstat(self) -> FileStat:
         """fstat(2): S_IFREG|0600, st_size = size, blksize 4096, blocks 0, nlink 1, unique ino.

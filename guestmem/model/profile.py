@@ -25,7 +25,7 @@ attributes and SW_PROTECTED VMs), except ``"6.18-host"``:
   backport refusing to clear GUEST_MEMFD on a slot. Debian's own build has
   KVM_SW_PROTECTED_VM off (SEV on): there VM_TYPES lacks SW_PROTECTED and the selftests
   needing it skip; this profile models the build with it, as the selftests expect.
-* ``"6.18"`` (default): hardware x86 KVM at 6.18 (E2): VM types DEFAULT and SW_PROTECTED,
+* ``"6.18"``: hardware x86 KVM at 6.18 (E2): VM types DEFAULT and SW_PROTECTED,
   KVM_CAP_MEMORY_ATTRIBUTES = 8, guest_memfd MMAP/INIT_SHARED, SMM (two address spaces for
   default VMs) and TDP (KVM_CAP_PRE_FAULT_MEMORY = 1). Where this host's kernel supports a
   feature the model agrees with it (caps, errnos, limits measured on /dev/kvm).
@@ -33,7 +33,21 @@ attributes and SW_PROTECTED VMs), except ``"6.18-host"``:
   attributes (KVM_SET_MEMORY_ATTRIBUTES -> ENOTTY, cap 0), VM_TYPES = 1, no SMM
   (KVM_CAP_MULTI_ADDRESS_SPACE = 0, one address space), no TDP (PRE_FAULT_MEMORY = 0).
   Conformance tests that touch these points compare the kvm backend against this profile.
-* ``"next"``: "6.18" plus what is in flight upstream (spec 13.2-13.3), none of it in a
+* ``"6.19"``: guest_memfd's own pseudo-filesystem (fstatfs f_type GUEST_MEMFD_MAGIC, one
+  inode per file as before) and NUMA policy per file: mbind on a mapping sets the file's
+  shared policy, read back through any mapping with get_mempolicy(MPOL_F_ADDR) and used by
+  later allocations (the model's pages live in a memfd, whose shared policy does exactly
+  this). Read in torvalds/linux's stored 7.0-era guest_memfd.c and spec 13.1; the magic's
+  value from the patch adding it.
+* ``"7.0"``: MADV_COLLAPSE on a mapping is EINVAL. That syzbot fix went to stable too (6.18.44
+  here answers EINVAL, so every mmap profile has it) and preparation tracking is internal, so
+  no field differs from "6.19"; the name exists so users can ask for the kernel they run.
+* ``"7.2"`` (default, ``DEFAULT_PROFILE``): binding a file range another memslot holds is
+  EEXIST (was EINVAL) and the bind offset is unsigned, so the loff_t wrap of
+  docs/kernel-findings.md is gone. From spec 13.1 ([V]: read by the spec's authors in a
+  7.2-era kvm-x86 tree); not re-read here, no 7.2 source in the index.
+* ``"host"`` (not a profile, a request): ``host_profile()`` picks the closest one.
+* ``"next"``: "7.2" plus what is in flight upstream (spec 13.2-13.3), none of it in a
   released kernel. It follows the **guest_memfd in-place conversion series v8** (Ackerley
   Tng, Sean Christopherson, Fuad Tabba et al., "KVM: guest_memfd: in-place conversion",
   posted 18 Jun 2026, ``gmem-inplace-conversion-v8``) with ``kvm.gmem_in_place_conversion``
@@ -55,6 +69,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
+import re
 from typing import Any
 
 from ..uapi import VmType
@@ -77,6 +93,9 @@ HOST_CAPS: dict[int, int] = {
     223: 1048576, 226: 1, 231: 1, 232: 1, 234: 1, 235: 1, 237: 1, 238: 1, 244: 3,
 }
 HOST_VM_CAPS: dict[int, int] = {129: 11}
+
+GUEST_MEMFD_MAGIC = 0x474D454D
+"""fstatfs f_type of guest_memfd's own pseudo-filesystem (6.19+, "GMEM")."""
 
 PRIVATE_MEM_VM_TYPES = frozenset({int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM})
 
@@ -124,6 +143,17 @@ class Profile:
     """kvm_pvm (the project host): KVM_PRE_FAULT_MEMORY on a VM that never had a memslot fails
     with ENOSPC when the vCPU's MMU is loaded, before the no-TDP EOPNOTSUPP (measured; once
     any memslot existed, even if deleted, EOPNOTSUPP). 0: no such rule."""
+    gmem_fs_magic: int = 0x09041934
+    """fstatfs f_type of a guest_memfd: ANON_INODE_FS_MAGIC until 6.18, GUEST_MEMFD_MAGIC
+    ("GMEM", 0x474d454d) from 6.19, when guest_memfd got its own pseudo-filesystem."""
+    gmem_mempolicy_per_file: bool = False
+    """6.19+: the mapping's vm_ops carry set_policy/get_policy, so mbind on a guest_memfd
+    mapping sets a shared policy of the *file* (seen through every mapping, used by later
+    allocations). Before, mbind succeeds but the policy belongs to the mapping (measured on
+    6.18.44: a second mapping of the file reads MPOL_DEFAULT)."""
+    gmem_collapse_einval: bool = True
+    """MADV_COLLAPSE on a guest_memfd mapping is EINVAL and faults stay small pages (the 7.0
+    syzbot fix, backported to stable: measured EINVAL on 6.18.44). Irrelevant without mmap."""
     max_gpa_bits: int = 52
     """Memslots must end at or below 2**max_gpa_bits (x86 kvm_mmu_max_gfn, measured: 52)."""
     gmem_in_place_conversion: bool = False
@@ -181,17 +211,60 @@ PROFILES: dict[str, Profile] = {
     "6.18": Profile(name="6.18", memory_attributes=True, smm=True, tdp=True),
     "6.18-host": Profile(name="6.18-host", memory_attributes=False, smm=False, tdp=False,
                          pre_fault_slotless_errno=errno.ENOSPC),
+    "6.19": Profile(name="6.19", memory_attributes=True, smm=True, tdp=True,
+                    gmem_fs_magic=GUEST_MEMFD_MAGIC, gmem_mempolicy_per_file=True),
+    "7.0": Profile(name="7.0", memory_attributes=True, smm=True, tdp=True,
+                   gmem_fs_magic=GUEST_MEMFD_MAGIC, gmem_mempolicy_per_file=True),
+    "7.2": Profile(name="7.2", memory_attributes=True, smm=True, tdp=True,
+                   gmem_fs_magic=GUEST_MEMFD_MAGIC, gmem_mempolicy_per_file=True,
+                   bind_offset_signed=False, bind_overlap_errno=errno.EEXIST),
     "next": Profile(name="next", memory_attributes=True, smm=True, tdp=True,
+                    gmem_fs_magic=GUEST_MEMFD_MAGIC, gmem_mempolicy_per_file=True,
+                    bind_offset_signed=False, bind_overlap_errno=errno.EEXIST,
                     gmem_in_place_conversion=True, gmem_write=True, gmem_hugetlb_flag=1 << 3,
                     gmem_huge_sizes=(1 << 21, 1 << 30)),
 }
 
+DEFAULT_PROFILE = "7.2"
+"""The newest released kernel the model covers (spec 13: nothing guest_memfd-visible after 7.2)."""
 
-def resolve_profile(profile: str | Profile = "6.18", **overrides: Any) -> Profile:
-    """The named profile with keyword ``overrides`` applied; ValueError for unknown names."""
+_RELEASED = {"6.8": (6, 8), "6.12": (6, 12), "6.18": (6, 18), "6.19": (6, 19), "7.0": (7, 0), "7.2": (7, 2)}
+
+
+def host_profile(release: str | None = None, kvm_pvm: bool | None = None) -> tuple[str, str]:
+    """The profile closest to the running kernel (``profile="host"``) and why it was chosen.
+
+    kvm_pvm at 6.18 (this project's host) is "6.18-host". Otherwise the newest profile whose
+    version is not above the kernel's (a kernel between two profiles has at least the older
+    one's behaviour; 7.1 changed nothing visible after 7.0); older kernels get "6.8". Only the
+    release string is read: the kernel's build options (memory attributes, TDP) are not probed.
+    """
+    release = os.uname().release if release is None else release
+    if kvm_pvm is None:
+        kvm_pvm = os.path.exists("/sys/module/kvm_pvm")
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if m is None:
+        return DEFAULT_PROFILE, f"kernel release {release!r} is unreadable: the default profile"
+    version = (int(m.group(1)), int(m.group(2)))
+    if kvm_pvm and version == (6, 18):
+        return "6.18-host", f"kernel {release} with kvm_pvm: the measured project host"
+    older = [name for name, v in _RELEASED.items() if v <= version]
+    if not older:
+        return "6.8", f"kernel {release} predates every profile: the oldest, 6.8"
+    best = max(older, key=_RELEASED.__getitem__)
+    how = "exact" if _RELEASED[best] == version else f"newest profile not above {version[0]}.{version[1]}"
+    return best, f"kernel {release}: {how}"
+
+
+
+def resolve_profile(profile: str | Profile = DEFAULT_PROFILE, **overrides: Any) -> Profile:
+    """The named profile (``"host"``: ``host_profile()``) with keyword ``overrides`` applied;
+    ValueError for unknown names."""
     if isinstance(profile, Profile):
         base = profile
     else:
+        if profile == "host":
+            profile = host_profile()[0]
         try:
             base = PROFILES[profile]
         except KeyError:

@@ -19,7 +19,7 @@ from ..errors import oserror
 from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
 from . import fdtable
-from .profile import HOST_CAPS, HOST_VM_CAPS, Profile, resolve_profile
+from .profile import DEFAULT_PROFILE, HOST_CAPS, HOST_VM_CAPS, Profile, resolve_profile
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -176,8 +176,9 @@ class System:
         return Vm(self, type)
 
 
-def open_system(profile: str | Profile = "6.18", **options: Any) -> System:
-    """Open a model System reproducing ``profile`` ("6.18", "6.18-host" or "6.8").
+def open_system(profile: str | Profile = DEFAULT_PROFILE, **options: Any) -> System:
+    """Open a model System reproducing ``profile``: a name in ``PROFILES`` (default: the newest,
+    ``DEFAULT_PROFILE``) or ``"host"``, the one closest to the running kernel (``host_profile``).
 
     Keyword ``options`` override single profile fields, e.g. ``memory_attributes=False``.
     """
