@@ -1,10 +1,16 @@
 """Differential state machine: the kernel and the model get the same random operations.
 
-Hypothesis drives one VM on /dev/kvm and one model VM with the ``6.18-host`` profile (this
-host's kernel exactly) through create, fallocate, mmap, touch, read/write through mappings,
-bind, delete, re-bind and close in any order, and asserts that every result -- the return
-value or errno, the fstat fields guest_memfd defines, and every byte read -- is identical.
-Touches run in a forked child so an expected SIGBUS is a result, not a crash.
+Hypothesis drives VMs on /dev/kvm and model VMs with the ``6.18-host`` profile (this host's
+kernel exactly) through VM/vCPU/guest_memfd creation, capabilities, fallocate, mmap, touch,
+read/write through mappings, the refused file syscalls, memslots (v1 and v2: bind, delete,
+re-bind, move), memory attributes, pre-fault and close, in any order and across several VMs
+and files at once, and asserts that every result -- the return value or errno, the fstat and
+fstatfs fields, and every byte read -- is identical. Integer arguments come from the whole
+u64/s64 range weighted to the edges (0, 1, page +- 1, 2**31, 2**32, 2**63 +- pages, 2**64 -
+pages); the guest_memfd fd of a memslot is of every kind (this VM's file, another VM's, never
+open, -1, a VM, /dev/kvm, a vCPU, a memfd, a pipe, /dev/null). Touches run in a forked child
+so an expected SIGBUS is a result, not a crash. Sizes that would make either side allocate
+real memory (large fallocate, memslots of more than 8 GiB) are left out.
 
 CI runs a bounded budget. Run longer by hand, e.g. ten minutes:
     GUESTMEM_DIFF_EXAMPLES=100000 GUESTMEM_DIFF_SECONDS=600 python -m pytest tests/test_differential.py -s
@@ -55,9 +61,48 @@ FALLOC_MODES = [
     Falloc.ZERO_RANGE | Falloc.KEEP_SIZE, Falloc.COLLAPSE_RANGE, Falloc.COLLAPSE_RANGE | Falloc.KEEP_SIZE,
     Falloc.INSERT_RANGE, Falloc.UNSHARE_RANGE | Falloc.KEEP_SIZE, Falloc.WRITE_ZEROES, 0x100,
 ]
-offsets = st.one_of(st.integers(0, 10).map(lambda n: n * P), st.integers(-2, 12 * P), st.just(2**62))
-lengths = st.one_of(st.integers(0, 10).map(lambda n: n * P), st.integers(-1, 12 * P), st.just(2**63 - P))
-gpas = st.integers(0, 15).map(lambda n: 0x1_0000_0000 + n * P)
+
+# Values from the whole u64 / s64 range, weighted to the edges where kernel arithmetic lives:
+# 0, 1, page - 1, page, 2**31, 2**32, 2**63 +- a few pages, 2**64 - a few pages.
+EDGES = sorted({0, 1, P - 1, P, P + 1, 2 * P, 2**31 - P, 2**31, 2**32 - P, 2**32, 2**32 + P,
+                *(2**63 + k * P for k in range(-3, 3)), 2**63 - 1, *(2**64 - k * P for k in (1, 2, 3)), 2**64 - 1})
+
+
+def u64s(small):
+    return st.one_of(small, small, st.sampled_from(EDGES), st.integers(0, 2**64 - 1))
+
+
+def s64(v: int) -> int:
+    return v - 2**64 if v >= 2**63 else v
+
+
+def s64s(small):
+    """Signed 64-bit values: the same edges seen as loff_t (2**63 and up are negative)."""
+    return st.one_of(small, small, u64s(small).map(s64), st.sampled_from([-1, -P, -(2**63)]))
+
+
+pages = st.integers(0, 10).map(lambda n: n * P)
+offsets = s64s(st.one_of(pages, st.integers(-2, 12 * P)))
+lengths = s64s(st.one_of(pages, st.integers(-1, 12 * P)))
+gpas = u64s(st.integers(0, 15).map(lambda n: 0x1_0000_0000 + n * P))
+TASK_SIZE_MAX = (1 << 47) - P
+uaddrs = st.one_of(st.just(0), st.just(0), st.sampled_from([TASK_SIZE_MAX - P, TASK_SIZE_MAX, 1 << 47, 5]),
+                   u64s(st.just(0)))
+# Memslot sizes: small, rejected (unaligned, > KVM_MEM_MAX_NR_PAGES, wrapping) or at most 8 GiB:
+# a valid slot of 2**31 - 1 pages would make this host allocate 16 GiB of rmaps.
+slot_sizes = u64s(st.integers(0, 6).map(lambda n: n * P)).filter(lambda v: v % P or v <= 2**33 or v >= 2**43)
+slots = st.one_of(st.integers(0, 3), st.sampled_from([32763, 32764, 0xFFFF, 1 << 16, (1 << 16) | 2, 2**32 - 1]))
+mem_flags = st.one_of(st.sampled_from([MemFlag.GUEST_MEMFD] * 4 + [0, 1, 2, 6]), st.integers(0, 2**32 - 1))
+caps = st.one_of(st.integers(0, 260), st.sampled_from(EDGES))
+FD_KINDS = ["own", "own", "own", "other-vm", "closed", "never-open", "minus-one", "vm", "system", "vcpu",
+            "memfd", "pipe", "devnull"]
+NEVER_OPEN_FD = 1_000_000  # above any RLIMIT_NOFILE here: EBADF on both sides
+
+
+def allocates(mode: int, offset: int, length: int, size: int) -> bool:
+    """Whether fallocate would really allocate [offset, offset + length) of a ``size`` file."""
+    return (mode & 0xFFFFFFFF == Falloc.KEEP_SIZE and 0 <= offset and 0 < length and not (offset | length) % P
+            and offset + length <= size)
 
 
 class Pair:
@@ -73,14 +118,21 @@ class Pair:
 class KernelVsModel(RuleBasedStateMachine):
     gmems = Bundle("gmems")
     maps = Bundle("maps")
+    vms = Bundle("vms")
 
     def __init__(self) -> None:
         super().__init__()
         self.sys_kvm = guestmem.open_system("kvm")
         self.sys_model = guestmem.open_system("model", profile="6.18-host")
-        self.vm = Pair(self.sys_kvm.create_vm(0), self.sys_model.create_vm(0))
+        self.system = Pair(self.sys_kvm, self.sys_model)
+        self.vm = Pair(self.sys_kvm.create_vm(0), self.sys_model.create_vm(0), n=0)
+        self.all_vms: list[Pair] = [self.vm]
         self.all_gmems: list[Pair] = []
         self.all_maps: list[Pair] = []
+        self.vcpus: dict[int, Pair] = {}  # id(vm pair) -> vCPU pair
+        self.memfd = os.memfd_create("diff-memfd")
+        self.pipe = os.pipe()
+        self.devnull = os.open("/dev/null", os.O_RDWR)
 
     def both(self, name: str, pair: Pair, *args, **kwargs):
         """Call ``name`` on both sides of ``pair``; assert identical outcomes; return them."""
@@ -90,21 +142,41 @@ class KernelVsModel(RuleBasedStateMachine):
         assert k[0] == m[0] and (k[0] == "ok" or k == m), f"{name}{args}: kernel {k} model {m}"
         return k, m
 
-    @rule(target=gmems, pages=st.integers(0, 8), extra=st.sampled_from([0, 0, 0, 1, P - 1]),
-          flags=st.sampled_from([0, 1, 2, 3, 3, 3, 4, 1 << 63]))
-    def create(self, pages, extra, flags):
-        size = pages * P + extra
-        k, m = self.both("create_guest_memfd", self.vm, size, flags)
+    @rule(target=vms, vm_type=st.one_of(st.just(0), st.just(0), st.sampled_from([1, 2, 0x100]), u64s(st.just(0))))
+    def create_vm(self, vm_type):
+        if len(self.all_vms) >= 4:
+            return self.vm
+        k, m = self.both("create_vm", self.system, vm_type)
+        if k[0] == "err":
+            return self.vm
+        pair = Pair(k[1], m[1], n=len(self.all_vms))
+        self.all_vms.append(pair)
+        return pair
+
+    @rule(vm=st.none() | vms, cap=caps)
+    def check_extension(self, vm, cap):
+        k, m = self.both("check_extension", self.system if vm is None else vm, cap)
+        assert k == m
+
+    @rule(target=gmems, vm=st.none() | vms, pages=st.integers(0, 8), extra=st.sampled_from([0, 0, 0, 1, P - 1]),
+          flags=st.sampled_from([0, 1, 2, 3, 3, 3, 4, 1 << 63]), big=st.none() | u64s(st.just(P)))
+    def create(self, vm, pages, extra, flags, big):
+        vm = vm or self.vm
+        size = pages * P + extra if big is None else big
+        k, m = self.both("create_guest_memfd", vm, size, flags)
         if k[0] == "err":
             return None
-        pair = Pair(k[1], m[1], size=size, flags=flags)
+        pair = Pair(k[1], m[1], size=size, flags=flags, vm=vm.info["n"])
         self.all_gmems.append(pair)
         return pair
 
     @rule(g=gmems, mode=st.sampled_from(FALLOC_MODES), offset=offsets, length=lengths)
     def fallocate(self, g, mode, offset, length):
-        if g is not None:
-            self.both("fallocate", g, mode, offset, length)
+        if g is None:
+            return
+        if allocates(int(mode), offset, length, g.info["size"]) and length > 16 * P:
+            return  # a real allocation of more than 64 KiB: never on a shared machine
+        self.both("fallocate", g, mode, offset, length)
 
     @rule(g=gmems)
     def fstat(self, g):
@@ -114,20 +186,23 @@ class KernelVsModel(RuleBasedStateMachine):
         if k[0] == "ok":
             fields = ("st_mode", "st_size", "st_blksize", "st_blocks", "st_nlink", "st_uid", "st_gid")
             assert {f: getattr(k[1], f) for f in fields} == {f: getattr(m[1], f) for f in fields}
+        k, m = self.both("fstatfs", g)
+        assert k == m
 
-    @rule(g=gmems, op=st.sampled_from(["read", "write", "pread", "pwrite", "lseek", "truncate"]))
-    def refused_syscall(self, g, op):
+    @rule(g=gmems, op=st.sampled_from(["read", "write", "pread", "pwrite", "lseek", "truncate"]),
+          offset=s64s(st.integers(-2, 2 * P)), whence=st.one_of(st.integers(-1, 8), st.just(2**31 - 1)))
+    def refused_syscall(self, g, op, offset, whence):
         if g is None:
             return
-        args = {"read": (8,), "write": (b"x" * 8,), "pread": (8, 0), "pwrite": (b"x" * 8, 0),
-                "lseek": (0, os.SEEK_SET), "truncate": (P,)}[op]
+        args = {"read": (8,), "write": (b"x" * 8,), "pread": (8, offset), "pwrite": (b"x" * 8, offset),
+                "lseek": (offset, whence), "truncate": (P,)}[op]
         self.both(op, g, *args)
 
-    @rule(target=maps, g=gmems, pages=st.integers(1, 8), private=st.booleans())
-    def mmap(self, g, pages, private):
+    @rule(target=maps, g=gmems, pages=st.integers(1, 8), private=st.booleans(), prot=st.sampled_from([3, 3, 1, 7]))
+    def mmap(self, g, pages, private, prot):
         if g is None:
             return None
-        k, m = self.both("mmap", g, pages * P, 0, flags=MAP_PRIVATE if private else MAP_SHARED)
+        k, m = self.both("mmap", g, pages * P, 0, prot, flags=MAP_PRIVATE if private else MAP_SHARED)
         if k[0] == "err":
             return None
         pair = Pair(k[1], m[1], length=pages * P)
@@ -149,20 +224,58 @@ class KernelVsModel(RuleBasedStateMachine):
             mp.kvm.close()
             mp.model.close()
 
-    @rule(slot=st.integers(0, 3), g=st.none() | gmems, gpa=gpas, pages=st.integers(0, 4),
-          offset=st.integers(0, 5).map(lambda n: n * P), flags=st.sampled_from([MemFlag.GUEST_MEMFD] * 4 + [0, 1, 2, 6]))
-    def set_region(self, slot, g, gpa, pages, offset, flags):
-        """Bind, re-bind, move or delete (pages == 0) a memslot."""
+    def _fds(self, kind: str, vm: Pair, g: Pair | None) -> tuple[int, int] | None:
+        """The guest_memfd field on each side for an fd of ``kind`` (None: not available now)."""
+        if kind in ("own", "other-vm", "closed"):
+            if g is None or (kind == "closed") != g.kvm.closed:
+                return None
+            if kind == "closed":
+                return None  # a closed fd's number may be reused by now: "never-open" covers EBADF
+            if (kind == "own") != (g.info["vm"] == vm.info["n"]):
+                return None
+            return g.kvm.fileno(), g.model.fileno()
+        if kind == "vcpu":
+            v = self.vcpus.get(id(vm))
+            return None if v is None else (v.kvm.fileno(), v.model.fileno())
+        return {"never-open": (NEVER_OPEN_FD, NEVER_OPEN_FD), "minus-one": (-1, -1),
+                "vm": (vm.kvm.fileno(), vm.model.fileno()), "system": (self.sys_kvm.fileno(), self.sys_model.fileno()),
+                "memfd": (self.memfd, self.memfd), "pipe": (self.pipe[0], self.pipe[0]),
+                "devnull": (self.devnull, self.devnull)}[kind]
+
+    @rule(vm=vms, slot=slots, g=st.none() | gmems, fd_kind=st.sampled_from(FD_KINDS), gpa=gpas, size=slot_sizes,
+          uaddr=uaddrs, offset=u64s(st.integers(0, 5).map(lambda n: n * P)), flags=mem_flags, v1=st.booleans())
+    def set_region(self, vm, slot, g, fd_kind, gpa, size, uaddr, offset, flags, v1):
+        """Bind, re-bind, move or delete (size 0) a memslot, with a guest_memfd fd of any kind."""
+        fds = self._fds(fd_kind, vm, g)
+        if fds is None:
+            return
         OPERATIONS["count"] += 1
-        fd_k = fd_m = 0xFFFFFFFF
-        if g is not None:
-            fd_k, fd_m = (outcome(g.kvm.fileno), outcome(g.model.fileno))
-            if fd_k[0] == "err":  # closed: the fd number would be stale on the kernel side
-                return
-            fd_k, fd_m = fd_k[1], fd_m[1]
-        k = outcome(self.vm.kvm.set_user_memory_region2, slot, flags, gpa, pages * P, 0, fd_k, offset)
-        m = outcome(self.vm.model.set_user_memory_region2, slot, flags, gpa, pages * P, 0, fd_m, offset)
-        assert k == m, f"set_user_memory_region2(slot={slot}, flags={flags}, gpa={gpa:#x}, size={pages * P:#x}, off={offset:#x}): kernel {k} model {m}"
+        if v1:
+            k = outcome(vm.kvm.set_user_memory_region, slot, flags, gpa, size, uaddr)
+            m = outcome(vm.model.set_user_memory_region, slot, flags, gpa, size, uaddr)
+        else:
+            k = outcome(vm.kvm.set_user_memory_region2, slot, flags, gpa, size, uaddr, fds[0], offset)
+            m = outcome(vm.model.set_user_memory_region2, slot, flags, gpa, size, uaddr, fds[1], offset)
+        assert k == m, (f"set_user_memory_region{'' if v1 else '2'}(slot={slot:#x}, flags={flags:#x}, "
+                        f"gpa={gpa:#x}, size={size:#x}, uaddr={uaddr:#x}, fd={fd_kind}, off={offset:#x}): "
+                        f"kernel {k} model {m}")
+
+    @rule(vm=vms, address=u64s(st.integers(0, 4).map(lambda n: n * P)), size=u64s(pages),
+          attributes=st.sampled_from([0, 8, 1 << 63]), flags=st.sampled_from([0, 0, 1]))
+    def set_memory_attributes(self, vm, address, size, attributes, flags):
+        self.both("set_memory_attributes", vm, address, size, attributes, flags)
+
+    @rule(vm=vms, vcpu_id=st.one_of(st.just(0), st.sampled_from([1, 4095, 4096, -1, 2**32]), u64s(st.just(0))))
+    def create_vcpu(self, vm, vcpu_id):
+        k, m = self.both("create_vcpu", vm, vcpu_id)
+        if k[0] == "ok":
+            self.vcpus.setdefault(id(vm), Pair(k[1], m[1]))
+
+    @rule(vm=vms, gpa=gpas, size=u64s(pages), flags=st.sampled_from([0, 0, 0, 1, 1 << 63]))
+    def pre_fault_memory(self, vm, gpa, size, flags):
+        v = self.vcpus.get(id(vm))
+        if v is not None:
+            self.both("pre_fault_memory", v, gpa, size, flags)
 
     @rule(g=consumes(gmems))
     def close_gmem(self, g):
@@ -186,10 +299,16 @@ class KernelVsModel(RuleBasedStateMachine):
         for g in self.all_gmems:
             g.kvm.close()
             g.model.close()
-        self.vm.kvm.close()
-        self.vm.model.close()
+        for v in self.vcpus.values():
+            v.kvm.close()
+            v.model.close()
+        for vm in self.all_vms:
+            vm.kvm.close()
+            vm.model.close()
         self.sys_kvm.close()
         self.sys_model.close()
+        for fd in (self.memfd, *self.pipe, self.devnull):
+            os.close(fd)
 
 
 DIFF_SETTINGS = settings(
