@@ -198,11 +198,12 @@ class KernelVsModel(RuleBasedStateMachine):
                 "lseek": (offset, whence), "truncate": (P,)}[op]
         self.both(op, g, *args)
 
-    @rule(target=maps, g=gmems, pages=st.integers(1, 8), private=st.booleans(), prot=st.sampled_from([3, 3, 1, 7]))
-    def mmap(self, g, pages, private, prot):
+    @rule(target=maps, g=gmems, pages=st.integers(1, 8), prot=st.sampled_from([3, 3, 1, 7]),
+          map_flags=st.sampled_from([MAP_SHARED] * 4 + [MAP_PRIVATE, 0, 3, 0xF, 3 | 0x200000, 1 | 0x200000]))
+    def mmap(self, g, pages, prot, map_flags):
         if g is None:
             return None
-        k, m = self.both("mmap", g, pages * P, 0, prot, flags=MAP_PRIVATE if private else MAP_SHARED)
+        k, m = self.both("mmap", g, pages * P, 0, prot, flags=map_flags)
         if k[0] == "err":
             return None
         pair = Pair(k[1], m[1], length=pages * P)

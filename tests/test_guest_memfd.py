@@ -132,6 +132,20 @@ def test_gt04_read_write_fail(vm, flags):
     raises(errno.ESPIPE, g.lseek, 0, 0)
 
 
+@pytest.mark.parametrize("gflags", [0, MMAP | INIT_SHARED])
+@pytest.mark.parametrize("prot, mflags, err", [
+    (PROT_READ | PROT_WRITE, 0, errno.EINVAL), (PROT_READ | PROT_EXEC, 0, errno.EINVAL),
+    (PROT_READ, 0xF, errno.EINVAL), (PROT_READ | PROT_EXEC, 0x4, errno.EINVAL),
+    (PROT_READ | PROT_WRITE, 0x3 | 0x200000, errno.EOPNOTSUPP), (PROT_READ | PROT_EXEC, 0x3 | 0x200000, errno.EOPNOTSUPP),
+])
+def test_mmap_type_checked_before_noexec_and_mmap_method(vm, gflags, prot, mflags, err):
+    """do_mmap checks MAP_TYPE (EINVAL) and, for MAP_SHARED_VALIDATE, unknown flags (EOPNOTSUPP)
+    before the noexec mount (EPERM) and the file's mmap (ENODEV) (measured here)."""
+    require(vm, gflags)
+    g = vm.create_guest_memfd(4 * P, gflags)
+    raises(err, g.mmap, P, 0, prot, mflags)
+
+
 @pytest.mark.parametrize("offset", [-1, -P, -(1 << 63)])
 def test_negative_pread_pwrite_offset_is_einval_before_espipe(vm, offset):
     """ksys_pread64/ksys_pwrite64 refuse pos < 0 before looking at the file (measured here)."""

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 from .. import hostmem
 from ..encoding import encode_signed
 from ..errors import oserror
-from ..hostmem import MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
+from ..hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
 from ..types import FileStat, StatFs
 from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag, MemoryAttribute
@@ -68,6 +68,10 @@ _S64_MAX = (1 << 63) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
 _SEEK_MAX = 4  # SEEK_HOLE
+# do_mmap's LEGACY_MAP_MASK: SHARED PRIVATE FIXED ANONYMOUS GROWSDOWN DENYWRITE EXECUTABLE LOCKED
+# NORESERVE POPULATE NONBLOCK STACK HUGETLB UNINITIALIZED (the file has no extra flags)
+_LEGACY_MAP_MASK = 0x01 | 0x02 | 0x10 | 0x20 | 0x100 | 0x800 | 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 \
+    | 0x20000 | 0x40000 | 0x4000000
 _MADV_NOHUGEPAGE = 15
 _NAME_MAX = 255
 
@@ -430,6 +434,11 @@ class GuestMemfd(FileOps):
             length = self.size if length is None else length
             if length <= 0 or offset < 0 or offset % PAGE_SIZE:
                 raise oserror(errno.EINVAL, f"mmap length {length:#x} / offset {offset:#x} invalid")
+            map_type = flags & _MAP_TYPE
+            if map_type not in (MAP_SHARED, MAP_PRIVATE, _MAP_SHARED_VALIDATE):
+                raise oserror(errno.EINVAL, f"mmap flags {flags:#x}: no valid MAP_TYPE")  # do_mmap's switch
+            if map_type == _MAP_SHARED_VALIDATE and flags & ~_LEGACY_MAP_MASK:
+                raise oserror(errno.EOPNOTSUPP, f"mmap flags {flags:#x}: unknown with MAP_SHARED_VALIDATE")
             if prot & PROT_EXEC and self.vm._profile.gmem_noexec:
                 raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
             if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
