@@ -1,7 +1,7 @@
 """pre_fault_memory PF-01..PF-04 (spec 7.5, 2.5) on the model with real x86 guest code.
 
 Model-only: this host's KVM has no TDP (KVM_CAP_PRE_FAULT_MEMORY = 0, the "6.18-host"
-profile), so KVM_PRE_FAULT_MEMORY is EOPNOTSUPP there; the model's default "6.18" profile
+profile), so KVM_PRE_FAULT_MEMORY is EOPNOTSUPP there; the model's default profile (7.2)
 has TDP. Configurations as in the selftest: (default VM, shared), (SW_PROTECTED, shared),
 (SW_PROTECTED, private: a GUEST_MEMFD slot with PRIVATE attributes).
 
