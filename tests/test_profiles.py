@@ -10,6 +10,7 @@ backends in the conformance files (test_memslots.py, test_guest_memfd.py).
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
 import pytest
@@ -317,3 +318,34 @@ def test_host_profile_opens_here():
 def test_default_profile_is_the_newest_release():
     with guestmem.open_system("model") as s:
         assert s.profile == "7.2"
+
+
+def test_hypercall_ret_before_and_after_613(prof):
+    """KVM_EXIT_HYPERCALL's ``ret``: 6.13+ zero it before exiting; 6.8/6.12 leave what userspace
+    wrote last, which the next completion loads into RAX if userspace writes nothing."""
+    from guestmem import guest, hostmem
+    from guestmem.types import HltExit, HypercallExit
+
+    s, e = prof
+    vm = s.create_vm(0)
+    vm.enable_cap(Cap.EXIT_HYPERCALL, 1 << 12)
+    call = "mov eax, 12\nmov rbx, 0x100000\nmov ecx, 1\nxor edx, edx\nvmmcall\n"
+    image = guest.long_mode_guest(call + call + "hlt")
+    ram_size = 2 << 20
+    fd = hostmem.memfd("ram", ram_size)
+    ram = hostmem.Mapping(hostmem.mmap(ram_size, 3, hostmem.MAP_SHARED, fd, 0), ram_size)
+    vm.set_user_memory_region(0, 0, 0, ram_size, ram.address)
+    guest.load(image, {0: ram})
+    vcpu = vm.create_vcpu(0)
+    guest.setup_vcpu(vcpu, image)
+    first = vcpu.run()
+    assert isinstance(first, HypercallExit) and first.ret == 0
+    vcpu.set_hypercall_ret(0x55)
+    second = vcpu.run()
+    stale = s.profile in ("6.8", "6.12")
+    assert isinstance(second, HypercallExit) and second.ret == (0x55 if stale else 0)
+    assert vcpu.run() == HltExit()  # completed without set_hypercall_ret
+    assert vcpu.get_regs().rax == (0x55 if stale else 0)
+    vcpu.close()
+    ram.close()
+    os.close(fd)

@@ -239,9 +239,10 @@ def handle_ud(v, quiet: bool = False):
     elif gpa % gm.PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
         ret = -_HC_EINVAL
     else:
-        v._hc_ret = 0
+        if v._vm._profile.hypercall_ret_cleared:
+            v._hc_ret = 0  # else kvm_run.hypercall.ret keeps what userspace last wrote
         v._pending = ("hc", long_mode, rip)
-        return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=0,
+        return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=v._hc_ret,
                              flags=_LONG_MODE if long_mode else 0)
     v._queue(rax=ret & m, rip=rip + 3)
     return None

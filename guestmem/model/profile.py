@@ -22,7 +22,9 @@ attributes and SW_PROTECTED VMs), except ``"6.18-host"``:
   with private memory bind (KVM_CAP_GUEST_MEMFD 0 on default VMs), no GMEM_ONLY slots. New
   since 6.8: KVM_PRE_FAULT_MEMORY (cap = TDP), one address space for SW_PROTECTED VMs, the
   6.11+ VFS fallocate errnos, the kvm_gmem_bind offset in u64 (no wrap), and the stable
-  backport refusing to clear GUEST_MEMFD on a slot. Debian's own build has
+  backport refusing to clear GUEST_MEMFD on a slot. Like 6.8, KVM_EXIT_HYPERCALL leaves
+  kvm_run.hypercall.ret as userspace last wrote it (zeroed from 6.13). Not modelled: the
+  guest-side "prepare" of each folio (SNP only) and anything not visible through this API. Debian's own build has
   KVM_SW_PROTECTED_VM off (SEV on): there VM_TYPES lacks SW_PROTECTED and the selftests
   needing it skip; this profile models the build with it, as the selftests expect.
 * ``"6.18"``: hardware x86 KVM at 6.18 (E2): VM types DEFAULT and SW_PROTECTED,
@@ -139,6 +141,10 @@ class Profile:
     False: u64 arithmetic (6.12, 7.2+), any offset past the file is EINVAL."""
     bind_overlap_errno: int = errno.EINVAL
     """Binding a file range that another memslot of the file holds: EINVAL, EEXIST from 7.2."""
+    hypercall_ret_cleared: bool = True
+    """6.13+: KVM zeroes kvm_run.hypercall.ret before a KVM_EXIT_HYPERCALL. Before (6.8, 6.12:
+    read in 6.12's MAP_GPA_RANGE exit, which sets nr/args/flags only) the exit shows, and the
+    completion loads into RAX, whatever userspace last wrote there."""
     pre_fault_slotless_errno: int = 0
     """kvm_pvm (the project host): KVM_PRE_FAULT_MEMORY on a VM that never had a memslot fails
     with ENOSPC when the vCPU's MMU is loaded, before the no-TDP EOPNOTSUPP (measured; once
@@ -205,9 +211,10 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "6.8": Profile(name="6.8", memory_attributes=True, smm=True, tdp=False, gmem_mmap=False,
                    gmem_private_only=True, private_vm_smm=True, pre_fault_memory=False,
-                   vfs_fallocate_611=False, gmem_noexec=False),
+                   vfs_fallocate_611=False, gmem_noexec=False, hypercall_ret_cleared=False),
     "6.12": Profile(name="6.12", memory_attributes=True, smm=True, tdp=True, gmem_mmap=False,
-                    gmem_private_only=True, gmem_noexec=False, bind_offset_signed=False),
+                    gmem_private_only=True, gmem_noexec=False, bind_offset_signed=False,
+                    hypercall_ret_cleared=False),
     "6.18": Profile(name="6.18", memory_attributes=True, smm=True, tdp=True),
     "6.18-host": Profile(name="6.18-host", memory_attributes=False, smm=False, tdp=False,
                          pre_fault_slotless_errno=errno.ENOSPC),
