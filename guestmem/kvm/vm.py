@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import uapi
 from ..encoding import encode_fd, encode_unsigned
 from ._fd import FdObject
-from ._ioctl import fill_array, int_arg, ioctl, ioctl_ulong
+from ._ioctl import fill_array, ioctl, ioctl_ulong
 from .vm_state import VmState
 
 if TYPE_CHECKING:
