@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import resource
 import mmap
 import os
 
@@ -19,6 +20,10 @@ from guestmem.uapi import (Cap, GuestMemfdFlag, IoeventfdFlag, IrqfdFlag, KVM_DI
 
 P = 4096
 LOG = int(MemFlag.LOG_DIRTY_PAGES)
+
+# An fd number that cannot be open in this process (above its RLIMIT_NOFILE): a fixed small number
+# such as 999 is open once earlier tests have used that many fds.
+CLOSED_FD = resource.getrlimit(resource.RLIMIT_NOFILE)[0] + 64
 
 
 def _errno(fn, *args, **kwargs) -> int:
@@ -136,7 +141,7 @@ def test_irqfd_rules(vm) -> None:
         assert _errno(vm.irqfd, efd, 4, flags=4) == errno.EINVAL
         vm.irqfd(efd, 4)
         assert _errno(vm.irqfd, efd, 5) == errno.EBUSY  # one irqfd per eventfd
-        assert _errno(vm.irqfd, 999, 4) == errno.EBADF
+        assert _errno(vm.irqfd, CLOSED_FD, 4) == errno.EBADF
         assert _errno(vm.irqfd, vm.fileno(), 4) == errno.EINVAL  # not an eventfd
         assert _errno(vm.irqfd, other, 6, flags=IrqfdFlag.RESAMPLE, resamplefd=vm.fileno()) == errno.EINVAL
         vm.irqfd(efd, 4, flags=IrqfdFlag.DEASSIGN)
@@ -158,7 +163,7 @@ def test_ioeventfd_rules(vm) -> None:
         assert _errno(vm.ioeventfd, other, 0x3000, 0, flags=IoeventfdFlag.DATAMATCH) == errno.EINVAL
         assert _errno(vm.ioeventfd, other, (1 << 64) - 2, 4) == errno.EINVAL  # wraps
         assert _errno(vm.ioeventfd, other, 0x4000, 4, flags=1 << 5) == errno.EINVAL
-        assert _errno(vm.ioeventfd, 999, 0x4000, 4) == errno.EBADF
+        assert _errno(vm.ioeventfd, CLOSED_FD, 0x4000, 4) == errno.EBADF
         assert _errno(vm.ioeventfd, vm.fileno(), 0x4000, 4) == errno.EINVAL
         assert _errno(vm.ioeventfd, other, 0x1000, 4, flags=IoeventfdFlag.DEASSIGN) == errno.ENOENT
         vm.ioeventfd(efd, 0x1000, 4, flags=IoeventfdFlag.DEASSIGN)
