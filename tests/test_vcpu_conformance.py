@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import threading
+import time
 
 import pytest
 
@@ -248,3 +250,118 @@ def test_set_sregs_accepts_what_kvm_accepts(vcpu, case):
     vcpu.set_sregs(want)
     got = vcpu.get_sregs()
     assert (got.cr0, got.cr4, got.efer, got.apic_base, got.cs.l) == (want.cr0, want.cr4, want.efer, want.apic_base, want.cs.l)
+
+
+# --- races with close() (issue 10 item 4) --------------------------------------------------------
+
+
+def _spinning_vcpu(vm):
+    """A vCPU whose guest loops forever without exiting, after one run (its engine is built)."""
+    vcpu = boot(vm, f"out {PORT}, al\nspin:\njmp spin")
+    assert isinstance(vcpu.run(), IoExit)
+    vm.test_objects.remove(vcpu)
+    return vcpu
+
+
+def test_register_reads_racing_close_complete_or_fail_with_ebadf(vm):
+    vcpu = boot(vm, f"out {PORT}, al\nhlt")
+    assert isinstance(vcpu.run(), IoExit)  # the registers now live in the engine (model)
+    vm.test_objects.remove(vcpu)
+    unexpected = []
+    start = threading.Barrier(3)
+
+    def reader(read):
+        start.wait()
+        while True:
+            try:
+                read()
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    unexpected.append(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - anything but EBADF is the bug
+                unexpected.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader, args=(f,)) for f in (vcpu.get_regs, vcpu.get_sregs)]
+    for t in threads:
+        t.start()
+    start.wait()
+    vcpu.close()
+    for t in threads:
+        t.join(10)
+    assert not unexpected, unexpected
+
+
+def test_close_during_run_returns_an_exit_or_ebadf(vm):
+    """close() while another thread spins in run(): that run() returns (an exit, or EBADF),
+    never an error about kvm_run being unmapped under it, and later calls are EBADF."""
+    vcpu = _spinning_vcpu(vm)
+    outcome = []
+
+    def runner():
+        try:
+            outcome.append(vcpu.run())
+        except BaseException as exc:  # noqa: BLE001 - recorded and judged below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    assert not outcome, outcome  # still spinning
+    vcpu.close()
+    thread.join(5)
+    if thread.is_alive():
+        vcpu.kick()  # the fix's promise: a kick after close still reaches the run
+        thread.join(5)
+    assert not thread.is_alive(), "close() left the vCPU thread spinning in run()"
+    result = outcome[0]
+    assert not isinstance(result, BaseException) or (isinstance(result, OSError) and result.errno == errno.EBADF), result
+    for call in (vcpu.run, vcpu.kick, vcpu.get_regs):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EBADF
+
+
+def test_model_ioctl_entered_before_close_completes_fails_with_ebadf(model_system):
+    """The deterministic form of the race above, on the model only (the interleaving is forced
+    through its ioctl lock): close() runs to completion after get_sregs() was entered but
+    before it holds the vCPU's lock. The closed check must come under the lock: EBADF, not an
+    AttributeError from the engine close() dropped."""
+    vm = model_system.create_vm()
+    vm.test_objects = []
+    try:
+        vcpu = boot(vm, f"out {PORT}, al\nhlt")
+        assert isinstance(vcpu.run(), IoExit)  # the special registers now live in the engine
+        real = vcpu._ioctl_lock
+
+        class CloseFirst:
+            """The vCPU's lock, except that the first ``with`` lets a close() finish first."""
+
+            armed = True
+
+            def acquire(self, *args, **kwargs):
+                return real.acquire(*args, **kwargs)
+
+            def release(self):
+                real.release()
+
+            def __enter__(self):
+                if CloseFirst.armed:
+                    CloseFirst.armed = False
+                    closer = threading.Thread(target=vcpu.close)
+                    closer.start()
+                    closer.join(10)
+                real.acquire()
+
+            def __exit__(self, *exc):
+                real.release()
+
+        vcpu._ioctl_lock = CloseFirst()
+        with pytest.raises(OSError) as exc:
+            vcpu.get_sregs()
+        assert exc.value.errno == errno.EBADF
+    finally:
+        for obj in reversed(vm.test_objects):
+            obj.close()
+        vm.close()

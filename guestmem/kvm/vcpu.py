@@ -10,8 +10,11 @@ At creation the vCPU's CPUID is set to KVM_GET_SUPPORTED_CPUID of the system fd,
 selftests' ``vm_vcpu_add`` does: without CPUID entries KVM refuses long mode (EFER.LME).
 
 Kicks. ``kick()`` sets ``kvm_run.immediate_exit`` and sends SIGUSR1 to the thread inside
-KVM_RUN (found by its Python frame, so ``run()`` records nothing), so KVM_RUN returns EINTR
-(``IntrExit``). A signal only interrupts KVM_RUN if it has a handler; CPython installs
+KVM_RUN (``run()`` records its thread: ~0.1 us of an exit, measured), so KVM_RUN returns EINTR
+(``IntrExit``). ``close()`` during a ``run()`` in another thread kicks that thread and leaves
+the kvm_run mapping and the fd to it: the run returns its exit (or EBADF), never touches
+released memory, and a ``kick()`` after the close still reaches it. A signal only interrupts
+KVM_RUN if it has a handler; CPython installs
 handlers only from the main thread, so the first Vcpu created in the main thread installs a
 no-op SIGUSR1 handler when SIGUSR1 is still SIG_DFL (a handler the application installed is
 left alone). If no handler could be installed, ``kick()`` only
@@ -27,7 +30,6 @@ import fcntl
 import os
 import signal
 import struct
-import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -266,6 +268,10 @@ class Vcpu(VcpuState, FdObject):
         self._page = self._map.buffer()
         self._last_io: tuple[Any, Any] = (None, None)  # the last _raw_exits hit: (raw, IoExit)
         self._can_signal = _ensure_kick_handler()
+        self._runner: int | None = None  # ident of the thread inside run()
+        self._open_fd = fd  # the fd to close once no run() uses it (close() sets _fd = -1 first)
+        self._released = False  # kvm_run unmapped and fd closed
+        self._close_lock = threading.Lock()  # orders close(), kick() and the release
 
     def __repr__(self) -> str:
         return f"<kvm.Vcpu id={getattr(self, 'vcpu_id', '?')} fd={getattr(self, '_fd', -1)}>"
@@ -324,23 +330,31 @@ class Vcpu(VcpuState, FdObject):
         :raises OSError: EBADF if closed; any other KVM_RUN errno (EFAULT without a memory
             fault exit, ENOEXEC for a vCPU state KVM cannot run, EIO for a dead VM, ...).
         """
-        # Nothing records the running thread: kick() finds it by its frame (see _runners).
+        # The thread is recorded until the page has been read; a close() meanwhile leaves the
+        # release to the finally clause (module doc). Clearing _runner before testing _fd, while
+        # close() sets _fd before reading _runner, makes one of the two see the other.
+        self._runner = _get_ident()
         try:
-            _ioctl(self._fd, _KVM_RUN)
-        except OSError as exc:
-            return self._run_failed(exc.errno)
-        except ValueError:  # fcntl refuses fd -1: the vCPU is closed (no check on the hot path)
-            raise closed_error(self._what()) from None
-        raw = _unpack_raw(self._page, _OFF_REASON)
-        last = self._last_io
-        if raw == last[0]:
-            return last[1]
-        try:
-            exit_ = _raw_exits[raw]
-        except KeyError:
-            return _decode_exit(self._page, raw)
-        self._last_io = (raw, exit_)
-        return exit_
+            try:
+                _ioctl(self._fd, _KVM_RUN)
+            except OSError as exc:
+                return self._run_failed(exc.errno)
+            except ValueError:  # fcntl refuses fd -1: the vCPU is closed (no check on the hot path)
+                raise closed_error(self._what()) from None
+            raw = _unpack_raw(self._page, _OFF_REASON)
+            last = self._last_io
+            if raw == last[0]:
+                return last[1]
+            try:
+                exit_ = _raw_exits[raw]
+            except KeyError:
+                return _decode_exit(self._page, raw)
+            self._last_io = (raw, exit_)
+            return exit_
+        finally:
+            self._runner = None
+            if self._fd < 0:
+                self._release()
 
     def _run_failed(self, err: int) -> Exit:
         """The exit or error for a KVM_RUN that failed with ``err`` (see ``run``)."""
@@ -367,16 +381,17 @@ class Vcpu(VcpuState, FdObject):
             ``data`` is longer than size*count.
         :raises TypeError: None after an IN.
         """
-        self._check()
-        self._pending(_R.IO, "complete_io")
-        direction, size, _, count, data_offset = _IO.unpack_from(self._page, _OFF_IO)
-        if data is None:
-            if direction == _IO_OUT:
-                return
-            raise TypeError("complete_io: data must be bytes-like after an IN, not None")
-        if len(data) > size * count:
-            raise oserror(errno.EINVAL, f"complete_io: {len(data)} bytes for a {size}x{count}-byte IN")
-        self._page[data_offset:data_offset + len(data)] = bytes(data)
+        with self._close_lock:  # close() cannot unmap kvm_run meanwhile
+            self._check()
+            self._pending(_R.IO, "complete_io")
+            direction, size, _, count, data_offset = _IO.unpack_from(self._page, _OFF_IO)
+            if data is None:
+                if direction == _IO_OUT:
+                    return
+                raise TypeError("complete_io: data must be bytes-like after an IN, not None")
+            if len(data) > size * count:
+                raise oserror(errno.EINVAL, f"complete_io: {len(data)} bytes for a {size}x{count}-byte IN")
+            self._page[data_offset:data_offset + len(data)] = bytes(data)
 
     def complete_mmio(self, data: bytes | None) -> None:
         """Answer a KVM_EXIT_MMIO read: write ``data`` into mmio.data for the next KVM_RUN.
@@ -387,16 +402,17 @@ class Vcpu(VcpuState, FdObject):
             ``data`` is longer than mmio.len.
         :raises TypeError: None after a read.
         """
-        self._check()
-        self._pending(_R.MMIO, "complete_mmio")
-        _, _, length, is_write = _MMIO.unpack_from(self._page, _OFF_MMIO)
-        if data is None:
-            if is_write:
-                return
-            raise TypeError("complete_mmio: data must be bytes-like after a read, not None")
-        if len(data) > length:
-            raise oserror(errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {length}-byte access")
-        self._page[_OFF_MMIO_DATA:_OFF_MMIO_DATA + len(data)] = bytes(data)
+        with self._close_lock:  # close() cannot unmap kvm_run meanwhile
+            self._check()
+            self._pending(_R.MMIO, "complete_mmio")
+            _, _, length, is_write = _MMIO.unpack_from(self._page, _OFF_MMIO)
+            if data is None:
+                if is_write:
+                    return
+                raise TypeError("complete_mmio: data must be bytes-like after a read, not None")
+            if len(data) > length:
+                raise oserror(errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {length}-byte access")
+            self._page[_OFF_MMIO_DATA:_OFF_MMIO_DATA + len(data)] = bytes(data)
 
     def set_hypercall_ret(self, value: int) -> None:
         """Answer a KVM_EXIT_HYPERCALL: set hypercall.ret, which the next KVM_RUN puts in RAX.
@@ -404,9 +420,10 @@ class Vcpu(VcpuState, FdObject):
         :raises OSError: EBADF if closed; EINVAL if the last exit was not KVM_EXIT_HYPERCALL or
             ``value`` does not fit in a u64 (negative values wrap, as -KVM_EINVAL does).
         """
-        self._check()
-        self._pending(_R.HYPERCALL, "set_hypercall_ret")
-        _U64.pack_into(self._page, _OFF_HC_RET, encode_unsigned(value, 64, "ret"))
+        with self._close_lock:  # close() cannot unmap kvm_run meanwhile
+            self._check()
+            self._pending(_R.HYPERCALL, "set_hypercall_ret")
+            _U64.pack_into(self._page, _OFF_HC_RET, encode_unsigned(value, 64, "ret"))
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY (api.rst 4.143): map [gpa, gpa+size) ahead of guest access.
@@ -435,36 +452,66 @@ class Vcpu(VcpuState, FdObject):
         Sets kvm_run.immediate_exit and sends SIGUSR1 to the thread inside KVM_RUN (see the
         module docstring for when a handler is available to make that signal harmless).
 
-        :raises OSError: EBADF if closed.
+        :raises OSError: EBADF if closed -- after stopping a run() still in progress, which a
+            close() from another thread leaves running until its next exit.
         """
-        self._check()
-        self._page[_OFF_IMMEDIATE_EXIT] = 1
-        if not self._can_signal:
-            self._can_signal = _ensure_kick_handler()
-        if self._can_signal:
-            for runner in self._runners():
+        with self._close_lock:
+            runner = self._interrupt()
+            closed = self._fd < 0
+        if runner is not None and runner != _get_ident():
+            if not self._can_signal:
+                self._can_signal = _ensure_kick_handler()
+            if self._can_signal:
                 try:
                     signal.pthread_kill(runner, KICK_SIGNAL)
                 except ProcessLookupError:
                     pass
+        if closed:
+            raise closed_error(self._what())
 
-    def _runners(self) -> list[int]:
-        """Idents of the other threads whose innermost Python frame is this vCPU's ``run()``.
+    def _interrupt(self) -> int | None:
+        """Set immediate_exit unless kvm_run is gone; the thread in run() (caller holds _close_lock).
 
-        A thread blocked in KVM_RUN is one of them: fcntl.ioctl pushes no frame. Finding it
-        here instead of recording it in ``run()`` keeps ~70 ns off every exit (thread ident,
-        two stores); kicks are rare. A thread found just before or after its KVM_RUN gets a
-        signal it ignores, and immediate_exit (already set) stops the KVM_RUN it starts next.
+        A thread just before or after its KVM_RUN gets a signal it ignores, and immediate_exit
+        stops the KVM_RUN it starts next; one vCPU runs in one thread at a time (KVM holds
+        vcpu->mutex), so one recorded thread is enough.
         """
-        me = threading.get_ident()
-        return [ident for ident, frame in sys._current_frames().items()
-                if ident != me and frame.f_code is _RUN_CODE and frame.f_locals.get("self") is self]
+        if self._released:
+            return None
+        self._page[_OFF_IMMEDIATE_EXIT] = 1
+        return self._runner
+
+    def close(self) -> None:
+        """close(2) the fd; a second close is a no-op.
+
+        A run() in another thread is kicked and keeps the fd and kvm_run until it returns.
+        """
+        with self._close_lock:
+            if self._fd < 0:
+                return
+            self._fd = -1
+            runner = self._interrupt()
+        if runner is not None:
+            if runner != _get_ident() and self._can_signal:
+                try:
+                    signal.pthread_kill(runner, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+            if self._runner is not None:  # run()'s finally clause releases (or already did)
+                return
+        self._release()
 
     def _release(self) -> None:
-        """Unmap kvm_run (and the dirty ring) before the vCPU fd closes."""
+        """Unmap kvm_run (and the dirty ring) and close the fd, once, after close() and
+        outside any run()."""
+        with self._close_lock:
+            if self._released:
+                return
+            self._released = True
         self._page.release()
         self._map.close()
         self._release_dirty_ring()
+        os.close(self._open_fd)
 
 
-_RUN_CODE = Vcpu.run.__code__
+_get_ident = threading.get_ident
