@@ -200,3 +200,151 @@ def test_real_mode_int_goes_through_the_ivt_and_iret_returns(vm):
         iret
     """)
     assert boot(vm, image).run() == IoExit(1, 4, guest.PORT_DONE, 1, struct.pack("<I", 0x4321))
+
+
+# --- CR2 belongs to #PF only (issue 15 item 2) ---------------------------------------------------
+
+
+def test_cr2_keeps_its_value_through_other_exceptions(vm):
+    """CR2 changes only on a #PF: a #UD handler reads what the guest last wrote there."""
+    image = guest.long_mode_guest("mov rax, 0x1234\nmov cr2, rax\nud2")
+    vector, _, _, cr2 = report(boot(vm, image))
+    assert (vector, cr2) == (6, 0x1234)
+
+
+@pytest.mark.parametrize("code,vector", [("nop\nud2", 6), ("xor ecx, ecx\nmov eax, 1\nxor edx, edx\ndiv ecx", 0)])
+def test_cr2_after_a_non_page_fault_exception_is_the_reset_value(vm, code, vector):
+    got_vector, _, _, cr2 = report(boot(vm, guest.long_mode_guest(code, cpl=3)))
+    assert (got_vector, cr2) == (vector, 0)
+
+
+def test_get_sregs_reports_the_cr2_that_set_sregs_gave(vm):
+    vcpu = boot(vm, guest.long_mode_guest("nop\nud2"))
+    vcpu.set_sregs(vcpu.get_sregs().replace(cr2=0xABC000))
+    vector, _, _, cr2 = report(vcpu)
+    assert (vector, cr2, vcpu.get_sregs().cr2) == (6, 0xABC000, 0xABC000)
+
+
+# --- 32-bit protected mode (issue 11 item 2) -----------------------------------------------------
+
+PM_GDT, PM_IDT, PM_STUBS, PM_CODE, PM_STACK = 0x0, 0x800, 0x1000, 0x3000, 0x8000
+PM_CS, PM_DS = 0x08, 0x10
+
+
+def _flat_descriptor(access: int) -> bytes:
+    return struct.pack("<HHBBBB", 0xFFFF, 0, 0, access, 0xCF, 0)  # base 0, 4 GiB, 32-bit
+
+
+def _gate32(handler: int, gate_type: int = 0xE) -> bytes:
+    return struct.pack("<HHBBH", handler & 0xFFFF, PM_CS, 0, 0x80 | gate_type, handler >> 16)
+
+
+def protected_mode_guest(code: str, handlers: dict[int, str] | None = None):
+    """(memory chunks, Regs, Sregs) of a flat 32-bit CPL0 guest without paging: ``code`` at
+    PM_CODE, every vector's gate pointing at a stub that reports like the long-mode builder's
+    (EAX = EDI = vector, ESI = error code, EDX = pushed EIP, ECX = CR2, OUT to PORT_FAIL), or
+    at the code in ``handlers[vector]``."""
+    from guestmem.types import DTable, Regs, Segment, Sregs
+
+    handlers = handlers or {}
+    gdt = bytes(8) + _flat_descriptor(0x9A) + _flat_descriptor(0x92)
+    common = PM_STUBS + 32 * 16
+    stubs = bytearray()
+    for vector in range(32):
+        push_error = "" if vector in (8, 10, 11, 12, 13, 14, 17) else "push 0\n"
+        stub = guest.assemble(f"{push_error}push {vector}\njmp {common:#x}", PM_STUBS + len(stubs), 32)
+        stubs += stub.ljust(16, b"\xcc")
+    stubs += guest.assemble("pop edi\npop esi\nmov edx, [esp]\nmov ecx, cr2\nmov eax, edi\n"
+                            f"report: out {guest.PORT_FAIL}, eax\njmp report", common, 32)
+    text = guest.assemble(f"{code}\ndone: out {guest.PORT_DONE}, eax\njmp done", PM_CODE, 32)
+    chunks = [(PM_GDT, gdt), (PM_STUBS, bytes(stubs)), (PM_CODE, text)]
+    gates = {v: PM_STUBS + 16 * v for v in range(32)}
+    at = PM_CODE + len(text) + 0x10
+    for vector, body in handlers.items():
+        blob = guest.assemble(body, at, 32)
+        chunks.append((at, blob))
+        gates[vector] = at
+        at += len(blob) + 0x10
+    chunks.append((PM_IDT, b"".join(_gate32(gates[v]) for v in range(32))))
+    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, s=1, g=1, db=1)
+    data = Segment(selector=PM_DS, type=3, **flat)
+    sregs = Sregs(cs=Segment(selector=PM_CS, type=11, **flat), ds=data, es=data, fs=data, gs=data, ss=data,
+                  tr=Segment(type=11, present=1, limit=0xFFFF, s=0), gdt=DTable(base=PM_GDT, limit=len(gdt) - 1),
+                  idt=DTable(base=PM_IDT, limit=32 * 8 - 1), cr0=0x11)
+    return chunks, Regs(rip=PM_CODE, rsp=PM_STACK, rflags=2), sregs
+
+
+def boot32(vm, code: str, handlers: dict[int, str] | None = None):
+    chunks, regs, sregs = protected_mode_guest(code, handlers)
+    gmem = vm.create_guest_memfd(RAM_SIZE, SHARED)
+    ram = gmem.mmap()
+    vm.set_user_memory_region2(0, MemFlag.GUEST_MEMFD, 0, RAM_SIZE, userspace_addr=ram.address, guest_memfd=gmem)
+    for gpa, blob in chunks:
+        ram.write(gpa, blob)
+    vcpu = vm.create_vcpu(0)
+    vm.test_objects += [gmem, ram, vcpu]
+    vcpu.set_sregs(sregs.replace(apic_base=vcpu.get_sregs().apic_base))
+    vcpu.set_regs(regs)
+    return vcpu
+
+
+def test_protected_mode_invalid_opcode_reaches_the_handler(vm):
+    vector, code, eip, _ = report(boot32(vm, "nop\nud2"))
+    assert (vector, code, eip) == (6, 0, PM_CODE + 1)
+
+
+def test_protected_mode_divide_error(vm):
+    setup = "xor ecx, ecx\nmov eax, 1\nxor edx, edx"
+    vector, code, eip, _ = report(boot32(vm, f"{setup}\ndiv ecx"))
+    assert (vector, code, eip) == (0, 0, PM_CODE + len(guest.assemble(setup, PM_CODE, 32)))
+
+
+def test_protected_mode_general_protection_pushes_the_selector(vm):
+    """Loading DS with a selector beyond the GDT limit: #GP with the selector as error code."""
+    vector, code, _, _ = report(boot32(vm, "mov ax, 0x40\nmov ds, ax"))
+    assert (vector, code) == (13, 0x40)
+
+
+def _frame_checking_handler(tail: str) -> dict[int, str]:
+    """A #UD handler that checks the frame (EIP of the ud2, CS, EFLAGS with RF set, as for every
+    fault), adds 0x233 to EAX (0xbad instead if the frame is wrong), skips the ud2 and runs
+    ``tail``."""
+    ud2_at = PM_CODE + len(guest.assemble("pushfd\npop ebx\nmov eax, 0x1000", PM_CODE, 32))
+    return {6: f"""
+        cmp dword ptr [esp], {ud2_at:#x}
+        jne bad
+        cmp dword ptr [esp + 4], {PM_CS}
+        jne bad
+        or ebx, 0x10000
+        cmp [esp + 8], ebx
+        jne bad
+        add eax, 0x233
+        add dword ptr [esp], 2
+        {tail}
+    bad:
+        mov eax, 0xbad
+        add dword ptr [esp], 2
+        {tail}
+    """}
+
+
+PM_FRAME_CODE = "pushfd\npop ebx\nmov eax, 0x1000\nud2\nadd eax, 1"
+
+
+def test_protected_mode_handler_sees_the_frame(vm):
+    vcpu = boot32(vm, PM_FRAME_CODE, _frame_checking_handler(f"out {guest.PORT_DONE}, eax"))
+    assert vcpu.run() == IoExit(1, 4, guest.PORT_DONE, 1, struct.pack("<I", 0x1233))
+
+
+@pytest.mark.kvm_pvm_differs("kvm_pvm's emulator fails IRETD in 32-bit protected mode at CPL0 "
+                             "(KVM_EXIT_INTERNAL_ERROR, measured)")
+def test_protected_mode_iretd_returns_from_the_handler(vm):
+    vcpu = boot32(vm, PM_FRAME_CODE, _frame_checking_handler("iretd"))
+    assert vcpu.run() == IoExit(1, 4, guest.PORT_DONE, 1, struct.pack("<I", 0x1234))
+
+
+def test_protected_mode_without_idt_shuts_down(vm):
+    vcpu = boot32(vm, "ud2")
+    sregs = vcpu.get_sregs()
+    vcpu.set_sregs(sregs.replace(idt=sregs.idt.__class__(base=0, limit=0)))
+    assert vcpu.run() == ShutdownExit()

@@ -166,6 +166,21 @@ def map_backing(v, gfn: int, b, alias: int) -> None:
         v.uc_lock.release()
 
 
+def map_physical(v, pa: int) -> bool:
+    """Map the block holding guest-physical ``pa`` in the engine unless it is mapped (caller
+    holds Vm._lock, not uc_lock). False if ``pa`` is not backed memory."""
+    if v._map.containing(pa) is not None:
+        return True
+    try:
+        b, ex = gm.lookup(v._vm, pa // gm.PAGE, None)
+    except OSError:
+        return False
+    if b is None or ex is not None:
+        return False
+    map_backing(v, pa // gm.PAGE, b, 0)
+    return True
+
+
 def handle_xprot(v, ev):
     """A fetch from a window region not yet marked as code (``regions`` module doc)."""
     _, access, addr, size, value = ev
@@ -186,7 +201,9 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
     """An exception Unicorn raised: a #PF from a walk through page tables the model has not
     mapped yet is resolved (map them, retry); anything else goes to the guest's IDT
     (``interrupts``), as on a real CPU. ``info`` is (error code, software interrupt?, next
-    RIP) and ``cr2`` the faulting address, both as the engine had them when it raised.
+    RIP) and ``cr2`` CR2 as the engine had it when it raised (the faulting address of a #PF).
+    Unicorn leaves CR2 = -2 after the stop (``Vcpu._hook_intr``), so CR2 is always written
+    back: the value the exception gave it, or the one before a #PF the guest never sees.
     """
     vm = v._vm
     if vector == 14:
@@ -201,13 +218,13 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
                 if b is None:
                     return ShutdownExit()
                 map_backing(v, t // gm.PAGE, b, 0)
-            if missing:
+            if missing:  # the guest never saw this #PF: give CR2 back its value
+                v._set_cr2(v._cr2)
                 return None
     if info is None:  # Unicorn's context layout unknown: no error code to push
         return ShutdownExit()
     error_code, software, next_rip = info
-    return interrupts.deliver(v, vector, error_code, next_rip if software else None, software,
-                              cr2 if vector == 14 else None)
+    return interrupts.deliver(v, vector, error_code, next_rip if software else None, software, cr2)
 
 
 def handle_ud(v, quiet: bool = False):

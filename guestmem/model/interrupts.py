@@ -10,12 +10,18 @@ one guest binary behaves alike on both backends:
   CPL, the stack from the 64-bit TSS (IST slot, else RSPn on a privilege change, else the
   current one) aligned to 16 bytes, SS:RSP, RFLAGS, CS:RIP and the error code pushed, TF/NT/RF
   (and IF for an interrupt gate) cleared, SS null on a privilege change;
+- 32-bit protected mode: 8-byte 32-bit interrupt/trap gates, the target code segment's DPL
+  as the new CPL, the stack from the 32-bit TSS (SSn:ESPn) on a privilege change, else the
+  current one, [SS, ESP,] EFLAGS, CS, EIP and the error code pushed as dwords, TF/NT/RF/VM
+  (and IF for an interrupt gate) cleared; task gates and 16-bit gates are not delivered
+  (#GP, then the double-fault rules);
 - real mode: the IVT at IDTR.base, FLAGS, CS, IP pushed, IF/TF/AC cleared.
 
 A fault while delivering (IDT limit, non-present or wrong gate, bad code segment, unmapped
 stack) is combined with the first by the SDM's double-fault table (benign / contributory /
 page fault): delivered as it is, as #DF, or -- a fault while delivering #DF -- a triple fault.
-32-bit protected mode is not delivered (the model's guests do not use it): ``ShutdownExit``.
+CR2: Unicorn leaves garbage in CR2 after it reports an exception; ``deliver`` writes back the
+value the exception gave it (the faulting address for a #PF).
 All guest memory is reached through the guest's page tables and the memslots' backings with
 ``Vm._lock`` held; registers through the vCPU's register cache and engine.
 """
@@ -31,6 +37,7 @@ from .unicorn_cpu import unicorn
 DE, DF, TS, NP, SS, GP, PF = 0, 8, 10, 11, 12, 13, 14
 _WITH_ERROR_CODE = frozenset({DF, TS, NP, SS, GP, PF, 17, 21, 29, 30})
 _CONTRIBUTORY = frozenset({DE, TS, NP, SS, GP})
+_TRAPS = frozenset({1, 3, 4})  # #DB (as delivered here), #BP, #OF: RF is not set in the saved flags
 _TF, _IF, _NT, _RF, _VM, _AC = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 _PF_WRITE = 2
 
@@ -55,12 +62,17 @@ def _combine(first: int, second: int) -> int | None:
     return second
 
 
-class _GuestMemory:
+class GuestMemory:
     """Linear-address reads and writes with the vCPU's current paging state (vm._lock held)."""
 
     def __init__(self, vm, sregs, long_mode: bool) -> None:
         self.vm, self.s = vm, sregs
         self.efer = sregs.efer | ((1 << 10) if long_mode else 0)
+
+    def physical(self, la: int) -> int | None:
+        """The guest-physical address of linear ``la``, or None if not present."""
+        s = self.s
+        return gm.page_walk(lambda a, w: gm.read_guest_phys(self.vm, a, w), s.cr0, s.cr3, s.cr4, self.efer, la)[0]
 
     def _pages(self, la: int, n: int):
         """(physical address or None, offset into the access, length) per page of [la, la+n)."""
@@ -92,34 +104,50 @@ def deliver(v, vector: int, error_code: int | None = None, return_rip: int | Non
 
     ``error_code`` is pushed for the vectors that have one; ``return_rip`` is the RIP to return
     to (default: the current one, i.e. the faulting instruction); ``software`` marks INT n /
-    INT3 / INTO, whose gate DPL must allow the current CPL; ``cr2`` is written to CR2 when a
-    #PF is delivered. Caller holds the vCPU ioctl lock.
+    INT3 / INTO, whose gate DPL must allow the current CPL; ``cr2`` is CR2 as the exception
+    left it (the faulting address of a #PF), written back to the engine; None leaves the
+    engine's CR2 (an exception Unicorn did not report through its hook). Caller holds the
+    vCPU ioctl lock.
     """
     mode = v._mode
-    if mode == "32":
-        return ShutdownExit()
     current = vector
     code = error_code or 0
     for _ in range(3):
         try:
             with v._vm._lock:
                 if mode == "64":
-                    _deliver_long(v, current, code, return_rip, software, cr2)
+                    _deliver_long(v, current, code, return_rip, software)
+                elif mode == "32":
+                    _deliver_protected(v, current, code, return_rip, software)
                 else:
                     _deliver_real(v, current, return_rip, software)
+            if cr2 is not None:
+                v._set_cr2(cr2)
             return None
         except _Fault as fault:
             nxt = _combine(current, fault.vector)
             if nxt is None:
+                if cr2 is not None:
+                    v._set_cr2(cr2)
                 return ShutdownExit()
             # the new fault returns to the instruction that was being delivered for
             current, code, software, return_rip = nxt, (0 if nxt == DF else fault.error_code), False, None
-            cr2 = None if nxt == DF else fault.cr2
+            if nxt == PF:
+                cr2 = fault.cr2
     return ShutdownExit()
 
 
-def _target_cpl(mem: _GuestMemory, gdt_base: int, gdt_limit: int, selector: int, cpl: int) -> int:
-    """The CPL the handler runs at: its code segment's DPL (conforming: unchanged), or raise."""
+def _saved_flags(rflags: int, vector: int, software: bool) -> int:
+    """The flags image pushed for ``vector``: a fault saves it with RF set, so that IRET does not
+    take an instruction breakpoint again (SDM vol. 3, 6.12.1, measured on this host's KVM)."""
+    return rflags if software or vector in _TRAPS else rflags | _RF
+
+
+def _target_cpl(mem: GuestMemory, gdt_base: int, gdt_limit: int, selector: int, cpl: int,
+                long_mode: bool = True) -> int:
+    """The CPL the handler runs at: its code segment's DPL (conforming: unchanged), or raise.
+
+    The segment must be 64-bit code in long mode, 32-bit code (D set, L clear) otherwise."""
     index = selector & ~7
     if selector & 4 or not index or index + 7 > gdt_limit:  # LDT, null or beyond the GDT
         raise _Fault(GP, index)
@@ -131,16 +159,16 @@ def _target_cpl(mem: _GuestMemory, gdt_base: int, gdt_limit: int, selector: int,
     if not access & 0x80:
         raise _Fault(NP, index)
     dpl = (access >> 5) & 3
-    if access & 0x18 != 0x18 or not flags & 0x2 or dpl > cpl:  # a 64-bit code segment, DPL <= CPL
+    width_ok = flags & 0x2 if long_mode else flags & 0x6 == 0x4
+    if access & 0x18 != 0x18 or not width_ok or dpl > cpl:  # code of the mode's width, DPL <= CPL
         raise _Fault(GP, index)
     return cpl if access & 0x4 else dpl
 
 
-def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool,
-                  cr2: int | None) -> None:
+def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
     x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
-    mem = _GuestMemory(v._vm, s, True)
+    mem = GuestMemory(v._vm, s, True)
     idt_error = vector * 8 + 2
     if vector * 16 + 15 > s.idt.limit:
         raise _Fault(GP, idt_error)
@@ -166,7 +194,8 @@ def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, softw
             raise _Fault(TS, s.tr.selector & ~3)
         rsp = struct.unpack("<Q", raw)[0]
     rsp &= ~0xF
-    frame = [s.ss.selector, r.rsp, r.rflags, s.cs.selector, r.rip if return_rip is None else return_rip]
+    frame = [s.ss.selector, r.rsp, _saved_flags(r.rflags, vector, software), s.cs.selector,
+             r.rip if return_rip is None else return_rip]
     if vector in _WITH_ERROR_CODE and not software:
         frame.append(error_code)
     rsp -= 8 * len(frame)
@@ -175,8 +204,6 @@ def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, softw
     flags = r.rflags & ~(_TF | _NT | _RF | _VM | (_IF if gate_type == 0xE else 0))
     with v.uc_lock:
         uc = v._u
-        if vector == PF and cr2 is not None:
-            uc.reg_write(x.UC_X86_REG_CR2, cr2)
         uc.reg_write(x.UC_X86_REG_CS, (target & ~3) | new_cpl)
         if new_cpl != cpl:
             uc.reg_write(x.UC_X86_REG_SS, new_cpl)  # a null SS carrying the new CPL
@@ -185,10 +212,70 @@ def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, softw
     v._queue(rip=handler, rsp=rsp, rflags=flags)
 
 
+def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
+    x = unicorn().x86_const
+    r, s = v._read_regs(), v._read_sregs()
+    mem = GuestMemory(v._vm, s, False)
+    idt_error = vector * 8 + 2
+    if vector * 8 + 7 > s.idt.limit:
+        raise _Fault(GP, idt_error)
+    raw = mem.read(s.idt.base + vector * 8, 8)
+    if raw is None:
+        raise _Fault(GP, idt_error)
+    gate = struct.unpack("<Q", raw)[0]
+    gate_type, gate_dpl, present = (gate >> 40) & 0x1F, (gate >> 45) & 3, (gate >> 47) & 1
+    cpl = s.cs.selector & 3
+    if gate_type not in (0xE, 0xF) or (software and gate_dpl < cpl):  # 32-bit gates, S = 0
+        raise _Fault(GP, idt_error)
+    if not present:
+        raise _Fault(NP, idt_error)
+    target = (gate >> 16) & 0xFFFF
+    handler = (gate & 0xFFFF) | ((gate >> 32) & 0xFFFF_0000)
+    new_cpl = _target_cpl(mem, s.gdt.base, s.gdt.limit, target, cpl, long_mode=False)
+    eip, esp, ss, ss_base = r.rip & 0xFFFF_FFFF, r.rsp & 0xFFFF_FFFF, s.ss.selector, s.ss.base
+    frame = [_saved_flags(r.rflags, vector, software) & 0xFFFF_FFFF, s.cs.selector,
+             eip if return_rip is None else return_rip & 0xFFFF_FFFF]
+    if new_cpl != cpl:
+        slot = 4 + 8 * new_cpl  # ESPn, then SSn, in the 32-bit TSS
+        raw = mem.read(s.tr.base + slot, 8) if s.tr.limit >= slot + 7 else None
+        if raw is None:
+            raise _Fault(TS, s.tr.selector & ~3)
+        new_esp, new_ss = struct.unpack("<II", raw)
+        frame = [ss, esp] + frame
+        esp, ss, ss_base = new_esp, new_ss & 0xFFFF, 0  # flat: the model keeps SS bases at 0
+    if vector in _WITH_ERROR_CODE and not software:
+        frame.append(error_code & 0xFFFF_FFFF)
+    esp = (esp - 4 * len(frame)) & 0xFFFF_FFFF
+    if not mem.write(ss_base + esp, struct.pack(f"<{len(frame)}I", *reversed(frame))):
+        raise _Fault(PF, _PF_WRITE, cr2=ss_base + esp)
+    flags = r.rflags & ~(_TF | _NT | _RF | _VM | (_IF if gate_type == 0xE else 0))
+    gdt_page = mem.physical(s.gdt.base + (target & ~7))
+    if gdt_page is None or not exits_map(v, gdt_page):
+        raise _Fault(GP, target & ~7)
+    with v.uc_lock:
+        uc = v._u
+        try:
+            if new_cpl != cpl:
+                uc.reg_write(x.UC_X86_REG_SS, (ss & ~3) | new_cpl)
+            uc.reg_write(x.UC_X86_REG_CS, (target & ~3) | new_cpl)
+        except unicorn().UcError:
+            raise _Fault(GP, target & ~7) from None
+    v._sregs_stale = True
+    v._queue(rip=handler, rsp=(r.rsp & ~0xFFFF_FFFF) | esp, rflags=flags)
+
+
+def exits_map(v, pa: int) -> bool:
+    """Map guest-physical ``pa`` in the engine (``exits.map_physical``; imported late: exits
+    imports this module)."""
+    from .exits import map_physical
+
+    return map_physical(v, pa)
+
+
 def _deliver_real(v, vector: int, return_rip: int | None, software: bool) -> None:
     x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
-    mem = _GuestMemory(v._vm, s, False)
+    mem = GuestMemory(v._vm, s, False)
     if vector * 4 + 3 > s.idt.limit:
         raise _Fault(GP, 0)
     raw = mem.read(s.idt.base + vector * 4, 4)

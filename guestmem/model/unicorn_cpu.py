@@ -150,6 +150,7 @@ def load_state(uc, mode: str, regs: Regs, sregs: Sregs, gpr_ids: list[int], rip_
         uc.reg_write(x.UC_X86_REG_CR4, s.cr4 & (2**bits - 1))
         uc.reg_write(x.UC_X86_REG_CR3, s.cr3 & (2**bits - 1))
     uc.reg_write(x.UC_X86_REG_CR0, s.cr0 & 0xFFFF_FFFF)
+    uc.reg_write(x.UC_X86_REG_CR2, s.cr2 & (2**bits - 1))
     uc.reg_write(x.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
     uc.reg_write(x.UC_X86_REG_IDTR, (0, s.idt.base, s.idt.limit, 0))
     if mode == "16":
@@ -160,8 +161,8 @@ def load_state(uc, mode: str, regs: Regs, sregs: Sregs, gpr_ids: list[int], rip_
             uc.reg_write(getattr(x, "UC_X86_REG_" + seg.upper()), getattr(s, seg).selector)
         uc.msr_write(FS_BASE, s.fs.base)
         uc.msr_write(GS_BASE, s.gs.base)
-    # 32-bit protected mode keeps Unicorn's flat segments: loading a selector would read
-    # the guest GDT before the fault path has mapped it.
+    # 32-bit protected mode: selectors are loaded from the guest GDT once the fault path has
+    # mapped it (``Vcpu._load_segments``); until then Unicorn's flat segments.
     m = MASK[mode]
     names = REGS[:len(gpr_ids)]
     uc.reg_write_batch([(i, getattr(regs, n) & m) for i, n in zip(gpr_ids, names)]

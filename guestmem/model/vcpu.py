@@ -61,6 +61,7 @@ from ..uapi import IoDirection
 from . import fdtable
 from . import exits
 from . import guest_mapping as gm
+from . import interrupts
 from .code_cache import CodeCache
 from .hidden_state import HiddenState
 from .io_sites import IoSites
@@ -124,6 +125,7 @@ class Vcpu(VcpuState):
         self._io_data = None
         self._mmio_data = None
         self._hc_ret = 0
+        self._cr2 = 0  # CR2 as the guest last saw it (Unicorn clobbers it: exits.handle_exception)
         self._is_tdx: bool | None = None
         self._init_state(vcpu_id)  # CPUID, MSRs, MP state, TSC (vcpu_state)
         vm._get_kvm()  # the vCPU pins the VM (kvm_vm_ioctl_create_vcpu)
@@ -167,6 +169,10 @@ class Vcpu(VcpuState):
             self._map.clear(self._u)
         uc = u.Uc(c.UC_ARCH_X86, mode)
         _prime_edge_hook(uc)
+        # No exit addresses: emu_start's ``until`` is ignored. With one, Unicorn 2.1.4 drops the
+        # translation at until-1 after every run, and translating that address through the
+        # guest's page tables raises a #PF inside the engine that leaves CR2 = -2 (measured).
+        uc.ctl_exits_enabled(True)
         uc.hook_add(c.UC_HOOK_EDGE_GENERATED, self._hook_tb)
         self._code = CodeCache()
         uc.hook_add(c.UC_HOOK_MEM_UNMAPPED, self._hook_unmapped)
@@ -338,7 +344,38 @@ class Vcpu(VcpuState):
         self._pc = self._linear(r.rip)
         self._wr.clear()
         self._xlate = None
+        self._cr2 = self._sregs.cr2
         self._sregs_dirty = False
+
+    def _load_segments(self) -> None:
+        """32-bit protected mode: load the selectors from the guest GDT, as a far jump would
+        (Unicorn reads the descriptors), so that exception frames and IRET see the guest's CS.
+
+        Caller holds Vm._lock, not uc_lock. A selector whose descriptor cannot be read keeps
+        Unicorn's flat segment, as before.
+        """
+        s = self._sregs
+        mem = interrupts.GuestMemory(self._vm, s, False)
+        for index in {sel & ~7 for sel in (s.cs.selector, s.ss.selector, s.ds.selector)}:
+            pa = mem.physical(s.gdt.base + index)
+            if pa is not None:
+                exits.map_physical(self, pa)
+        x = _unicorn().x86_const
+        with self.uc_lock:
+            for seg in ("ss", "cs", "ds", "es", "fs", "gs"):
+                selector = getattr(s, seg).selector
+                if selector & ~3 or seg in ("cs", "ss"):
+                    try:
+                        self._u.reg_write(getattr(x, "UC_X86_REG_" + seg.upper()), selector)
+                    except _unicorn().UcError:
+                        pass
+
+    def _set_cr2(self, value: int) -> None:
+        """Write CR2 into the engine and remember it as the guest's (caller holds no uc_lock)."""
+        with self.uc_lock:
+            self._ra.write((_unicorn().x86_const.UC_X86_REG_CR2,), (value,))
+        self._cr2 = value
+        self._sregs_stale = True
 
     # Every ioctl checks for close() under _ioctl_lock: close() takes that lock before it drops
     # the engine, so a call racing it either completes or fails with EBADF.
@@ -546,6 +583,8 @@ class Vcpu(VcpuState):
             with self._vm._lock:
                 with self.uc_lock:
                     self._sync_out()
+                if self._mode == "32":
+                    self._load_segments()
         err = None
         with self.uc_lock:
             if self._kick:
