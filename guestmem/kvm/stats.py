@@ -56,7 +56,7 @@ class StatsFd(FdObject):
         try:
             data = os.pread(self._fd, n, offset)
         except OSError as exc:
-            raise oserror(exc.errno, f"pread({self._what()}, {n}, {offset:#x})") from None
+            raise oserror(exc.errno or 5, f"pread({self._what()}, {n}, {offset:#x})") from None
         if len(data) != n:
             raise oserror(5, f"short read of {self._what()}: {len(data)} of {n} bytes at {offset:#x}")
         return data

@@ -15,7 +15,7 @@ import dataclasses
 import errno
 import mmap
 import struct
-from typing import Any, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from .. import uapi
 from ..encoding import encode_unsigned
@@ -55,7 +55,7 @@ def value_to_struct(value: Any, s: ctypes.Structure, what: str) -> ctypes.Struct
     :raises OSError: EINVAL for an integer that does not fit its field or a byte string or
         tuple of the wrong length.
     """
-    ctypes_of = dict(type(s)._fields_)
+    ctypes_of: dict[str, Any] = {f[0]: f[1] for f in type(s)._fields_}
     for f in dataclasses.fields(value):
         v, name, ctype = getattr(value, f.name), f"{what}.{f.name}", ctypes_of[f.name]
         if dataclasses.is_dataclass(v):
@@ -141,6 +141,14 @@ def read_msr_list(fd: int, request: int, name: str) -> tuple[int, ...]:
 
 class VcpuState:
     """CPUID, MSR, MP-state and TSC ioctls of a KVM vCPU (mixed into ``vcpu.Vcpu``)."""
+
+    if TYPE_CHECKING:  # provided by vcpu.Vcpu / FdObject
+        vm: Any
+        vcpu_id: int
+        _ring: mmap.mmap | None
+        _ring_next: int
+
+        def _check(self) -> int: ...
 
     def get_cpuid2(self) -> tuple[CpuidEntry, ...]:
         """KVM_GET_CPUID2 (api.rst 4.63): the vCPU's CPUID entries. :raises OSError: EBADF if closed."""
@@ -395,7 +403,7 @@ class VcpuState:
                 ring = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                  offset=uapi.KVM_DIRTY_LOG_PAGE_OFFSET * uapi.PAGE_SIZE)
             except OSError as exc:
-                raise oserror(exc.errno, f"mmap of the dirty ring of vCPU {self.vcpu_id}") from None
+                raise oserror(exc.errno or errno.EIO, f"mmap of the dirty ring of vCPU {self.vcpu_id}") from None
             self._ring, self._ring_next = ring, 0
         entries = len(ring) // _GFN.size
         out = []

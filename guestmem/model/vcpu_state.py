@@ -34,7 +34,7 @@ import dataclasses
 import errno
 import functools
 import os
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..encoding import encode_unsigned
 
@@ -55,10 +55,10 @@ _FP_RANGES = ((0, 24), (32, 160))
 _SSE_RANGES = ((160, 416),)
 _YMM_RANGES = ((576, 832),)
 _MXCSR = (24, 32)  # MXCSR and MXCSR_MASK: present when SSE or YMM is
-_INIT_FPSTATE = bytearray(XSAVE_SIZE)
-_INIT_FPSTATE[0:2] = (0x37F).to_bytes(2, "little")  # FCW after FNINIT
-_INIT_FPSTATE[24:32] = MXCSR_DEFAULT.to_bytes(4, "little") + MXCSR_MASK.to_bytes(4, "little")
-_INIT_FPSTATE = bytes(_INIT_FPSTATE)
+_init = bytearray(XSAVE_SIZE)
+_init[0:2] = (0x37F).to_bytes(2, "little")  # FCW after FNINIT
+_init[24:32] = MXCSR_DEFAULT.to_bytes(4, "little") + MXCSR_MASK.to_bytes(4, "little")
+_INIT_FPSTATE = bytes(_init)
 # kvm_vcpu_ioctl_x86_get_vcpu_events without exception payloads or triple-fault events enabled.
 _EVENT_FLAGS = int(VcpuEventValid.NMI_PENDING | VcpuEventValid.SHADOW | VcpuEventValid.SMM)
 _EVENT_VALID = int(sum(VcpuEventValid))
@@ -99,6 +99,17 @@ def _runtime_cpuid(e: CpuidEntry, cr4: int) -> CpuidEntry:
 
 class VcpuState:
     """CPUID, MSR, MP-state and TSC ioctls of a model vCPU (mixed into ``vcpu.Vcpu``)."""
+
+    if TYPE_CHECKING:  # provided by vcpu.Vcpu
+        import threading
+
+        vcpu_id: int
+        _vm: Any
+        _u: Any
+        _ioctl_lock: threading.Lock
+
+        def _check(self) -> None: ...
+        def _stats(self) -> dict: ...
 
     def _init_state(self, vcpu_id: int) -> None:
         self._cpuid: tuple[CpuidEntry, ...] = ()
