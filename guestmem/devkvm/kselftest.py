@@ -12,7 +12,9 @@ there with the system compiler. A test's result is its kselftest exit status: 0 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import os
@@ -21,7 +23,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .native import Unavailable
 
@@ -70,6 +72,17 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "guestmem" / "kselftest"
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def find_source(source: str | None = None) -> Path:
@@ -221,8 +234,9 @@ def run(source: str | None = None, profile: str | None = None, keyword: str | No
     chosen = [(t, tuple(a)) for t, a in tests if not keyword or keyword in " ".join((t, *a))]
     if not chosen:
         return profile, []
-    tree, include = prepare(src)
-    binaries = build(tree, include, [t for t, _ in chosen])
+    with _cache_lock():  # another run (a parallel test session) may be building the same tree
+        tree, include = prepare(src)
+        binaries = build(tree, include, [t for t, _ in chosen])
     host_ok, host_why = guestmem.kvm_available() if host else (False, "not requested")
     env = program_env(profile)
     results = []
