@@ -224,13 +224,13 @@ def run(source: str | None = None, profile: str | None = None, keyword: str | No
     :raises Unavailable: no source, no compiler, no make/rsync, or the build failed.
     """
     import guestmem
-    from ..model.profile import PROFILES
+    from ..model.profile import DEFAULT_PROFILE, PROFILES
     from . import program_env
 
     src = find_source(source)
     if profile is None:
         version = kernel_version(src)
-        profile = version if version in PROFILES else "6.18"
+        profile = version if version in PROFILES else DEFAULT_PROFILE
     chosen = [(t, tuple(a)) for t, a in tests if not keyword or keyword in " ".join((t, *a))]
     if not chosen:
         return profile, []

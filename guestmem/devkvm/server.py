@@ -607,7 +607,9 @@ _server: Server | None = None
 def attach(lib: Any) -> None:
     """Create the process's server; the native library calls this once, at start-up."""
     global _server
-    _server = Server(lib, os.environ.get("GUESTMEM_DEVKVM_PROFILE") or "6.18",
+    from ..model.profile import DEFAULT_PROFILE
+
+    _server = Server(lib, os.environ.get("GUESTMEM_DEVKVM_PROFILE") or DEFAULT_PROFILE,
                      os.environ.get("GUESTMEM_DEVKVM_TRACE") or None)
     _server.start_kicker()
     lib.gm_set_ready()
