@@ -408,3 +408,26 @@ def test_hwpoison_and_punch_follow_the_file_attributes(sw_vm):
     assert touch(m, 0) == 0 and touch(m, 3 * P) == "SIGBUS"
     gmem.set_memory_attributes(3 * P, P, 0)
     assert touch(m, 3 * P) == 0
+
+
+@pytest.mark.parametrize("profile, in_place", [("6.18", False), ("next", True)])
+def test_rules_that_differ_by_profile(profile, in_place):
+    """One field (gmem_in_place_conversion) decides each rule; the same calls on both profiles."""
+    with guestmem.open_system("model", profile=profile) as s:
+        sw = s.create_vm(SW)
+        assert bool(sw.check_extension(Cap.GUEST_MEMFD_FLAGS) & INIT_SHARED) == in_place
+        if in_place:
+            sw.create_guest_memfd(P, MMAP | INIT_SHARED)
+        else:
+            raises(errno.EINVAL, sw.create_guest_memfd, P, MMAP | INIT_SHARED)
+        gmem = sw.create_guest_memfd(4 * P)  # no MMAP
+        sw.set_user_memory_region2(1, GMEM, 0, 4 * P, 0, gmem, 0)
+        assert sw.memslots()[0].gmem_only == in_place
+        assert (sw.check_extension(Cap.MEMORY_ATTRIBUTES) == PRIVATE) != in_place
+        assert (sw.check_extension(Cap.GUEST_MEMFD_MEMORY_ATTRIBUTES) == PRIVATE) == in_place
+        if in_place:
+            raises(errno.EINVAL, sw.set_memory_attributes, 0, P, PRIVATE)
+            gmem.set_memory_attributes(0, P, 0)
+        else:
+            sw.set_memory_attributes(0, P, PRIVATE)
+            raises(errno.ENOTTY, gmem.set_memory_attributes, 0, P, 0)

@@ -56,6 +56,7 @@ tuple; a snapshot already handed out never changes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -273,6 +274,9 @@ class GuestMemory:
         self.conversion = conversion
         """The layout of private-capable regions: "in-place" or "two-backings"."""
         self.in_place = conversion == "in-place"
+        # Host accesses serialise with conversions only in place, where a page turning private
+        # under a read would SIGBUS; the two-backing views never fault.
+        self._view_lock: Any = self.lock if self.in_place else contextlib.nullcontext()
         self.has_private = in_place if self.in_place else vm_level
         for r in self.regions:
             if r.private and self.in_place and not in_place:
@@ -408,18 +412,18 @@ class GuestMemory:
         :raises OSError: EFAULT outside one region, on a view the host cannot touch, or (in
             place) on a range holding private pages.
         """
-        with self.lock:  # in place: no conversion may make the range private meanwhile
+        with self._view_lock:  # in place: no conversion may make the range private meanwhile
             m, off = self._host(gpa, size)
             return m.read(off, size)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Write guest memory through the host's shared view (errors as ``read``)."""
-        with self.lock:
+        with self._view_lock:
             m, off = self._host(gpa, len(data))
             m.write(off, data)
 
     def fill(self, gpa: int, size: int, byte: int) -> None:
-        with self.lock:
+        with self._view_lock:
             m, off = self._host(gpa, size)
             m.fill(off, size, byte)
 
