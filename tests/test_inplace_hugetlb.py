@@ -187,3 +187,21 @@ def test_2m_folio_accounting_matches_reference(sw_vm, shared, ops):
 @given(shared=st.booleans(), ops=_ops(2, G1 // P))
 def test_1g_folio_accounting_matches_reference(sw_vm, shared, ops):
     _run(sw_vm, G1, "1G", 2, shared, ops)
+
+
+def test_no_direct_map_flag_is_offered_except_for_protected_vms():
+    """NO_DIRECT_MAP (profile field) is a valid create flag, reported in GUEST_MEMFD_FLAGS, and
+    refused for the TDX-like VM type; released profiles do not know it."""
+    from guestmem.model import GUESTMEM_TDX_LIKE_VM
+
+    ndm = NEXT.gmem_no_direct_map_flag
+    with guestmem.open_system("model", profile="next") as s:
+        for vm_type in (0, SW):
+            vm = s.create_vm(vm_type)
+            assert vm.check_extension(244) & ndm
+            vm.create_guest_memfd(P, MMAP | ndm)
+        tdx = s.create_vm(GUESTMEM_TDX_LIKE_VM)
+        assert not tdx.check_extension(244) & ndm
+        raises(errno.EINVAL, tdx.create_guest_memfd, P, ndm)
+    with guestmem.open_system("model", profile="6.18") as s:
+        raises(errno.EINVAL, s.create_vm(0).create_guest_memfd, P, ndm)

@@ -51,7 +51,7 @@ EXPECT: dict[str, dict[str, Any]] = {
                 wrapped_bind=False, overlap=errno.EEXIST, collapse_keep=errno.EOPNOTSUPP),
     # 7.2 plus the in-flight in-place conversion (HugeTLB create flag 1 << 3, INIT_SHARED for
     # private-memory VMs too)
-    "next": dict(flags_default=0b1011, flags_alone=0b11, flags_sw=0b1011, cap_gmem_default=1, default_binds=True, sw_as=1,
+    "next": dict(flags_default=0b1111, flags_alone=0b111, flags_sw=0b1111, cap_gmem_default=1, default_binds=True, sw_as=1,
                  pre_fault_cap=1, pre_fault_errno=errno.ENOENT, exec_errno=errno.EPERM,
                  wrapped_bind=False, overlap=errno.EEXIST, collapse_keep=errno.EOPNOTSUPP),
 }

@@ -59,7 +59,10 @@ attributes and SW_PROTECTED VMs), except ``"6.18-host"``:
   later and less settled postings: HugeTLB backing with 2 MiB / 1 GiB folios (the 2026
   HugeTLB-on-in-place work; its flag and size encoding are our choice, kept in fields below)
   and write()/pwrite() population of shared pages (Kalyazin's "generic population via
-  write"). NO_DIRECT_MAP is not modelled (the model has no direct map to remove).
+  write"). ``GUEST_MEMFD_FLAG_NO_DIRECT_MAP`` (1 << 2, Patrick Roy's series as carried by
+  Firecracker) is accepted and reported with its refusal rule (not for VMs whose memory the
+  hardware protects: the TDX-like type here); the model has no kernel direct map to remove,
+  so it changes nothing else.
 
 The model-only VM type ``GUESTMEM_TDX_LIKE_VM`` (0x100, a guestmem extension outside the
 kernel's numbering) has private memory like SW_PROTECTED; its vCPUs (guestmem.model.vcpu)
@@ -174,6 +177,8 @@ class Profile:
     gmem_huge_sizes: tuple[int, ...] = ()
     """Folio sizes a HugeTLB guest_memfd may ask for, encoded as log2(size) << gmem_huge_shift."""
     gmem_huge_shift: int = 26
+    gmem_no_direct_map_flag: int = 0
+    """GUEST_MEMFD_FLAG_NO_DIRECT_MAP (in flight; 1 << 2 in recent revisions), 0: not offered."""
     """Bit position of the 6-bit log2(folio size) field in the create flags (as MAP_HUGE_SHIFT)."""
 
     @property
@@ -187,13 +192,14 @@ class Profile:
     def vm_types_cap(self) -> int:
         return 0b11 if self.memory_attributes else 0b1
 
-    def gmem_flags(self, private_mem: bool) -> int:
+    def gmem_flags(self, private_mem: bool, protected: bool = False) -> int:
         """kvm_gmem_get_supported_flags: MMAP always, INIT_SHARED only without private memory
-        unless in-place conversion is on, plus the HugeTLB flag where modelled."""
+        unless in-place conversion is on, plus the HugeTLB flag where modelled, and NO_DIRECT_MAP
+        except for VMs with hardware-protected memory (``protected``: TDX/SNP-like)."""
         if not self.gmem_mmap:
             return 0
         flags = 0b01 if private_mem and not self.gmem_in_place_conversion else 0b11
-        return flags | self.gmem_hugetlb_flag
+        return flags | self.gmem_hugetlb_flag | (0 if protected else self.gmem_no_direct_map_flag)
 
     def address_spaces(self, private_mem: bool) -> int:
         """kvm_arch_nr_memslot_as_ids: SMM adds a second one, not for private-mem VMs (6.12+)."""
@@ -228,7 +234,8 @@ PROFILES: dict[str, Profile] = {
 }
 # "next" is the newest released profile plus the in-flight series: rebase it when a newer one lands.
 PROFILES["next"] = dataclasses.replace(PROFILES["7.2"], name="next", gmem_in_place_conversion=True, gmem_write=True,
-                                       gmem_hugetlb_flag=1 << 3, gmem_huge_sizes=(1 << 21, 1 << 30))
+                                       gmem_hugetlb_flag=1 << 3, gmem_huge_sizes=(1 << 21, 1 << 30),
+                                       gmem_no_direct_map_flag=1 << 2)
 
 DEFAULT_PROFILE = "7.2"
 """The newest released kernel the model covers (spec 13: nothing guest_memfd-visible after 7.2)."""

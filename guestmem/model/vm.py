@@ -38,7 +38,7 @@ from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KV
 from . import fdtable
 from .guest_memfd import GuestMemfd
 from .memslot import LEVEL_PAGES, Memslot
-from .profile import PRIVATE_MEM_VM_TYPES, Profile
+from .profile import GUESTMEM_TDX_LIKE_VM, PRIVATE_MEM_VM_TYPES, Profile
 from .vm_state import VmState
 from .vcpu_checks import check_vcpu_id
 
@@ -193,7 +193,7 @@ class Vm(VmState):
             if reserved is not None:
                 encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
             if flags:
-                supported = self._profile.gmem_flags(self._private_mem)
+                supported = self._profile.gmem_flags(self._private_mem, self.type == GUESTMEM_TDX_LIKE_VM)
                 if self._profile.gmem_hugetlb_flag:
                     supported |= 0x3F << self._profile.gmem_huge_shift  # the folio-size field
                 if flags & ~supported:

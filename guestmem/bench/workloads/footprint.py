@@ -3,7 +3,7 @@
 The workload (``guestmem run``'s default: 2 vCPUs, 64 MiB, 16 iterations of 4 KiB, 2 MiB and
 2 MiB + 4 KiB conversions with host checks) runs on the model in three layouts, in turns
 inside one process: **in-place** (profile "next": one guest_memfd per private-capable region,
-conversions through the file), **two-backings** (profile "6.18": guest_memfd + shared memfd,
+conversions through the file), **two-backings** (the default profile: guest_memfd + shared memfd,
 the opposite backing punched on every conversion, as QEMU does) and **two-backings without
 discard** (what a VMM keeps when it cannot punch its shared RAM, e.g. because a VFIO device
 has all of it pinned). Host memory is ``GuestMemory.host_memory()`` at the end of the run:
@@ -16,11 +16,12 @@ from __future__ import annotations
 import guestmem
 
 from ... import workloads
+from ...model.profile import DEFAULT_PROFILE
 from ...vmm.machine import Machine, boot_region
 from ..harness import CheckFailed, Context, Stats, at_most
 
 GOAL = at_most(0.55, "≤ 0.55x two-backings")
-LAYOUTS = (("in-place", "next", True), ("two-backings", "6.18", True), ("two-backings", "6.18", False))
+LAYOUTS = (("in-place", "next", True), ("two-backings", DEFAULT_PROFILE, True), ("two-backings", DEFAULT_PROFILE, False))
 
 
 def _measure(layout: str, profile: str, discard: bool, iterations: int) -> dict[str, int]:
