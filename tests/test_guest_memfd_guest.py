@@ -3,9 +3,10 @@
 Guest RAM is a guest_memfd created with MMAP|INIT_SHARED and bound as a memslot; the host
 reads and writes the same bytes through the gmem mmap while the guest runs.
 
-Host quirk (kvm_pvm, DEVELOPERS.md): the kernel reaches guest memory through the memslot's
-userspace_addr even for guest_memfd slots, so these tests set userspace_addr to the gmem
-mapping. The spec's GT-16 uses userspace_addr = 0, which only works on hardware KVM.
+Host quirk (kvm_pvm, DEVELOPERS.md): its emulator (real-mode and CPL0 code) reaches guest
+memory through the memslot's userspace_addr even for guest_memfd slots (native CPL3 code
+reads the file), so these tests set userspace_addr to the gmem mapping. The spec's GT-16
+uses userspace_addr = 0, which only works on hardware KVM.
 """
 
 from __future__ import annotations
@@ -200,3 +201,31 @@ def test_moved_memslot_leaves_an_mmio_hole_at_its_old_gpa(system):
     vcpu.close()
     vm.close()
     data.close()
+
+
+@pytest.mark.parametrize("cpl", [3, pytest.param(0, marks=pytest.mark.kvm_pvm_differs(
+    "kvm_pvm's emulator (CPL0 code) reads guest memory through userspace_addr even for guest_memfd "
+    "slots: the guest reads the decoy (measured; native CPL3 code reads the file)"))])
+def test_guest_reads_an_mmap_guest_memfd_slot_from_the_file_not_userspace_addr(system, cpl):
+    """6.18: a slot bound to a guest_memfd with GUEST_MEMFD_FLAG_MMAP takes every fault from
+    the file (spec 2.3, GMEM_ONLY), even one without INIT_SHARED; userspace_addr is unused."""
+    vm = system.create_vm()
+    if not vm.check_extension(Cap.GUEST_MEMFD_FLAGS) & GuestMemfdFlag.MMAP:
+        pytest.skip("no GUEST_MEMFD_FLAG_MMAP on this kernel")
+    gpa = 0x4000_0000
+    fd = hostmem.memfd("guestmem-test-decoy", 0x1000)
+    try:
+        decoy = hostmem.Mapping(hostmem.mmap(0x1000, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), 0x1000)
+    finally:
+        os.close(fd)
+    decoy.fill(0, 0x1000, 0x77)
+    gmem = vm.create_guest_memfd(0x1000, GuestMemfdFlag.MMAP)
+    vm.set_user_memory_region2(1, MemFlag.GUEST_MEMFD, gpa, 0x1000, userspace_addr=decoy.address,
+                               guest_memfd=gmem)
+    code = f"mov rbx, {gpa:#x}\nmov eax, [rbx]\nout {guest.PORT_DONE}, eax"
+    vcpu, _ = boot(vm, guest.long_mode_guest(code, cpl=cpl, identity_map=[(gpa, 0x1000)]))
+    assert run_to_port(vcpu, guest.PORT_DONE).data == bytes(4)  # a fresh gmem page, not 0x77
+    vcpu.close()
+    vm.close()
+    gmem.close()
+    decoy.close()

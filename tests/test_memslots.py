@@ -194,6 +194,15 @@ def test_pads_are_never_checked(vm):
     assert gpa_taken(vm, GPA, M2) and file_range_bound(vm, g, 0, M2)
 
 
+def test_pads_must_fit_their_fields(vm):
+    """Never checked by the kernel, but a value the struct cannot hold is refused before the
+    ioctl (EINVAL naming the field), and nothing is created."""
+    g = vm.create_guest_memfd(M2)
+    raises(errno.EINVAL, vm.set_user_memory_region2, SLOT, G, GPA, M2, 0, g, 0, pad2=[0] * 13 + [1 << 64])
+    raises(errno.EINVAL, vm.set_user_memory_region2, SLOT, G, GPA, M2, 0, g, 0, pad1=1 << 32)
+    assert not gpa_taken(vm, GPA, M2)
+
+
 def test_gmem_slot_userspace_addr_still_checked(vm):
     g = vm.create_guest_memfd(M2)
     raises(errno.EINVAL, add_gmem, vm, g, uaddr=5)

@@ -274,3 +274,36 @@ def test_hwpoison_sigbus_in_host_mapping_until_punched(model_system):
     assert touch(m, P) == 0 and touch(m2, P, 5) == 5
     raises(errno.EINVAL, g.inject_hwpoison, 4 * P)
     m.close(), m2.close(), g.close()
+
+
+def test_vcpu_holds_the_vm_until_it_closes(model_system):
+    """Spec 3.5: a vCPU holds one VM reference (kvm_get_kvm), dropped at close; the VM goes
+    when its fd, its vCPUs and its guest_memfds are all closed."""
+    vm = model_system.create_vm(0)
+    v0, v1 = vm.create_vcpu(0), vm.create_vcpu(1)
+    g = vm.create_guest_memfd(P)
+    assert vm.stats()["guest_memfds"] == 1
+    vm.close()
+    v0.close()
+    g.close()
+    assert not vm._dead
+    v1.close()
+    assert vm._dead
+
+
+def test_vm_error_messages_name_the_rule(model_system):
+    vm, other = model_system.create_vm(SW), model_system.create_vm(SW)
+    g = other.create_guest_memfd(M2)
+    cases = [
+        (lambda: vm.set_user_memory_region2(1, GMEM, 0, M2, 0, g, 0), "another vm"),
+        (lambda: vm.set_memory_attributes(0, P, PRIVATE, 1), "flags"),
+        (lambda: vm.set_memory_attributes(1 << 64, P, PRIVATE), "address"),
+        (lambda: vm.set_user_memory_region2(1, GMEM, 0, M2, 0, 1 << 32, 0), "guest_memfd"),
+    ]
+    for call, word in cases:
+        with pytest.raises(OSError) as info:
+            call()
+        assert word in str(info.value).split(": ", 1)[1].lower(), info.value
+    g.close()
+    vm.close()
+    other.close()
