@@ -303,6 +303,20 @@ def test_plain_slot_rules(vm):
     raises(errno.EINVAL, vm.set_user_memory_region2, 1, RO, GPA + M4, M2, 0)     # toggle READONLY
 
 
+def test_move_onto_another_slot_is_eexist(vm):
+    vm.set_user_memory_region2(1, 0, GPA, M2, 0)
+    vm.set_user_memory_region2(2, 0, GPA + M4, M2, M2)
+    raises(errno.EEXIST, vm.set_user_memory_region2, 1, 0, GPA + M4 + M2 - P, M2, 0)
+    assert gpa_taken(vm, GPA) and not gpa_taken(vm, GPA + M4 + M2)  # nothing moved
+    vm.set_user_memory_region2(1, 0, GPA + M4 + M2, M2, 0)  # right after slot 2: moves
+    assert not gpa_taken(vm, GPA, M2) and gpa_taken(vm, GPA + M4 + M2)
+
+
+def test_vm_reports_its_type(system):
+    with system.create_vm(0) as vm:
+        assert vm.type == 0
+
+
 # --- delete -----------------------------------------------------------------------------------
 
 def test_delete_ignores_fd_offset_and_gpa(vm):

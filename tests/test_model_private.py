@@ -299,6 +299,7 @@ def test_vm_error_messages_name_the_rule(model_system):
         (lambda: vm.set_memory_attributes(0, P, PRIVATE, 1), "flags"),
         (lambda: vm.set_memory_attributes(1 << 64, P, PRIVATE), "address"),
         (lambda: vm.set_user_memory_region2(1, GMEM, 0, M2, 0, 1 << 32, 0), "guest_memfd"),
+        (lambda: vm.set_user_memory_region2(1 << 16, 0, 0, M2, 0), "address space"),
     ]
     for call, word in cases:
         with pytest.raises(OSError) as info:
