@@ -365,3 +365,23 @@ def test_model_ioctl_entered_before_close_completes_fails_with_ebadf(model_syste
         for obj in reversed(vm.test_objects):
             obj.close()
         vm.close()
+
+
+def test_model_runs_from_reset_at_selector_times_16_plus_ip(model_system):
+    """Documented deviation (README, "The model's vCPUs"): Unicorn's real mode takes the CS base
+    from the selector, so a model vCPU run straight from reset fetches at 0xF000 * 16 + 0xFFF0
+    = 0xFFFF0, where KVM fetches at the reset vector 0xFFFFFFF0. A HLT there shows it."""
+    with model_system.create_vm() as vm:
+        gmem = vm.create_guest_memfd(0x10000, SHARED)
+        ram = gmem.mmap()
+        try:
+            vm.set_user_memory_region2(0, MemFlag.GUEST_MEMFD, 0xF0000, 0x10000, userspace_addr=ram.address,
+                                       guest_memfd=gmem)
+            ram.write(0xFFF0, b"\xf4")  # hlt at 0xFFFF0
+            with vm.create_vcpu(0) as vcpu:
+                assert vcpu.get_sregs().cs.base == 0xFFFF_0000  # what KVM reports
+                assert isinstance(vcpu.run(), HltExit)
+                assert vcpu.get_regs().rip == 0xFFF1
+        finally:
+            ram.close()
+            gmem.close()
