@@ -142,18 +142,27 @@ def test_new_vcpu_is_at_the_reset_vector(system, vcpu_id):
     assert s.apic_base == 0xFEE0_0800 | (0x100 if vcpu_id == 0 else 0)  # BSP flag on vCPU 0 only
 
 
-def test_new_vcpu_state_equals_kvm_field_by_field(kvm_system, model_system):
-    """Every field KVM_GET_REGS and KVM_GET_SREGS report for fresh vCPUs 0 and 1."""
+RESET_GETTERS = ("get_regs", "get_sregs", "get_fpu", "get_debugregs", "get_xcrs", "get_vcpu_events", "get_mp_state")
+
+
+@pytest.mark.parametrize("irqchip", [False, True])
+def test_new_vcpu_state_equals_kvm_field_by_field(kvm_system, model_system, irqchip):
+    """Every field KVM reports for fresh vCPUs 0 and 1 (registers, special registers, FPU,
+    debug registers, XCRs, events, MP state), with and without an in-kernel irqchip."""
     seen = {}
     for name, system in (("kvm", kvm_system), ("model", model_system)):
         with system.create_vm() as vm:
+            if irqchip:
+                vm.create_irqchip()
             for vcpu_id in (0, 1):
                 with vm.create_vcpu(vcpu_id) as vcpu:
-                    seen[name, vcpu_id] = (vcpu.get_regs(), vcpu.get_sregs())
+                    seen[name, vcpu_id] = {g: getattr(vcpu, g)() for g in RESET_GETTERS}
     for vcpu_id in (0, 1):
-        (kr, ks), (mr, ms) = seen["kvm", vcpu_id], seen["model", vcpu_id]
-        assert dataclasses.asdict(mr) == dataclasses.asdict(kr)
-        assert dataclasses.asdict(ms) == dataclasses.asdict(ks)
+        for getter in RESET_GETTERS:
+            k, m = seen["kvm", vcpu_id][getter], seen["model", vcpu_id][getter]
+            if dataclasses.is_dataclass(k):
+                k, m = dataclasses.asdict(k), dataclasses.asdict(m)
+            assert m == k, (vcpu_id, getter)
 
 
 # --- KVM_SET_REGS / KVM_SET_SREGS checks ---------------------------------------------------------

@@ -116,7 +116,10 @@ class VcpuState:
         self._msrs = dict(_cpuid.MSRS)
         if vcpu_id != 0:
             self._msrs[0x1B] &= ~0x100  # only the BSP has IA32_APIC_BASE.BSP
-        self._mp_state = int(MpState.RUNNABLE if vcpu_id == 0 else MpState.UNINITIALIZED)
+        # kvm_arch_vcpu_create: without an in-kernel irqchip every vCPU starts RUNNABLE (nothing
+        # would send it INIT/SIPI); with one, only the BSP (measured on this host)
+        bsp_only = getattr(self._vm, "_irqchip", False)
+        self._mp_state = int(MpState.RUNNABLE if vcpu_id == 0 or not bsp_only else MpState.UNINITIALIZED)
         self._tsc_khz = host_tsc_khz()
         self._fpstate = bytearray(_INIT_FPSTATE)
         self._xcr0 = XFEATURE_FP
