@@ -126,7 +126,9 @@ class GuestMemfd(FileOps):
         self._bindings: RangeMap["Memslot | None"] = RangeMap(default=None)
         self._poisoned: set[int] = set()
         self._released = False
-        self._mappings: "weakref.WeakKeyDictionary[Mapping, tuple[int, int]] | None" = None  # -> (offset, prot)
+        # Live user mappings as (weak Mapping, file offset, prot); dead or closed ones are pruned
+        # when the list is walked. A list, not a WeakKeyDictionary: conversions walk it each time.
+        self._mappings: "list[tuple[weakref.ref[Mapping], int, int]] | None" = None
         self._ino = next(_ino_counter)
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._mtime_ns = self._ctime_ns = time.time_ns()
@@ -399,11 +401,18 @@ class GuestMemfd(FileOps):
         shared pages show the memory, private (in-place) and poisoned pages SIGBUS."""
         if self._mappings is None or not self._host_visible():
             return
-        for m, (base, prot) in list(self._mappings.items()):
-            lo, hi = max(start, base), min(end, base + m.length, self.size)
-            if m.closed or lo >= hi:
+        live = []
+        for entry in self._mappings:
+            m = entry[0]()
+            if m is None or m.closed:
                 continue
-            self._map_range(m.address - base, lo, hi, prot)
+            live.append(entry)
+            base, prot = entry[1], entry[2]
+            lo, hi = max(start, base), min(end, base + m.length, self.size)
+            if lo < hi:
+                self._map_range(m.address - base, lo, hi, prot)
+        if len(live) != len(self._mappings):
+            self._mappings = live
 
     def _map_range(self, delta: int, lo: int, hi: int, prot: int) -> None:
         """Map file bytes [lo, hi) at address ``delta + offset`` by the file's state (no EOF part)."""
@@ -473,8 +482,8 @@ class GuestMemfd(FileOps):
             fin = weakref.finalize(pin, self._fput)  # munmap (or GC of the Mapping) drops the file reference
             fin.atexit = False
             if self._mappings is None:
-                self._mappings = weakref.WeakKeyDictionary()
-            self._mappings[mapping] = (offset, prot)
+                self._mappings = []
+            self._mappings.append((weakref.ref(mapping), offset, prot))
             return mapping
 
     # --- refused file operations ------------------------------------------------------------
