@@ -369,6 +369,12 @@ class kvm_msr_list(ctypes.Structure):
     _fields_ = [("nmsrs", ctypes.c_uint32)]
 
 
+class kvm_signal_mask(ctypes.Structure):
+    """Header of the variable-length struct; ``len`` bytes of sigset follow it."""
+
+    _fields_ = [("len", ctypes.c_uint32)]
+
+
 class kvm_mp_state(ctypes.Structure):
     _fields_ = [("mp_state", ctypes.c_uint32)]
 
@@ -728,6 +734,7 @@ KVM_GET_FPU = _IOR(0x8C, kvm_fpu)
 KVM_SET_FPU = _IOW(0x8D, kvm_fpu)
 KVM_GET_LAPIC = _IOR(0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = _IOW(0x8F, kvm_lapic_state)
+KVM_SET_SIGNAL_MASK = _IOW(0x8B, kvm_signal_mask)
 KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2)
 KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)

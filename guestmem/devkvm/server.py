@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import threading
 import time
 import traceback
@@ -58,13 +59,14 @@ _IOCTL_NAMES = {getattr(uapi, n): n for n in dir(uapi) if n.startswith("KVM_") a
 
 
 class _File:
-    __slots__ = ("obj", "kind", "fds", "run")
+    __slots__ = ("obj", "kind", "fds", "run", "sigmask")
 
     def __init__(self, obj: Any, kind: str) -> None:
         self.obj = obj
         self.kind = kind
         self.fds: set[int] = set()
         self.run: _RunPage | None = None
+        self.sigmask: set[int] | None = None  # KVM_SET_SIGNAL_MASK: the thread's mask during KVM_RUN
 
 
 class _RunPage:
@@ -117,6 +119,8 @@ class Server:
                 uapi.KVM_CREATE_IRQCHIP: lambda f, arg: f.obj.create_irqchip() or 0,
                 uapi.KVM_SET_NR_MMU_PAGES: lambda f, arg: f.obj.set_nr_mmu_pages(arg) or 0,
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
+                uapi.KVM_GET_DIRTY_LOG: _get_dirty_log,
+                uapi.KVM_CLEAR_DIRTY_LOG: _clear_dirty_log,
             },
             "gmem": {},
             "vcpu": {
@@ -134,6 +138,7 @@ class Server:
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
                 uapi.KVM_SET_TSC_KHZ: lambda f, arg: f.obj.set_tsc_khz(arg) or 0,
                 uapi.KVM_PRE_FAULT_MEMORY: _pre_fault_memory,
+                uapi.KVM_SET_SIGNAL_MASK: _set_signal_mask,
             },
         }
 
@@ -242,6 +247,15 @@ class Server:
             vcpu.complete_mmio(bytes(run.exit.mmio.data)[:p.len])
         elif isinstance(p, HypercallExit):
             vcpu.set_hypercall_ret(run.exit.hypercall.ret)
+        if f.sigmask is not None:
+            old = signal.pthread_sigmask(signal.SIG_SETMASK, f.sigmask)
+            try:
+                return self._run_masked(vcpu, page, run)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return self._run_masked(vcpu, page, run)
+
+    def _run_masked(self, vcpu: Any, page: "_RunPage", run: Any) -> int:
         if run.immediate_exit:
             # The pending exit completes, then KVM_RUN fails with EINTR and leaves
             # exit_reason alone (kvm_arch_vcpu_ioctl_run, measured on the host).
@@ -519,6 +533,44 @@ def _set_memory_attributes(f: _File, addr: int) -> int:
 def _enable_cap(f: _File, addr: int) -> int:
     s = _struct(uapi.kvm_enable_cap, addr)
     f.obj.enable_cap(s.cap, *s.args, flags=s.flags)
+    return 0
+
+
+def _get_dirty_log(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_dirty_log, addr)
+    log = f.obj.get_dirty_log(s.slot)
+    if not s.dirty_bitmap:
+        raise oserror(errno.EFAULT, "kvm_dirty_log.dirty_bitmap is NULL")
+    ctypes.memmove(s.dirty_bitmap, log.bitmap, len(log.bitmap))
+    return 0
+
+
+def _clear_dirty_log(f: _File, addr: int) -> int:
+    s = _struct(uapi.kvm_clear_dirty_log, addr)
+    if not s.dirty_bitmap:
+        raise oserror(errno.EFAULT, "kvm_clear_dirty_log.dirty_bitmap is NULL")
+    bitmap = ctypes.string_at(s.dirty_bitmap, (s.num_pages + 63) // 64 * 8)
+    f.obj.clear_dirty_log(s.slot, s.first_page, s.num_pages, bitmap)
+    return 0
+
+
+_KERNEL_SIGSET_BYTES = 8
+
+
+def _set_signal_mask(f: _File, addr: int) -> int:
+    """KVM_SET_SIGNAL_MASK (api.rst 4.15): the signals blocked while KVM_RUN runs; NULL clears.
+
+    A served ioctl of the drop-in itself: the mask is the program thread's, applied around
+    each KVM_RUN (kvm_sigset_activate). EINVAL unless len is the kernel's sigset size (8).
+    """
+    if not addr:
+        f.sigmask = None
+        return 0
+    n = _struct(ctypes.c_uint32, addr).value
+    if n != _KERNEL_SIGSET_BYTES:
+        raise oserror(errno.EINVAL, f"kvm_signal_mask.len {n} != {_KERNEL_SIGSET_BYTES}")
+    bits = int.from_bytes(ctypes.string_at(addr + 4, n), "little")
+    f.sigmask = {sig for sig in range(1, 65) if bits >> (sig - 1) & 1 and sig in signal.valid_signals()}
     return 0
 
 
