@@ -83,7 +83,8 @@ int main(void)
 	memcpy(mem, code, sizeof(code));
 	mem[0x1000] = 0x42;
 	struct kvm_userspace_memory_region2 r0 = {
-		.slot = 0, .guest_phys_addr = 0, .memory_size = 0x10000, .userspace_addr = (uintptr_t)mem };
+		.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES, .guest_phys_addr = 0, .memory_size = 0x10000,
+		.userspace_addr = (uintptr_t)mem };
 	CHECK(ioctl(vm, KVM_SET_USER_MEMORY_REGION2, &r0) == 0, "memslot 0");
 
 	/* Bound through a dup, as the selftests' vm_mem_add does: the same file. */
@@ -127,6 +128,10 @@ int main(void)
 	CHECK(ioctl(vcpu, KVM_RUN, 0) == 0 && run->exit_reason == KVM_EXIT_HLT, "KVM_RUN: HLT exit");
 	CHECK(mem[0x1001] == 0x99, "the guest stored the byte IN returned");
 	CHECK(ioctl(vcpu, KVM_GET_REGS, &regs) == 0 && regs.rip == sizeof(code), "RIP after HLT");
+	uint64_t dirty = 0;
+	struct kvm_dirty_log log = { .slot = 0, .dirty_bitmap = &dirty };
+	CHECK(ioctl(vm, KVM_GET_DIRTY_LOG, &log) == 0 && (dirty & 2), "KVM_GET_DIRTY_LOG: the page the guest wrote");
+	CHECK(!(dirty & ~3ull), "KVM_GET_DIRTY_LOG: no page the guest did not write");
 
 	run->immediate_exit = 1;
 	run->exit_reason = 0x55;
