@@ -9,6 +9,7 @@ Accesses expected to SIGBUS run in a forked child (tests/probe.py).
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 
@@ -282,6 +283,7 @@ def test_fstat_fields(vm):
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_nlink == 1
     assert st.st_blocks == 0
+    assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())  # the caller's fsuid/fsgid (spec 2.1)
     g.allocate(0, 4 * P)
     assert g.fstat().st_blocks == 0  # i_blocks is never accounted
 
@@ -457,3 +459,20 @@ def test_model_error_messages_name_the_rule(model_system):
             call()
         assert word in str(info.value).split(": ", 1)[1].lower(), info.value
     vm.close()
+
+
+def test_map_sync_is_ignored_with_map_shared_and_refused_with_validate(vm):
+    """do_mmap: flags outside the legacy set are ignored with MAP_SHARED and EOPNOTSUPP with
+    MAP_SHARED_VALIDATE (guest_memfd does not support MAP_SYNC). Measured on 6.18."""
+    require(vm, MMAP | INIT_SHARED)
+    g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    map_sync, map_shared_validate = 0x80000, 0x03
+    g.mmap(P, 0, PROT_READ | PROT_WRITE, MAP_SHARED | map_sync).close()
+    raises(errno.EOPNOTSUPP, g.mmap, P, 0, PROT_READ | PROT_WRITE, map_shared_validate | map_sync)
+    g.mmap(P, 0, PROT_READ | PROT_WRITE, map_shared_validate).close()
+
+
+def test_fallocate_on_a_closed_guest_memfd_is_ebadf(vm):
+    g = vm.create_guest_memfd(4 * P)
+    g.close()
+    raises(errno.EBADF, g.fallocate, KEEP, 0, P)

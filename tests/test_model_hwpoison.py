@@ -168,5 +168,8 @@ def test_allocation_failure_is_reported_as_the_kernel_would(model_system, monkey
         g.allocate(0, PAGE)
     assert info.value.errno == reported
     assert vm.stats()["gmem"]["pages_allocated"] == 0
+    monkeypatch.undo()
+    g.allocate(0, 2 * PAGE)
+    assert vm.stats()["gmem"]["pages_allocated"] == 2
     g.close()
     vm.close()
