@@ -4,6 +4,10 @@ Both backends normalise every ioctl argument here before anything else, so a val
 kernel would see as -1, or a value no field can hold, behaves the same on either backend:
 negative values wrap to two's complement (they reach the kernel and get its errno); a value
 that no field of that width can hold never reaches it (EINVAL naming the field).
+
+Types are never converted: an integer argument must be an ``int`` (``bool`` and IntEnum are
+ints), data must be bytes-like; anything else is TypeError naming the argument
+(``check_int``, ``bytes_arg``). README "Input contract" states the rules.
 """
 
 from __future__ import annotations
@@ -16,12 +20,32 @@ from .errors import oserror
 _U64_LIMIT = 1 << 64
 
 
+def check_int(value: Any, field: str) -> None:
+    """TypeError naming ``field`` unless ``value`` is an int (bool included): no ``int()`` of
+    floats, strings or bytes."""
+    if value.__class__ is not int and not isinstance(value, int):
+        raise TypeError(f"{field} must be an int, not {type(value).__name__}")
+
+
+def bytes_arg(data: Any, field: str) -> memoryview:
+    """``data`` as a flat byte view; TypeError naming ``field`` unless it is bytes-like."""
+    if isinstance(data, str):
+        raise TypeError(f"{field} must be bytes-like, not str")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"{field} must be bytes-like, not {type(data).__name__}") from None
+    if view.format != "B" or view.ndim != 1:
+        view = memoryview(view.tobytes())
+    return view
+
+
 def encode_unsigned(value: int, bits: int, field: str) -> int:
     """``value`` as the two's-complement unsigned ``bits``-wide field the kernel reads.
 
     :raises OSError: EINVAL if ``value < -2**(bits-1)`` or ``value >= 2**bits``.
     """
-    value = int(value)
+    check_int(value, field)
     if not -(1 << (bits - 1)) <= value < (1 << bits):
         raise oserror(errno.EINVAL, f"{field}={value:#x} does not fit in a u{bits}")
     return value & ((1 << bits) - 1)
@@ -52,8 +76,11 @@ def encode_fd(obj: Any, field: str) -> int:
         return 0
     if isinstance(obj, int):
         return encode_unsigned(obj, 32, field)
+    fileno = getattr(obj, "fileno", None)
+    if not callable(fileno):
+        raise TypeError(f"{field} must be a file object, an int fd or None, not {type(obj).__name__}")
     try:
-        fd = obj.fileno()
+        fd = fileno()
     except (OSError, ValueError):
         fd = -1
     return encode_unsigned(fd, 32, field)
@@ -64,7 +91,15 @@ def encode_array(values: Iterable[int] | None, length: int, bits: int, field: st
 
     :raises OSError: EINVAL if there are more than ``length`` values or one does not fit.
     """
-    items = [] if values is None else list(values)
+    if values is None:
+        items: list = []
+    elif isinstance(values, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"{field} must be a sequence of ints, not {type(values).__name__}")
+    else:
+        try:
+            items = list(values)
+        except TypeError:
+            raise TypeError(f"{field} must be a sequence of ints, not {type(values).__name__}") from None
     if len(items) > length:
         raise oserror(errno.EINVAL, f"{field} has {len(items)} elements; the struct holds {length}")
     return [encode_unsigned(v, bits, f"{field}[{i}]") for i, v in enumerate(items)] + [0] * (length - len(items))

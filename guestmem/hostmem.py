@@ -1,20 +1,24 @@
 """Host memory primitives both backends share: libc mmap/munmap/fallocate and ``Mapping``.
 
 Python's ``mmap.mmap`` refuses to map a regular file past its size, but guest_memfd
-mappings may extend past EOF (touching there raises SIGBUS, spec GT-06), so mappings go
-through libc directly. A ``Mapping`` is a live ``MAP_SHARED`` view with a real host
-address that can serve as a memslot's ``userspace_addr``.
+mappings may extend past EOF (touching there raises SIGBUS, spec GT-06), so the kernel maps
+the file through libc; ``map_file`` then moves that mapping under an ``mmap.mmap`` object,
+which owns it. A ``Mapping`` is a live view with a real host address that can serve as a
+memslot's ``userspace_addr``; it cannot dangle (see its docstring).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap as _mmap
 import os
+import weakref
+from typing import Callable
 
-from .encoding import encode_signed
-from .errors import oserror
+from .encoding import bytes_arg, check_int, encode_signed
+from .errors import oserror, refuse_copy
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -31,8 +35,47 @@ MAP_ANONYMOUS = _mmap.MAP_ANONYMOUS
 MAP_NORESERVE = 0x4000
 
 
+MAP_32BIT = 0x40
+MAP_FIXED_NOREPLACE = 0x100000
+_S64_MIN, _U64_LIMIT = -(1 << 63), 1 << 64
+_PLACEMENT_FLAGS = MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_32BIT | MAP_ANONYMOUS
+
+
+def encode_mmap_args(length: int, offset: int, prot: int, flags: int) -> tuple[int, int, int, int]:
+    """mmap(2)'s arguments as C passes them: ``length`` a size_t, ``offset`` an off_t, ``prot``
+    and ``flags`` C ints (negative values wrap, as C would).
+
+    :raises TypeError: an argument is not an int.
+    :raises OSError: ENOMEM for a length no size_t holds (no mapping can be that long, the
+        kernel's errno for an impossible length); EOVERFLOW for an offset no off_t holds (its
+        page index overflows, the kernel's errno); EINVAL for prot/flags wider than an int.
+    """
+    check_int(length, "length")
+    check_int(offset, "offset")
+    if not _S64_MIN <= length < _U64_LIMIT:
+        raise oserror(errno.ENOMEM, f"mmap length {length:#x} does not fit in a size_t")
+    if not _S64_MIN <= offset < _U64_LIMIT:
+        raise oserror(errno.EOVERFLOW, f"mmap offset {offset:#x} does not fit in an off_t")
+    offset &= _U64_LIMIT - 1
+    return (length & (_U64_LIMIT - 1), offset - _U64_LIMIT if offset >> 63 else offset,
+            encode_signed(prot, 32, "prot"), encode_signed(flags, 32, "flags"))
+
+
+def gmem_mmap_args(length: int, offset: int, prot: int, flags: int) -> tuple[int, int, int, int]:
+    """The arguments of ``GuestMemfd.mmap`` on both backends: ``encode_mmap_args``, then
+    EINVAL for flags that choose the address or drop the file (MAP_FIXED, MAP_FIXED_NOREPLACE,
+    MAP_32BIT, MAP_ANONYMOUS): the method has no address argument and maps this file."""
+    length, offset, prot, flags = encode_mmap_args(length, offset, prot, flags)
+    if flags & _PLACEMENT_FLAGS:
+        raise oserror(errno.EINVAL, f"mmap flags {flags:#x}: guest_memfd mappings take no placement "
+                                    "flags (MAP_FIXED*, MAP_32BIT) and are never MAP_ANONYMOUS")
+    return length, offset, prot, flags
+
+
 def mmap(length: int, prot: int, flags: int, fd: int, offset: int, address: int = 0) -> int:
-    """mmap(2); returns the address or raises OSError with the kernel's errno."""
+    """mmap(2); returns the address or raises OSError with the kernel's errno (arguments
+    encoded as by ``encode_mmap_args``)."""
+    length, offset, prot, flags = encode_mmap_args(length, offset, prot, flags)
     addr = _libc.mmap(address or None, length, prot, flags, fd, offset)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
@@ -76,54 +119,91 @@ def madvise(address: int, length: int, advice: int) -> None:
 
 
 class Mapping:
-    """A live shared mapping: ``.address``, ``.length``, byte access and ``close()``.
+    """A live mapping: ``.address``, ``.length``, bounds-checked byte access and ``close()``.
 
-    Touching an offset the file cannot back raises SIGBUS in the process, as with any
-    mapping; callers that expect SIGBUS probe in a child process.
+    Built on ``mmap.mmap`` (see ``map_file``), so it cannot dangle: ``read``/``write``/``fill``
+    check ``[offset, offset + size)`` against ``length`` at any size; a ``buffer()`` keeps the
+    underlying mapping alive after the Mapping object is gone, and ``close()`` while a buffer is
+    still exported raises BufferError (as ``mmap.mmap.close`` does), leaving the mapping
+    open. Copies and pickles are refused (TypeError): a copy would outlive ``close()``.
+
+    Touching an offset the file cannot back (past EOF, a guest_memfd page that is not
+    shared) raises SIGBUS in the process, as with any mapping; callers that expect SIGBUS
+    probe in a child process. A mapping without PROT_READ/PROT_WRITE refuses the access
+    with EFAULT instead of faulting (what a syscall given that address would say).
     """
 
-    __slots__ = ("address", "length", "_owner", "__weakref__")
+    __slots__ = ("_mm", "address", "length", "_prot", "_release", "__weakref__")
 
-    def __init__(self, address: int, length: int, owner: object = None) -> None:
+    def __init__(self, mm: _mmap.mmap, address: int, length: int, prot: int, release: object = None) -> None:
+        self._mm = mm
         self.address = address
         self.length = length
-        self._owner = owner  # what the mapping pins (the model's file object), like a VMA's file ref
+        self._prot = prot
+        self._release = release  # weakref.finalize of mm: what the mapping pins (the model's file reference)
+
+    __reduce_ex__ = refuse_copy
 
     @property
     def closed(self) -> bool:
-        return self.address == 0
+        return self._mm.closed
 
-    def _check(self, offset: int, size: int) -> None:
-        if self.closed:
-            raise oserror(9, "mapping is closed")
-        if offset < 0 or size < 0 or offset + size > self.length:
-            raise oserror(22, f"range [{offset:#x}, {offset + size:#x}) is outside the {self.length:#x}-byte mapping")
+    def _check(self, offset: object, size: object, need: int) -> None:
+        check_int(offset, "offset")
+        check_int(size, "size")
+        if self._mm.closed:
+            raise oserror(errno.EBADF, "mapping is closed")
+        if offset < 0 or size < 0 or offset + size > self.length:  # type: ignore[operator]
+            raise oserror(errno.EINVAL, f"range [{offset:#x}, +{size:#x}) is outside the {self.length:#x}-byte mapping")
+        if not self._prot & need:
+            raise oserror(errno.EFAULT, f"mapping prot {self._prot:#x} does not allow this access")
 
     def read(self, offset: int, size: int) -> bytes:
-        self._check(offset, size)
-        return ctypes.string_at(self.address + offset, size)
+        """``size`` bytes at ``offset`` (any size: the result is one bytes object)."""
+        self._check(offset, size, PROT_READ | PROT_WRITE)
+        return self._mm[offset:offset + size]
 
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
-        ctypes.memmove(self.address + offset, data, len(data))
+        """Copy the bytes-like ``data`` to ``offset``."""
+        view = bytes_arg(data, "data")
+        self._check(offset, view.nbytes, PROT_WRITE)
+        self._mm[offset:offset + view.nbytes] = view
 
     def fill(self, offset: int, size: int, byte: int) -> None:
-        self._check(offset, size)
-        ctypes.memset(self.address + offset, byte, size)
+        """Set ``size`` bytes at ``offset`` to ``byte`` (0..255)."""
+        check_int(byte, "byte")
+        if not 0 <= byte <= 0xFF:
+            raise oserror(errno.EINVAL, f"byte {byte:#x} is not a byte value")
+        self._check(offset, size, PROT_WRITE)
+        chunk = bytes([byte]) * min(size, _FILL_CHUNK)
+        end = offset + size
+        while offset < end:
+            n = min(end - offset, _FILL_CHUNK)
+            self._mm[offset:offset + n] = chunk[:n] if n < len(chunk) else chunk
+            offset += n
 
     def buffer(self) -> memoryview:
-        """A writable memoryview over the whole mapping (valid until close)."""
-        self._check(0, 0)
-        return memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
+        """A memoryview over the whole mapping (read-only without PROT_WRITE).
+
+        The view keeps the mapping alive; ``close()`` raises BufferError until it is released.
+        """
+        self._check(0, 0, PROT_READ | PROT_WRITE)
+        view = memoryview(self._mm)
+        return view if self._prot & PROT_WRITE else view.toreadonly()
 
     def __len__(self) -> int:
         return self.length
 
     def close(self) -> None:
-        if not self.closed:
-            munmap(self.address, self.length)
+        """munmap(2); a second close is a no-op.
+
+        :raises BufferError: a ``buffer()`` view is still alive (the mapping stays open).
+        """
+        if not self._mm.closed:
+            self._mm.close()
             self.address = 0
-            self._owner = None
+        if self._release is not None:
+            self._release()  # type: ignore[operator]
 
     def __enter__(self) -> "Mapping":
         return self
@@ -135,7 +215,55 @@ class Mapping:
         try:
             self.close()
         except Exception:
-            pass
+            pass  # live buffers: the mmap.mmap stays until the last one goes
+
+
+_FILL_CHUNK = 1 << 20
+
+
+def map_file(length: int, prot: int, flags: int, fd: int, offset: int = 0,
+             release: "Callable[[], object] | None" = None) -> Mapping:
+    """mmap(2) of ``fd`` as a ``Mapping``; the kernel decides every error.
+
+    The kernel maps the file where it likes first (so its errno wins); the mapping is then
+    placed over an ``mmap.mmap`` reservation of the same length with MAP_FIXED, so the
+    ``mmap.mmap`` object owns it (export counting, munmap at close). ``release`` runs once,
+    when the mapping goes (close or garbage collection of its last buffer).
+    """
+    address = mmap(length, prot, flags, fd, offset)
+    try:
+        mm = _mmap.mmap(-1, length, flags=MAP_PRIVATE | MAP_NORESERVE, prot=PROT_READ | PROT_WRITE)
+    except BaseException:
+        munmap(address, length)
+        raise
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        mmap(length, prot, flags | MAP_FIXED, fd, offset, base)
+    except BaseException:
+        mm.close()
+        raise
+    finally:
+        munmap(address, length)
+    fin = None
+    if release is not None:
+        fin = weakref.finalize(mm, release)
+        fin.atexit = False
+    return Mapping(mm, base, length, prot, fin)
+
+
+def map_anonymous(length: int) -> Mapping:
+    """A shared anonymous read-write mapping (MAP_NORESERVE) of ``length`` bytes."""
+    return map_file(length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+
+
+def map_memfd(name: str, length: int) -> Mapping:
+    """A read-write MAP_SHARED | MAP_NORESERVE mapping of a fresh memfd of ``length`` bytes
+    (the memfd itself is closed: the mapping keeps its pages)."""
+    fd = memfd(name, length)
+    try:
+        return map_file(length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+    finally:
+        os.close(fd)
 
 
 def memfd(name: str, size: int = 0) -> int:

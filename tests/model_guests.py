@@ -21,9 +21,7 @@ MAP_GPA_RANGE = 12
 
 def anon(size: int) -> hostmem.Mapping:
     """Shared anonymous host memory (a memslot's userspace_addr)."""
-    addr = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE,
-                        hostmem.MAP_SHARED | hostmem.MAP_ANONYMOUS | hostmem.MAP_NORESERVE, -1, 0)
-    return hostmem.Mapping(addr, size)
+    return hostmem.map_anonymous(size)
 
 
 class Machine:

@@ -11,7 +11,6 @@ SYNC_PRIVATE ucalls (arguments in RDI, RSI, RDX, RCX, the guest.py convention).
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
@@ -132,12 +131,7 @@ def punch_hole(g: GuestProgram, precise: bool) -> None:
 
 def memfd_mapping(size: int) -> hostmem.Mapping:
     """Shared memory from a memfd, as the selftest's shared backing (its userspace_addr)."""
-    fd = hostmem.memfd("pc-shared", size)
-    try:
-        addr = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
-    finally:
-        os.close(fd)  # the mapping keeps the memfd alive
-    return hostmem.Mapping(addr, size)
+    return hostmem.map_memfd("pc-shared", size)
 
 
 class ConversionsVm:

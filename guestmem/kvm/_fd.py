@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 
+from ..errors import refuse_copy
 from ._ioctl import closed_error
 
 
 class FdObject:
     _fd: int
+
+    __reduce_ex__ = refuse_copy  # a copy would close (or use) the fd a second time
 
     def _what(self) -> str:
         return type(self).__name__

@@ -98,14 +98,21 @@ class GuestMemfd(FdObject):
         page of a file without INIT_SHARED. The mapping holds the file (and the VM) until
         it is closed.
 
-        :raises OSError: EBADF if closed; ENODEV without MMAP; EINVAL for MAP_PRIVATE or a
-            bad length/offset; EPERM for PROT_EXEC (noexec mount).
+        Arguments are encoded by ``hostmem.gmem_mmap_args`` (the same on both backends: ENOMEM
+        for a length no size_t holds, EOVERFLOW for such an offset, EINVAL for placement flags);
+        the kernel decides the rest.
+
+        :raises OSError: EBADF if closed; the kernel's mmap errno: EINVAL (length 0, unaligned
+            offset, MAP_PRIVATE, MAP_HUGETLB, MAP_GROWSDOWN, unknown type), ENOMEM (length
+            beyond the address space), EOVERFLOW (offset + length beyond the maximum file size),
+            EOPNOTSUPP (MAP_SHARED_VALIDATE with unknown flags), EPERM (PROT_EXEC, noexec
+            mount), ENODEV (no GUEST_MEMFD_FLAG_MMAP).
         """
         fd = self._check()
         if length is None:
             length = self.size
-        address = hostmem.mmap(length, prot, flags, fd, offset)
-        return Mapping(address, length)
+        length, offset, prot, flags = hostmem.gmem_mmap_args(length, offset, prot, flags)
+        return hostmem.map_file(length, prot, flags, fd, offset)
 
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
                               reserved: object = None) -> None:

@@ -253,8 +253,7 @@ class Vcpu(VcpuState, FdObject):
         try:
             size = vm.system.vcpu_mmap_size()
             assert size >= _RAW_END, f"vCPU mapping of {size} bytes lacks the PIO data page"
-            address = hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
-            self._map = hostmem.Mapping(address, size)
+            self._map = hostmem.map_file(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
             cpuid = _supported_cpuid(vm.system.fileno())
             ioctl(fd, uapi.KVM_SET_CPUID2, "KVM_SET_CPUID2", cpuid, f"nent={cpuid.nent}")
         except BaseException:

@@ -27,8 +27,8 @@ Data model
   each conversion remaps the converted range in every live mapping (one mmap per mapping),
   which is how the model zaps the host's PTEs.
 * **Lifetimes.** The file pins the VM (``vm._get_kvm`` at create, ``_put_kvm`` at release).
-  The file itself is referenced by its fd and by every live user Mapping (a Mapping's
-  ``_owner`` is a pin whose finalizer drops the reference, like a VMA's file reference).
+  The file itself is referenced by its fd and by every live user Mapping (the Mapping's
+  release callback drops the reference at munmap, like a VMA's file reference).
   When the last reference goes, ``_gmem_release`` nulls ``gmem`` in every bound memslot
   (the slots stay), notifies the VM's invalidation listeners for each bound range, drops
   the bindings, frees the memory and drops the VM reference. A memslot never pins the file.
@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING
 
 from .. import hostmem
 from ..encoding import encode_signed
-from ..errors import oserror
+from ..errors import oserror, refuse_copy
 from ..hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
 from ..types import FileStat, StatFs
-from ..uapi import PAGE_SHIFT, PAGE_SIZE, Falloc, GuestMemfdFlag, MemoryAttribute
+from ..uapi import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX, Falloc, GuestMemfdFlag, MemoryAttribute
 from . import fdtable
 from .gmem_inode import FileOps, FileState, size_label
 
@@ -65,13 +65,17 @@ if TYPE_CHECKING:
 _S_IFREG = 0o100000
 _ino_counter = itertools.count(0x6D6F0000)  # st_ino values unique per guest_memfd
 _S64_MAX = (1 << 63) - 1
+_U64 = (1 << 64) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
 _SEEK_MAX = 4  # SEEK_HOLE
+_MAP_GROWSDOWN = 0x0100
+_MAP_HUGETLB = 0x40000
 # do_mmap's LEGACY_MAP_MASK: SHARED PRIVATE FIXED ANONYMOUS GROWSDOWN DENYWRITE EXECUTABLE LOCKED
 # NORESERVE POPULATE NONBLOCK STACK HUGETLB UNINITIALIZED (the file has no extra flags)
 _LEGACY_MAP_MASK = 0x01 | 0x02 | 0x10 | 0x20 | 0x100 | 0x800 | 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 \
     | 0x20000 | 0x40000 | 0x4000000
+_MMAP_MAX_LEN = TASK_SIZE_MAX - 0x10000  # get_unmapped_area: TASK_SIZE - mmap_min_addr (default 64 KiB)
 _MADV_NOHUGEPAGE = 15
 _NAME_MAX = 255
 
@@ -91,12 +95,6 @@ _SEVERAL_OPS_OK_E2 = (0, _UNSHARE_RANGE, _ZERO_RANGE)  # ops that take KEEP_SIZE
 _NO_KEEP_E2 = (int(Falloc.COLLAPSE_RANGE), int(Falloc.INSERT_RANGE), int(Falloc.WRITE_ZEROES))
 
 
-class _FilePin:
-    """What a user Mapping holds on its file (a VMA's ``vm_file`` reference)."""
-
-    __slots__ = ("__weakref__",)
-
-
 _PRIVATE = int(MemoryAttribute.PRIVATE)
 _empty_fd = -1
 
@@ -111,6 +109,8 @@ def _sigbus_fd() -> int:
 
 class GuestMemfd(FileOps):
     """A model guest_memfd, returned by ``Vm.create_guest_memfd`` (KVM_CREATE_GUEST_MEMFD)."""
+
+    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, vm: "Vm", size: int, flags: int, folio_size: int = PAGE_SIZE) -> None:
         self.vm = vm
@@ -431,60 +431,81 @@ class GuestMemfd(FileOps):
 
     def mmap(self, length: int | None = None, offset: int = 0, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_SHARED) -> Mapping:
-        """mmap(2) of the guest_memfd (kvm_gmem_mmap); the Mapping keeps the file alive.
+        """mmap(2) of the guest_memfd (do_mmap's checks, then kvm_gmem_mmap); the Mapping keeps the file alive.
 
-        Errors, in order: EBADF closed; EINVAL length 0 or offset unaligned; EPERM PROT_EXEC
-        (noexec mount); ENODEV without GUEST_MEMFD_FLAG_MMAP (always in 6.8); EINVAL not
-        MAP_SHARED. Touching past EOF, any page without INIT_SHARED, or a hwpoisoned page
-        raises SIGBUS.
+        Arguments are encoded by ``hostmem.gmem_mmap_args`` (both backends). Errors, in the
+        kernel's order: EBADF closed; EINVAL offset unaligned; EINVAL MAP_HUGETLB; EINVAL
+        length 0; ENOMEM length beyond the address space; EOVERFLOW offset + length beyond
+        the maximum file size (a negative offset too); EOPNOTSUPP MAP_SHARED_VALIDATE with
+        flags outside the legacy set; EINVAL unknown map type; EPERM PROT_EXEC (noexec
+        mount); EINVAL MAP_GROWSDOWN; ENODEV without GUEST_MEMFD_FLAG_MMAP (always in 6.8);
+        EINVAL not MAP_SHARED. Touching past EOF, any page without INIT_SHARED, or a
+        hwpoisoned page raises SIGBUS.
         """
         with self.vm._lock:
             self._check_open()
             length = self.size if length is None else length
-            if length <= 0 or offset < 0 or offset % PAGE_SIZE:
-                raise oserror(errno.EINVAL, f"mmap length {length:#x} / offset {offset:#x} invalid")
-            map_type = flags & _MAP_TYPE
-            if map_type not in (MAP_SHARED, MAP_PRIVATE, _MAP_SHARED_VALIDATE):
-                raise oserror(errno.EINVAL, f"mmap flags {flags:#x}: no valid MAP_TYPE")  # do_mmap's switch
-            if map_type == _MAP_SHARED_VALIDATE and flags & ~_LEGACY_MAP_MASK:
-                raise oserror(errno.EOPNOTSUPP, f"mmap flags {flags:#x}: unknown with MAP_SHARED_VALIDATE")
-            if prot & PROT_EXEC and self.vm._profile.gmem_noexec:
-                raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
-            if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
-                raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
-            if flags & _MAP_TYPE not in (MAP_SHARED, _MAP_SHARED_VALIDATE):
-                raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
+            length, offset, prot, flags = hostmem.gmem_mmap_args(length, offset, prot, flags)
+            self._do_mmap_checks(length, offset, prot, flags)
             profile = self.vm._profile
             if self._host_visible():
-                address = hostmem.mmap(length, prot, MAP_SHARED, self._memfd, offset)
-                if (self._in_place or self._poisoned) and offset < self.size:
-                    self._map_range(address - offset, offset, min(offset + length, self.size), prot)
+                mapping = hostmem.map_file(length, prot, MAP_SHARED, self._memfd, offset, release=self._fput)
             elif profile.gmem_mempolicy_per_file:
                 # No shared pages exist without INIT_SHARED or in-place conversion: SIGBUS
                 # everywhere. One empty file per guest_memfd, so an mbind policy belongs to
                 # the file (6.19+).
                 if self._empty_fd < 0:
                     self._empty_fd = hostmem.memfd("guestmem-gmem-private")
-                address = hostmem.mmap(length, prot, MAP_SHARED, self._empty_fd, offset)
+                mapping = hostmem.map_file(length, prot, MAP_SHARED, self._empty_fd, offset, release=self._fput)
             else:
                 empty = hostmem.memfd("guestmem-gmem-private")  # per mapping: mbind stays per VMA
                 try:
-                    address = hostmem.mmap(length, prot, MAP_SHARED, empty, offset)
+                    mapping = hostmem.map_file(length, prot, MAP_SHARED, empty, offset, release=self._fput)
                 finally:
                     os.close(empty)
-            if profile.gmem_collapse_einval:
-                # The kernel's gmem VMA never takes huge pages (MADV_COLLAPSE: EINVAL); a memfd
-                # VMA would, unless marked NOHUGEPAGE.
-                hostmem.madvise(address, length, _MADV_NOHUGEPAGE)
-            pin = _FilePin()
-            mapping = Mapping(address, length, owner=pin)
-            self._refs += 1
-            fin = weakref.finalize(pin, self._fput)  # munmap (or GC of the Mapping) drops the file reference
-            fin.atexit = False
+            self._refs += 1  # dropped by the mapping's release (munmap, or GC of its last buffer)
+            try:
+                if self._host_visible() and (self._in_place or self._poisoned) and offset < self.size:
+                    self._map_range(mapping.address - offset, offset, min(offset + length, self.size), prot)
+                if profile.gmem_collapse_einval:
+                    # The kernel's gmem VMA never takes huge pages (MADV_COLLAPSE: EINVAL); a memfd
+                    # VMA would, unless marked NOHUGEPAGE.
+                    hostmem.madvise(mapping.address, length, _MADV_NOHUGEPAGE)
+            except BaseException:
+                mapping.close()
+                raise
             if self._mappings is None:
                 self._mappings = []
             self._mappings.append((weakref.ref(mapping), offset, prot))
             return mapping
+
+    def _do_mmap_checks(self, length: int, offset: int, prot: int, flags: int) -> None:
+        """The mmap syscall's and do_mmap's checks for this file, then kvm_gmem_mmap's (encoded args)."""
+        if offset & (PAGE_SIZE - 1):
+            raise oserror(errno.EINVAL, f"mmap offset {offset:#x} is not page aligned")
+        if flags & _MAP_HUGETLB:
+            raise oserror(errno.EINVAL, "MAP_HUGETLB on a file that is not hugetlbfs")
+        if length == 0:
+            raise oserror(errno.EINVAL, "mmap length 0")
+        pages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
+        if pages << PAGE_SHIFT > _MMAP_MAX_LEN:
+            raise oserror(errno.ENOMEM, f"mmap length {length:#x} exceeds the user address space")
+        pgoff = (offset & _U64) >> PAGE_SHIFT
+        if pgoff > (_S64_MAX - (pages << PAGE_SHIFT)) >> PAGE_SHIFT:  # file_mmap_ok
+            raise oserror(errno.EOVERFLOW, f"mmap [{offset:#x}, +{length:#x}) exceeds the maximum file size")
+        map_type = flags & _MAP_TYPE
+        if map_type == _MAP_SHARED_VALIDATE and flags & ~_LEGACY_MAP_MASK:
+            raise oserror(errno.EOPNOTSUPP, f"mmap flags {flags:#x} outside the validated set")
+        if map_type not in (MAP_SHARED, _MAP_SHARED_VALIDATE, MAP_PRIVATE):
+            raise oserror(errno.EINVAL, f"mmap type {map_type:#x} is unknown")
+        if prot & PROT_EXEC and self.vm._profile.gmem_noexec:
+            raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
+        if flags & _MAP_GROWSDOWN:
+            raise oserror(errno.EINVAL, "MAP_GROWSDOWN on a file mapping")
+        if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
+            raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+        if map_type == MAP_PRIVATE:
+            raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
 
     # --- refused file operations ------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import encode_u64
-from ..errors import oserror
+from ..errors import oserror, refuse_copy
 from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
 from . import fdtable
@@ -29,6 +29,8 @@ _KVM_EXIT_HYPERCALL_VALID_MASK = 1 << 12
 
 class System:
     """A model KVM system handle, returned by ``open_system(backend="model")``."""
+
+    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     backend = "model"
 

@@ -55,7 +55,7 @@ import errno as _errno
 import threading
 import time
 
-from ..errors import oserror
+from ..errors import oserror, refuse_copy
 from ..types import HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import IoDirection
 from . import fdtable
@@ -95,6 +95,8 @@ def _prime_edge_hook(uc) -> None:
 
 class Vcpu(VcpuState):
     """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls."""
+
+    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, vm, vcpu_id: int) -> None:
         self.vcpu_id = vcpu_id

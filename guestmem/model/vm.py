@@ -30,7 +30,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..encoding import encode_array, encode_fd, encode_u64, encode_unsigned
-from ..errors import oserror
+from ..errors import oserror, refuse_copy
 from ..rangemap import RangeMap
 from ..types import MemoryRegion
 from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
@@ -54,6 +54,8 @@ InvalidationListener = Callable[[int, int], None]
 
 class Vm(VmState):
     """A model VM, returned by ``System.create_vm`` (KVM_CREATE_VM)."""
+
+    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, system: "System", type: int) -> None:
         self.type = type

@@ -345,8 +345,7 @@ class GuestMemory:
         else:
             b.kind = "memfd"
         b.memfd = hostmem.memfd(f"guestmem-{r.name}", r.size)
-        address = hostmem.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, b.memfd, 0)
-        b.mapping = Mapping(address, r.size)
+        b.mapping = hostmem.map_file(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, b.memfd, 0)
         return b
 
     # --- lookups ------------------------------------------------------------------------------

@@ -83,11 +83,9 @@ def build(system: Any, asm: str, *, cpl: int, vm_type: int = 0, test: str | None
             vm.set_user_memory_region2(0, int(uapi.MemFlag.GUEST_MEMFD), 0, LOW_SIZE, userspace_addr=low.address,
                                        guest_memfd=gmem, guest_memfd_offset=0)
         else:
-            addr = hostmem.mmap(LOW_SIZE, hostmem.PROT_READ | hostmem.PROT_WRITE,
-                                hostmem.MAP_SHARED | hostmem.MAP_ANONYMOUS, -1, 0)
-            low = hostmem.Mapping(addr, LOW_SIZE)
+            low = hostmem.map_anonymous(LOW_SIZE)
             g._closers.append(low.close)
-            vm.set_user_memory_region2(0, 0, 0, LOW_SIZE, userspace_addr=addr)
+            vm.set_user_memory_region2(0, 0, 0, LOW_SIZE, userspace_addr=low.address)
         builder.load(image, {0: low})
         vcpu = vm.create_vcpu(0)
         g._closers.append(vcpu.close)
