@@ -11,13 +11,11 @@ uses userspace_addr = 0, which only works on hardware KVM.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 
 from guestmem import guest, hostmem
-from guestmem.hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
 from guestmem.types import HltExit, IoExit, MmioExit
 from guestmem.uapi import Cap, GuestMemfdFlag, IoDirection, MemFlag
 
@@ -169,11 +167,7 @@ def test_moved_memslot_leaves_an_mmio_hole_at_its_old_gpa(system):
     vm = system.create_vm()
     need_mmap_gmem(vm)
     old, new = 0x4000_0000, 0x4020_0000
-    fd = hostmem.memfd("guestmem-test-move", 0x1000)
-    try:
-        data = hostmem.Mapping(hostmem.mmap(0x1000, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), 0x1000)
-    finally:
-        os.close(fd)
+    data = hostmem.map_memfd("guestmem-test-move", 0x1000)
     data.write(0, struct.pack("<I", 0x5A5A1234))
     vm.set_user_memory_region2(1, 0, old, 0x1000, userspace_addr=data.address)
     code = f"""
