@@ -27,6 +27,26 @@ def check_int(value: Any, field: str) -> None:
         raise TypeError(f"{field} must be an int, not {type(value).__name__}")
 
 
+def check_type(value: Any, cls: type | tuple[type, ...], field: str) -> None:
+    """TypeError naming ``field`` unless ``value`` is a ``cls`` (e.g. a Regs for set_regs)."""
+    if not isinstance(value, cls):
+        names = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        raise TypeError(f"{field} must be a {names}, not {type(value).__name__}")
+
+
+def check_sregs_types(sregs: Any) -> None:
+    """The object kinds KVM_SET_SREGS takes, on both backends: an Sregs whose segments are
+    Segments, gdt/idt DTables and interrupt_bitmap a tuple or list (TypeError naming the field)."""
+    from .types import DTable, Segment, Sregs
+
+    check_type(sregs, Sregs, "sregs")
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        check_type(getattr(sregs, name), Segment, f"sregs.{name}")
+    for name in ("gdt", "idt"):
+        check_type(getattr(sregs, name), DTable, f"sregs.{name}")
+    check_type(sregs.interrupt_bitmap, (tuple, list), "sregs.interrupt_bitmap")
+
+
 def bytes_arg(data: Any, field: str) -> memoryview:
     """``data`` as a flat byte view; TypeError naming ``field`` unless it is bytes-like."""
     if isinstance(data, str):

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .. import hostmem
-from ..encoding import encode_unsigned
+from ..encoding import bytes_arg, encode_signed, encode_unsigned
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
 from ..types import FileStat, StatFs
@@ -23,6 +23,8 @@ from ._fd import FdObject
 
 if TYPE_CHECKING:
     from .vm import Vm
+
+_MAX_IO = 1 << 16  # buffer passed to read/pread: the count is the caller's, the memory is bounded
 
 
 
@@ -138,6 +140,7 @@ class GuestMemfd(FdObject):
             raise
 
     def _syscall(self, name: str, func, *args):  # type: ignore[no-untyped-def]
+        """``func(fd, *args)`` for arguments already encoded; its errno re-raised with ``name``."""
         fd = self._check()
         try:
             return func(fd, *args)
@@ -145,46 +148,58 @@ class GuestMemfd(FdObject):
             raise oserror(exc.errno, f"{name} on guest_memfd") from None
 
     def read(self, n: int) -> bytes:
-        """read(2): guest_memfd has no read method.
+        """read(2) of ``n`` (a size_t) bytes: guest_memfd has no read method.
+
+        At most 64 KiB of buffer is passed, whatever ``n`` (a short read is what read(2) may do).
 
         :raises OSError: EBADF if closed; EINVAL.
         """
-        return self._syscall("read", os.read, n)
+        self._check()
+        n = encode_unsigned(n, 64, "n")
+        return self._syscall("read", os.read, min(n, _MAX_IO))
 
     def write(self, data: bytes) -> int:
-        """write(2): guest_memfd has no write method.
+        """write(2) of the bytes-like ``data``: guest_memfd has no write method.
 
         :raises OSError: EBADF if closed; EINVAL.
         """
-        return self._syscall("write", os.write, data)
+        self._check()
+        return self._syscall("write", os.write, bytes_arg(data, "data"))
 
     def pread(self, n: int, offset: int) -> bytes:
         """pread(2): the file is not positional.
 
-        :raises OSError: EBADF if closed; ESPIPE.
+        :raises OSError: EBADF if closed; EINVAL for a negative ``offset`` (loff_t); ESPIPE.
         """
-        return self._syscall("pread", os.pread, n, offset)
+        self._check()
+        n, offset = encode_unsigned(n, 64, "n"), encode_signed(offset, 64, "offset")
+        return self._syscall("pread", os.pread, min(n, _MAX_IO), offset)
 
     def pwrite(self, data: bytes, offset: int) -> int:
         """pwrite(2): the file is not positional.
 
-        :raises OSError: EBADF if closed; ESPIPE.
+        :raises OSError: EBADF if closed; EINVAL for a negative ``offset`` (loff_t); ESPIPE.
         """
-        return self._syscall("pwrite", os.pwrite, data, offset)
+        self._check()
+        view, offset = bytes_arg(data, "data"), encode_signed(offset, 64, "offset")
+        return self._syscall("pwrite", os.pwrite, view, offset)
 
     def lseek(self, offset: int, whence: int) -> int:
         """lseek(2): the file is not seekable.
 
-        :raises OSError: EBADF if closed; ESPIPE.
+        :raises OSError: EBADF if closed; EINVAL for ``whence`` (unsigned int) > SEEK_MAX; ESPIPE.
         """
+        self._check()
+        offset, whence = encode_signed(offset, 64, "offset"), encode_signed(whence, 32, "whence")
         return self._syscall("lseek", os.lseek, offset, whence)
 
     def truncate(self, length: int) -> None:
         """ftruncate(2): the size is immutable.
 
-        :raises OSError: EBADF if closed; EINVAL for any length.
+        :raises OSError: EBADF if closed; EINVAL for any ``length`` (loff_t).
         """
-        self._syscall("ftruncate", os.ftruncate, length)
+        self._check()
+        self._syscall("ftruncate", os.ftruncate, encode_signed(length, 64, "length"))
 
     def close(self) -> None:
         """close(2) the fd; a second close is a no-op.

@@ -15,6 +15,7 @@ from ..types import CpuidEntry
 from ._fd import FdObject
 from ._ioctl import int_arg, ioctl, ioctl_ulong
 from .vcpu_state import read_cpuid, read_msr_list
+from .vcpu import vcpu_setup
 from .vm import Vm
 
 
@@ -93,7 +94,11 @@ class System(FdObject):
             ENOMEM/EMFILE on resource exhaustion.
         """
         fd = self._check()
-        vm_fd = ioctl(fd, uapi.KVM_CREATE_VM, "KVM_CREATE_VM", int_arg(type, "type"), f"type={type}")
-        return Vm(self, vm_fd, int(type))
+        arg = int_arg(type, "type")
+        setup = vcpu_setup(self)  # the VM's vCPUs need no open System (see vcpu_setup)
+        vm_fd = ioctl(fd, uapi.KVM_CREATE_VM, "KVM_CREATE_VM", arg, f"type={type}")
+        vm = Vm(self, vm_fd, arg & 0xFFFFFFFF)
+        vm._vcpu_setup = setup
+        return vm
 
 

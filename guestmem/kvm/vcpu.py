@@ -39,7 +39,7 @@ from ..types import (
     DTable, Exit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
     MemoryFaultExit, MmioExit, Regs, Segment, ShutdownExit, Sregs, UnknownExit,
 )
-from ..encoding import encode_unsigned
+from ..encoding import check_sregs_types, check_type, encode_unsigned
 from ._fd import FdObject
 from ._ioctl import closed_error, int_arg, ioctl
 from .vcpu_state import VcpuState
@@ -125,6 +125,18 @@ def _ensure_kick_handler() -> bool:
         return current not in (signal.SIG_DFL, signal.SIG_IGN, None)
 
 
+def vcpu_setup(system: Any) -> tuple[int, ctypes.Array]:
+    """(kvm_run mmap size, supported CPUID) of ``system``'s /dev/kvm, fetched once per System.
+
+    Every VM keeps them from its creation, so its vCPUs can be created after the System is
+    closed: the kernel needs only the VM fd for that.
+    """
+    cached = getattr(system, "_vcpu_setup_cache", None)
+    if cached is None:
+        cached = system._vcpu_setup_cache = (system.vcpu_mmap_size(), _supported_cpuid(system.fileno()))
+    return cached
+
+
 def _supported_cpuid(system_fd: int) -> ctypes.Array:
     """KVM_GET_SUPPORTED_CPUID on /dev/kvm as a kvm_cpuid2 buffer (header + entries).
 
@@ -158,6 +170,7 @@ def _regs_from_struct(s: uapi.kvm_regs) -> Regs:
 
 
 def _regs_to_struct(regs: Regs) -> uapi.kvm_regs:
+    check_type(regs, Regs, "regs")
     s = uapi.kvm_regs()
     for name in _REG_NAMES:
         setattr(s, name, encode_unsigned(getattr(regs, name), 64, name))
@@ -176,6 +189,7 @@ def _sregs_from_struct(s: uapi.kvm_sregs) -> Sregs:
 
 
 def _sregs_to_struct(sregs: Sregs) -> uapi.kvm_sregs:
+    check_sregs_types(sregs)
     s = uapi.kvm_sregs()
     for n in _SEG_NAMES:
         seg, out = getattr(sregs, n), getattr(s, n)
@@ -251,10 +265,9 @@ class Vcpu(VcpuState, FdObject):
         fd = ioctl(vm_fd, uapi.KVM_CREATE_VCPU, "KVM_CREATE_VCPU", int_arg(vcpu_id, "vcpu_id"),
                    f"vcpu_id={vcpu_id}")
         try:
-            size = vm.system.vcpu_mmap_size()
+            size, cpuid = vm._vcpu_setup
             assert size >= _RAW_END, f"vCPU mapping of {size} bytes lacks the PIO data page"
             self._map = hostmem.map_file(size, hostmem.PROT_READ | hostmem.PROT_WRITE, hostmem.MAP_SHARED, fd, 0)
-            cpuid = _supported_cpuid(vm.system.fileno())
             ioctl(fd, uapi.KVM_SET_CPUID2, "KVM_SET_CPUID2", cpuid, f"nent={cpuid.nent}")
         except BaseException:
             if getattr(self, "_map", None) is not None:

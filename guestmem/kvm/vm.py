@@ -44,6 +44,7 @@ class Vm(VmState, FdObject):
         self.type = type
         self._fd = fd
         self.vcpus: list[Any] = []
+        self._vcpu_setup: Any = None  # (kvm_run size, supported CPUID), set by System.create_vm
         self.dirty_ring_bytes = 0
         self._init_shadow()
 
@@ -69,7 +70,7 @@ class Vm(VmState, FdObject):
         s.cap = encode_unsigned(cap, 32, "cap")
         s.flags = encode_unsigned(flags, 32, "flags")
         fill_array(s.args, args, "args")
-        ioctl(fd, uapi.KVM_ENABLE_CAP, "KVM_ENABLE_CAP", s, f"cap={int(cap)}, args={list(args)}, flags={flags:#x}")
+        ioctl(fd, uapi.KVM_ENABLE_CAP, "KVM_ENABLE_CAP", s, f"cap={s.cap}, args={list(s.args)}, flags={s.flags:#x}")
         if s.cap in (uapi.Cap.DIRTY_LOG_RING, uapi.Cap.DIRTY_LOG_RING_ACQ_REL):
             self.dirty_ring_bytes = s.args[0]  # vCPUs map their ring of this size (vcpu_state)
 
@@ -91,8 +92,8 @@ class Vm(VmState, FdObject):
         s.flags = encode_unsigned(flags, 64, "flags")
         fill_array(s.reserved, reserved, "reserved")
         gfd = ioctl(fd, uapi.KVM_CREATE_GUEST_MEMFD, "KVM_CREATE_GUEST_MEMFD", s,
-                    f"size={int(size):#x}, flags={int(flags):#x}")
-        gmem = GuestMemfd(self, gfd, int(size), int(flags))
+                    f"size={s.size:#x}, flags={s.flags:#x}")
+        gmem = GuestMemfd(self, gfd, s.size, s.flags)
         self._remember_gmem(gmem)
         return gmem
 

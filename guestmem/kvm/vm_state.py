@@ -22,7 +22,7 @@ import weakref
 from typing import Any
 
 from .. import uapi
-from ..encoding import encode_fd, encode_unsigned
+from ..encoding import check_int, encode_fd, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..types import DirtyLog, MemoryRegion
@@ -33,8 +33,7 @@ _U64 = (1 << 64) - 1
 
 
 def _int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    check_int(value, name)  # the input contract (README): bool is an int, nothing is converted
     return value
 
 
@@ -112,8 +111,11 @@ class VmState:
     def stats(self) -> dict[str, Any]:
         """guestmem extension: counters of the shadow, with the model's names for them
         (``memslots``, ``memslot_pages``, ``attribute_ranges``, ``guest_memfds``), plus the
-        kernel's own VM statistics (KVM_GET_STATS_FD) under ``kernel`` while the fd is open.
+        kernel's own VM statistics (KVM_GET_STATS_FD) under ``kernel``.
+
+        :raises OSError: EBADF if closed (as every method of a closed Vm, on both backends).
         """
+        self._check()  # type: ignore[attr-defined]
         with self._shadow_lock:
             out: dict[str, Any] = {
                 "memslots": len(self._regions),
@@ -122,7 +124,7 @@ class VmState:
                 "guest_memfds": sum(1 for g in list(self._gmem_files.values()) if not g.closed),
             }
         if self.closed:  # type: ignore[attr-defined]
-            return out  # the shadow outlives the fd, as the model's state does
+            return out  # closed by another thread meanwhile: the shadow is still a consistent answer
         try:
             with self.get_stats_fd() as sfd:
                 out["kernel"] = sfd.read().as_dict()

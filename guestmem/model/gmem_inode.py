@@ -367,8 +367,10 @@ class FileOps:
         }
 
     def truncate(self, length: int) -> None:
-        """ftruncate(2): EBADF if closed, else EINVAL (the size is immutable; kvm_gmem_setattr)."""
+        """ftruncate(2) to ``length`` (loff_t): EBADF if closed, else EINVAL (the size is
+        immutable; kvm_gmem_setattr)."""
         self._check_open()
+        encode_signed(length, 64, "length")
         raise oserror(errno.EINVAL, "guest_memfd size is immutable")
 
     def _gmem_write(self, data: bytes, offset: int) -> int:

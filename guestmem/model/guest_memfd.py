@@ -49,7 +49,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .. import hostmem
-from ..encoding import encode_signed
+from ..encoding import bytes_arg, check_int, encode_signed, encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 _S_IFREG = 0o100000
 _ino_counter = itertools.count(0x6D6F0000)  # st_ino values unique per guest_memfd
 _S64_MAX = (1 << 63) - 1
+_SEEK_MAX = 4  # SEEK_HOLE
 _U64 = (1 << 64) - 1
 _MAP_TYPE = 0x0F
 _MAP_SHARED_VALIDATE = 0x03
@@ -380,6 +381,7 @@ class GuestMemfd(FileOps):
         """
         with self.vm._lock:
             self._check_open()
+            check_int(offset, "offset")
             if offset < 0 or offset % PAGE_SIZE or offset >= self.size:
                 raise oserror(errno.EINVAL, f"hwpoison offset {offset:#x} is not a page of the file")
             if offset in self._poisoned:
@@ -510,8 +512,9 @@ class GuestMemfd(FileOps):
     # --- refused file operations ------------------------------------------------------------
 
     def read(self, n: int) -> bytes:
-        """read(2): EBADF if closed, else EINVAL (guest_memfd has no read method)."""
+        """read(2) of ``n`` (size_t) bytes: EBADF if closed, else EINVAL (no read method)."""
         self._check_open()
+        encode_unsigned(n, 64, "n")
         raise oserror(errno.EINVAL, "guest_memfd does not support read")
 
     def write(self, data: bytes) -> int:
@@ -522,17 +525,20 @@ class GuestMemfd(FileOps):
         """
         with self.vm._lock:
             self._check_open()
+            view = bytes_arg(data, "data")
             if not self.vm._profile.gmem_write:
                 raise oserror(errno.EINVAL, "guest_memfd does not support write")
-            n = self._gmem_write(data, self._pos)
+            n = self._gmem_write(view.tobytes(), self._pos)
             self._pos += n
             return n
 
     def pread(self, n: int, offset: int) -> bytes:
-        """pread(2): EBADF if closed; EINVAL offset < 0 (ksys_pread64 checks it before the
-        file); else ESPIPE (the file is not positional)."""
+        """pread(2): EBADF if closed; EINVAL for a negative ``offset`` (loff_t, checked before
+        the file); else ESPIPE (the file is not positional). Mirrors ksys_pread64."""
         self._check_open()
-        self._check_pos(offset)
+        encode_unsigned(n, 64, "n")
+        if encode_signed(offset, 64, "offset") < 0:
+            raise oserror(errno.EINVAL, f"pread offset {offset:#x} is negative")
         raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
 
     def pwrite(self, data: bytes, offset: int) -> int:
@@ -547,15 +553,12 @@ class GuestMemfd(FileOps):
         """
         with self.vm._lock:
             self._check_open()
-            self._check_pos(offset)
+            view, offset = bytes_arg(data, "data"), encode_signed(offset, 64, "offset")
             if not self.vm._profile.gmem_write:
+                if offset < 0:  # ksys_pwrite64 checks the position before the file
+                    raise oserror(errno.EINVAL, f"pwrite offset {offset:#x} is negative")
                 raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
-            return self._gmem_write(data, offset)
-
-    @staticmethod
-    def _check_pos(offset: int) -> None:
-        if encode_signed(offset, 64, "offset") < 0:
-            raise oserror(errno.EINVAL, f"offset {offset} is negative")
+            return self._gmem_write(view.tobytes(), offset)
 
     def lseek(self, offset: int, whence: int) -> int:
         """lseek(2): EBADF if closed; EINVAL whence > SEEK_HOLE (ksys_lseek, before the file's
@@ -566,10 +569,9 @@ class GuestMemfd(FileOps):
         """
         with self.vm._lock:
             self._check_open()
-            offset = encode_signed(offset, 64, "offset")
-            whence = encode_signed(whence, 32, "whence") & 0xFFFFFFFF  # unsigned int in the syscall
-            if whence > _SEEK_MAX:
-                raise oserror(errno.EINVAL, f"lseek whence {whence} > SEEK_MAX")
+            offset, whence = encode_signed(offset, 64, "offset"), encode_unsigned(whence, 32, "whence")
+            if whence > _SEEK_MAX:  # ksys_lseek, before the file's llseek
+                raise oserror(errno.EINVAL, f"lseek whence {whence:#x} > SEEK_MAX")
             if not self.vm._profile.gmem_write:
                 raise oserror(errno.ESPIPE, "guest_memfd is not seekable")
             base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}.get(whence)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..encoding import encode_u64
+from ..encoding import encode_u64, encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
@@ -171,6 +171,7 @@ class System:
         kvm_dev_ioctl_create_vm / kvm_arch_init_vm.
         """
         self._check_open()
+        type = encode_unsigned(type, 32, "type")  # noqa: A001 - the uapi argument name
         if type not in self._profile.vm_types:
             raise oserror(errno.EINVAL, f"VM type {type:#x} is not supported (KVM_CAP_VM_TYPES)")
         from .vm import Vm

@@ -55,6 +55,7 @@ import errno as _errno
 import threading
 import time
 
+from ..encoding import encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..types import HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import IoDirection
@@ -658,6 +659,9 @@ class Vcpu(VcpuState):
         EFAULT (private without gmem, gmem released), EHWPOISON (poisoned gmem page).
         """
         self._check()
+        # struct kvm_pre_fault_memory's u64 fields, encoded before any check (as the kvm backend does)
+        gpa, size = encode_unsigned(gpa, 64, "gpa"), encode_unsigned(size, 64, "size")
+        flags = encode_unsigned(flags, 64, "flags")
         profile = self._vm._profile
         if not profile.pre_fault_memory:
             raise oserror(_errno.ENOTTY, "KVM_PRE_FAULT_MEMORY does not exist before Linux 6.10")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 
-from ..encoding import encode_unsigned
+from ..encoding import check_sregs_types, check_type, encode_unsigned
 from ..errors import oserror
 from ..types import Regs, Segment, Sregs
 from ..uapi import Cap
@@ -77,6 +77,7 @@ def reset_sregs(vcpu_id: int) -> Sregs:
 def encode_regs(regs: Regs) -> Regs:
     """``regs`` as KVM_SET_REGS stores them: u64 fields (EINVAL if one does not fit), RFLAGS
     with its fixed bit 1."""
+    check_type(regs, Regs, "regs")
     values = {n: encode_unsigned(getattr(regs, n), 64, n) for n in _REG_FIELDS}
     values["rflags"] |= _RFLAGS_FIXED
     return Regs(**values)
@@ -84,6 +85,7 @@ def encode_regs(regs: Regs) -> Regs:
 
 def encode_sregs(s: Sregs) -> Sregs:
     """``s`` with every field encoded to its struct kvm_sregs width, or EINVAL."""
+    check_sregs_types(s)
     segs = {n: Segment(**{f: encode_unsigned(getattr(getattr(s, n), f), b, f"{n}.{f}") for f, b in _SEG_BITS.items()})
             for n in _SEGS}
     tables = {n: getattr(s, n).__class__(base=encode_unsigned(getattr(s, n).base, 64, f"{n}.base"),

@@ -246,11 +246,16 @@ class Vm(VmState):
         already bound; EINVAL GFN beyond the maximum. Mirrors kvm_set_memory_region.
         """
         self._check_open()
+        # Encoded in struct order, as the kvm backend fills kvm_userspace_memory_region2.
+        slot, flags = encode_unsigned(slot, 32, "slot"), encode_unsigned(flags, 32, "flags")
+        gpa = encode_unsigned(guest_phys_addr, 64, "guest_phys_addr")
+        size = encode_unsigned(memory_size, 64, "memory_size")
+        uaddr = encode_unsigned(userspace_addr, 64, "userspace_addr")
+        offset = encode_unsigned(guest_memfd_offset, 64, "guest_memfd_offset")
         fd = encode_fd(guest_memfd, "guest_memfd")
         encode_unsigned(pad1, 32, "pad1")  # pad1/pad2 are never checked, but must fit the struct
         encode_array(pad2, 14, 64, "pad2")
-        self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                                fd, encode_unsigned(guest_memfd_offset, 64, "guest_memfd_offset"), v2=True)
+        self._set_memory_region(slot, flags, gpa, size, uaddr, fd, offset, v2=True)
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int = 0) -> None:
@@ -612,8 +617,12 @@ class Vm(VmState):
     # --- introspection --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """guestmem extension: counters of the model VM's state (plus the vCPUs' providers)."""
+        """guestmem extension: counters of the model VM's state (plus the vCPUs' providers).
+
+        :raises OSError: EBADF if the VM fd is closed.
+        """
         with self._lock:
+            self._check_open()
             out: dict[str, Any] = {
                 "memslots": len(self._slots),
                 "memslot_pages": self._nr_memslot_pages,
