@@ -332,8 +332,7 @@ def test_hypercall_ret_before_and_after_613(prof):
     call = "mov eax, 12\nmov rbx, 0x100000\nmov ecx, 1\nxor edx, edx\nvmmcall\n"
     image = guest.long_mode_guest(call + call + "hlt")
     ram_size = 2 << 20
-    fd = hostmem.memfd("ram", ram_size)
-    ram = hostmem.Mapping(hostmem.mmap(ram_size, 3, hostmem.MAP_SHARED, fd, 0), ram_size)
+    ram = hostmem.map_memfd("ram", ram_size)
     vm.set_user_memory_region(0, 0, 0, ram_size, ram.address)
     guest.load(image, {0: ram})
     vcpu = vm.create_vcpu(0)
@@ -348,4 +347,3 @@ def test_hypercall_ret_before_and_after_613(prof):
     assert vcpu.get_regs().rax == (0x55 if stale else 0)
     vcpu.close()
     ram.close()
-    os.close(fd)
