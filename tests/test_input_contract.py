@@ -207,3 +207,18 @@ def test_pre_fault_memory_encodes_its_arguments_before_any_check(vm):
     with pytest.raises(TypeError, match="flags"):
         vcpu.pre_fault_memory(0, P, "0")
     vcpu.close()
+
+
+def test_get_memory_attributes_encodes_before_the_support_check(backend):
+    """Fuzzer: on a kernel without memory attributes (this host; model profile "6.18-host") the
+    model said ENOTTY for a float address, where kvm raises TypeError (arguments are encoded
+    before any check)."""
+    options = {"profile": "6.18-host"} if backend == "model" else {}
+    with guestmem.open_system(backend, **options) as system:
+        vm = system.create_vm()
+        with pytest.raises(TypeError, match="address"):
+            vm.get_memory_attributes(4096.7, 0.0)
+        with pytest.raises(OSError) as info:
+            vm.get_memory_attributes(2**64, P)
+        assert info.value.errno == errno.EINVAL and "address" in str(info.value)
+        vm.close()

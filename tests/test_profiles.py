@@ -10,7 +10,6 @@ backends in the conformance files (test_memslots.py, test_guest_memfd.py).
 from __future__ import annotations
 
 import errno
-import os
 from typing import Any
 
 import pytest

@@ -514,9 +514,9 @@ class Vm(VmState):
         """
         with self._lock:
             self._check_open()
+            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no memory attributes")
-            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
             self._check_attribute_range(address, size)
             return [(s << PAGE_SHIFT, e << PAGE_SHIFT, v)
                     for s, e, v in self._attributes.ranges(address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT)]
