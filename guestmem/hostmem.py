@@ -136,6 +136,8 @@ class Mapping:
     __slots__ = ("_mm", "address", "length", "_prot", "_release", "__weakref__")
 
     def __init__(self, mm: _mmap.mmap, address: int, length: int, prot: int, release: object = None) -> None:
+        if not isinstance(mm, _mmap.mmap):
+            raise TypeError("Mapping does not adopt raw addresses: use hostmem.map_file, map_memfd or map_anonymous")
         self._mm = mm
         self.address = address
         self.length = length

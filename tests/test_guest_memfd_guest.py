@@ -207,11 +207,7 @@ def test_guest_reads_an_mmap_guest_memfd_slot_from_the_file_not_userspace_addr(s
     if not vm.check_extension(Cap.GUEST_MEMFD_FLAGS) & GuestMemfdFlag.MMAP:
         pytest.skip("no GUEST_MEMFD_FLAG_MMAP on this kernel")
     gpa = 0x4000_0000
-    fd = hostmem.memfd("guestmem-test-decoy", 0x1000)
-    try:
-        decoy = hostmem.Mapping(hostmem.mmap(0x1000, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), 0x1000)
-    finally:
-        os.close(fd)
+    decoy = hostmem.map_memfd("guestmem-test-decoy", 0x1000)
     decoy.fill(0, 0x1000, 0x77)
     gmem = vm.create_guest_memfd(0x1000, GuestMemfdFlag.MMAP)
     vm.set_user_memory_region2(1, MemFlag.GUEST_MEMFD, gpa, 0x1000, userspace_addr=decoy.address,
