@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bounded import run_bounded
 
 import guestmem
 from guestmem.cli import main
@@ -208,3 +209,18 @@ def test_secret_path_that_examined_less_than_it_covers_fails_the_run(capsys, mon
     rc = main(["run", "secret"])
     out = capsys.readouterr().out
     assert rc == 1 and "FAILED" in out and "SHORT" in out.replace("\n", " ")
+
+
+
+@pytest.mark.parametrize("memory", ["1000000000000T", "5000T", "1e400T", "inf", "nanG", "-4M", "0"])
+def test_impossible_memory_sizes_fail_at_once_in_one_line(memory):
+    """Sizes no backend can accept (past the 52-bit guest physical space, not finite, not
+    positive) are one line naming --memory, before any VM exists (1000000000000T used to
+    plan memslots for minutes). Through main(argv), in a bounded child process."""
+    proc = run_bounded(f"import sys; from guestmem.cli import main; sys.exit(main(['run', 'touch', '--memory', {memory!r}]))")
+    err = proc.stderr.strip().splitlines()
+    unparsable = memory in ("inf", "nanG", "-4M", "0")  # usage errors (2); too large for any backend: 1
+    assert proc.returncode == (2 if unparsable else 1) and len(err) == 1 and "--memory" in err[0], proc.stderr
+    assert proc.stdout.strip() == ""  # nothing ran: not even the backend line
+    if memory.endswith("T") and memory[0].isdigit():
+        assert f"at most {(1 << 52) - (4 << 30)} bytes (2**52 - 4 GiB)" in err[0]  # the data region starts at 4 GiB

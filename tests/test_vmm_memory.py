@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+from bounded import run_bounded
 
 from guestmem.uapi import PAGE_SIZE, Cap, MemFlag, VmType
 from guestmem.vmm.memory import MAX_SLOT_SIZE, Conversion, GuestMemory, Region, plan_slots
@@ -205,3 +206,46 @@ def test_gmem_only_region_host_view_is_the_guest_memfd_the_guest_uses(model_syst
             mem.write(DATA, b"\0" * 8)  # was: silently written where the guest never looks
         assert exc.value.errno == errno.EFAULT
         assert mem.read(0, 8) is not None  # the boot region stays readable
+
+
+
+def _returns_quickly(code: str) -> str:
+    proc = run_bounded(code)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("max_slot_size", [0, -PAGE_SIZE, -1, PAGE_SIZE + 1])
+def test_slot_plan_refuses_a_max_slot_size_that_is_not_a_positive_page_multiple(max_slot_size):
+    out = _returns_quickly(
+        "from guestmem.vmm.memory import Region, plan_slots\n"
+        "try:\n"
+        f"    plan_slots([Region('a', 0, 2 << 20)], 32764, max_slot_size={max_slot_size})\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, exc)\n")
+    assert out.startswith(f"{errno.EINVAL} ") and "max_slot_size" in out
+
+
+def test_slot_plan_of_a_huge_region_is_enospc_at_once():
+    """2**80 bytes would need ~2**37 memslots: counted, not enumerated."""
+    out = _returns_quickly(
+        "from guestmem.vmm.memory import Region, plan_slots\n"
+        "try:\n"
+        "    plan_slots([Region('huge', 0, 2**80)], 32764)\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, exc)\n")
+    assert out.startswith(f"{errno.ENOSPC} ") and "32764" in out
+
+
+@pytest.mark.parametrize("gpa, size", [(DATA, 2**80), (DATA, 1 << 52), ((1 << 52) - 2 * MiB, 4 * MiB), (2**64, 2 * MiB)])
+def test_regions_past_the_52_bit_guest_physical_space_are_refused_before_any_vm_call(gpa, size):
+    """x86-64 guest physical addresses have at most 52 bits (MAXPHYADDR; the model's
+    max_gpa_bits), so no backend can map such a region: EINVAL naming it, at once."""
+    out = _returns_quickly(
+        "from guestmem.vmm.memory import GuestMemory, Region\n"
+        "class NoVm: pass\n"  # any VM call would raise AttributeError
+        "try:\n"
+        f"    GuestMemory(NoVm(), [Region('boot', 0, 2 << 20), Region('huge', {gpa}, {size})])\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, exc)\n")
+    assert out.startswith(f"{errno.EINVAL} ") and "'huge'" in out and "52" in out

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import guestmem
@@ -21,8 +22,9 @@ from ..choose import kernel_private_memory
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..uapi import Cap, MemoryAttribute
+from ..units import format_size
 from .machine import Machine, boot_region
-from .memory import LAYOUTS
+from .memory import LAYOUTS, MAX_GPA
 
 __all__ = ["RunResult", "choose_backend", "run_workload", "parse_size", "memory_map"]
 
@@ -30,15 +32,28 @@ BACKENDS = ("auto", "model", "kvm")
 
 
 def parse_size(text: str) -> int:
-    """``64M``, ``1G``, ``4096``, ``2MiB`` -> bytes. :raises ValueError: unparsable text."""
+    """``64M``, ``1.5G``, ``4096``, ``2MiB`` -> bytes (exact decimal arithmetic, rounded down).
+
+    :raises ValueError: unparsable text, a value that is not finite, or a size below one byte.
+    """
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t, 0)
-    except ValueError:
+            value = Decimal(t[:-1]) * units[t[-1]]
+        else:
+            value = Decimal(int(t, 0))
+    except (ValueError, ArithmeticError):
         raise ValueError(f"cannot parse size {text!r} (use e.g. 64M, 1G, 4096)") from None
+    if not value.is_finite():
+        raise ValueError(f"size {text!r} is not a finite number of bytes")
+    if value < 1:
+        raise ValueError(f"size {text!r} is not positive")
+    return int(value)
+
+
+def _size_text(size: int) -> str:
+    return format_size(size) if size < 1 << 60 else f"{Decimal(size):.3e} bytes"
 
 
 def choose_backend(requested: str, workload: Any) -> tuple[str, str]:
@@ -162,6 +177,14 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
     if conversion not in LAYOUTS:
         raise ValueError(f"unknown conversion layout {conversion!r}: choose one of {', '.join(LAYOUTS)}")
     work = workloads.get(name, **(options or {}))
+    # Without --memory, the default grows with the vCPUs so that every vCPU gets its minimum.
+    size = max(work.default_memory, vcpus * getattr(work, "memory_per_vcpu", 0)) if memory is None else memory
+    regions = [boot_region(), *work.regions(vcpus, size)]
+    for r in regions:  # before the backend is chosen: a size no backend can map fails at once
+        if r.end > MAX_GPA:
+            raise ValueError(f"--memory {_size_text(size)} is more than any backend can map: region {r.name!r} at "
+                             f"{r.gpa:#x} would end past {MAX_GPA:#x} (x86-64 guest physical addresses have 52 "
+                             f"bits); --memory can be at most {MAX_GPA - r.gpa} bytes (2**52 - {format_size(r.gpa)})")
     chosen, reason = choose_backend(backend, work)
     if conversion == "in-place" and chosen == "kvm":
         ok, why = _kernel_in_place()
@@ -173,9 +196,6 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
         reason += "; profile next (in-place conversion series v8)"
     if on_backend is not None:
         on_backend(chosen, reason)
-    # Without --memory, the default grows with the vCPUs so that every vCPU gets its minimum.
-    size = max(work.default_memory, vcpus * getattr(work, "memory_per_vcpu", 0)) if memory is None else memory
-    regions = [boot_region(), *work.regions(vcpus, size)]
     interrupted = False
     with _open_system(chosen, conversion) as system:
         with Machine(system, regions, vcpus=vcpus, conversion=conversion) as machine:

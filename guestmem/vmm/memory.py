@@ -33,7 +33,9 @@ non-overlapping: vm-memory's rule) and creates, using only the backend interface
   both flags in KVM_CAP_GUEST_MEMFD_FLAGS; otherwise a plain memfd.
 
 Memslots respect the kernel's limits: a slot never exceeds KVM_MEM_MAX_NR_PAGES (big
-regions are split on 2 MiB boundaries) and the total stays under KVM_CAP_NR_MEMSLOTS.
+regions are split on 2 MiB boundaries) and the total stays under KVM_CAP_NR_MEMSLOTS. Regions
+end at or below ``MAX_GPA`` (2**52): sizes no backend can map fail at once, and the slot
+count is computed before any slot is enumerated, so no size makes planning slow.
 
 The attribute map is authoritative and range based: a ``RangeMap`` over gfns holding
 ``MemoryAttribute.PRIVATE`` runs (gaps are shared). ``set_attributes`` is the only writer:
@@ -77,12 +79,16 @@ from ..uapi import (
     KVM_MEM_MAX_NR_PAGES, PAGE_SHIFT, PAGE_SIZE, Cap, Falloc, GuestMemfdFlag, MemFlag, MemoryAttribute,
 )
 
-__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "LAYOUTS", "MAX_SLOT_SIZE",
-           "host_memory"]
+__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "LAYOUTS", "MAX_GPA",
+           "MAX_SLOT_SIZE", "host_memory"]
 
 _2M = 2 << 20
 MAX_SLOT_SIZE = (KVM_MEM_MAX_NR_PAGES << PAGE_SHIFT) & ~(_2M - 1)
 """The largest memslot the layout creates: under KVM_MEM_MAX_NR_PAGES, 2 MiB aligned."""
+
+MAX_GPA = 1 << 52
+"""Guest memory ends at or below this address: x86-64's MAXPHYADDR is at most 52 bits, so no
+backend maps memory above it (KVM's kvm_mmu_max_gfn; the model's max_gpa_bits, measured 52)."""
 
 BACKINGS = ("auto", "gmem", "memfd")
 LAYOUTS = ("auto", "in-place", "two-backings")
@@ -210,6 +216,9 @@ def _validate(regions: Iterable[Region]) -> tuple[Region, ...]:
     for r in out:
         if r.size <= 0 or not page_aligned(r.size) or not page_aligned(r.gpa) or r.gpa < 0:
             raise oserror(errno.EINVAL, f"region {r.name!r} [{r.gpa:#x}, +{r.size:#x}) must be page aligned and non-empty")
+        if r.end > MAX_GPA:
+            raise oserror(errno.EINVAL, f"region {r.name!r} [{r.gpa:#x}, +{r.size:#x}) ends past {MAX_GPA:#x}: "
+                                        "x86-64 guest physical addresses have at most 52 bits")
         if r.backing not in BACKINGS:
             raise oserror(errno.EINVAL, f"region {r.name!r}: backing {r.backing!r} is not one of {BACKINGS}")
         if r.name in names:
@@ -225,8 +234,19 @@ def plan_slots(regions: Iterable[Region], nr_memslots: int, first_slot: int = 0,
                max_slot_size: int = MAX_SLOT_SIZE) -> list[tuple[int, Region, int, int]]:
     """Split regions into memslots: ``(slot, region, offset_in_region, size)`` per slot.
 
-    :raises OSError: ENOSPC if the layout needs more than ``nr_memslots`` slots.
+    The number of slots is computed first, so the work is bounded by ``nr_memslots`` whatever
+    the region sizes.
+
+    :raises OSError: EINVAL if ``max_slot_size`` is not a positive multiple of the page size;
+        ENOSPC if the layout needs more than ``nr_memslots`` slots.
     """
+    if max_slot_size <= 0 or max_slot_size % PAGE_SIZE:
+        raise oserror(errno.EINVAL, f"max_slot_size {max_slot_size:#x} is not a positive multiple of {PAGE_SIZE:#x}")
+    regions = tuple(regions)
+    needed = first_slot + sum(-(-r.size // max_slot_size) for r in regions if r.size > 0)
+    if needed > nr_memslots:
+        raise oserror(errno.ENOSPC, f"the layout needs {needed} memslots but the VM allows {nr_memslots} "
+                                    "(KVM_CAP_NR_MEMSLOTS)")
     out = []
     slot = first_slot
     for r in regions:
@@ -236,9 +256,7 @@ def plan_slots(regions: Iterable[Region], nr_memslots: int, first_slot: int = 0,
             out.append((slot, r, off, size))
             slot += 1
             off += size
-    if slot > nr_memslots:
-        raise oserror(errno.ENOSPC, f"the layout needs {slot} memslots but the VM allows {nr_memslots} "
-                                    "(KVM_CAP_NR_MEMSLOTS)")
+    assert slot == needed
     return out
 
 
