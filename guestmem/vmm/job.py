@@ -48,7 +48,7 @@ def parse_size(text: str) -> int:
     if not value.is_finite():
         raise ValueError(f"size {text!r} is not a finite number of bytes")
     if value < 1:
-        raise ValueError(f"size {text!r} is not positive")
+        raise ValueError(f"{text!r} is not a positive size")
     return int(value)
 
 
