@@ -265,3 +265,46 @@ def test_a_failed_attribute_change_answers_the_guest_with_its_kvm_code(manager, 
     assert manager.handle_hypercall(vcpu, hc(DATA, 1, MapGpaRangeAttr.ENCRYPTED)) == -code
     assert vcpu.ret == -code & U64
     assert manager.stats.conversions == 0 and manager.stats.errors == {f"KVM_{code.name}": 1}
+
+
+def _vm_and_layer(mem):
+    return mem.vm.get_memory_attributes(0, 1 << 52), mem.private_ranges(0, 1 << 52), mem.snapshot()
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((DATA + 0.0, PAGE_SIZE, True), {}),  # was: the VM converted int(gpa), then the map raised
+    ((DATA, float(PAGE_SIZE), True), {}),
+    ((DATA, PAGE_SIZE, "shared"), {}),  # was: a truthy string converted to private
+    ((DATA, PAGE_SIZE, True), {"vcpu": object()}),  # with prefault on: was converted, then raised
+])
+def test_a_conversion_refused_for_its_arguments_changes_nothing(model_system, args, kwargs):
+    """Model only (private memory). Wrong argument types are TypeError before the VM is
+    touched: the VM, the layer's map and the manager's counters are as before."""
+    vm = model_system.create_vm(VmType.SW_PROTECTED)
+    mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 8 * MiB, private=True)])
+    try:
+        manager = ConversionManager(mem, prefault=True)
+        assert manager.prefault  # the model has KVM_PRE_FAULT_MEMORY
+        assert manager.convert(DATA + MiB, PAGE_SIZE, True) == 0
+        before = _vm_and_layer(mem), manager.stats.as_dict()
+        with pytest.raises(TypeError):
+            manager.convert(*args, **kwargs)
+        after = _vm_and_layer(mem), manager.stats.as_dict()
+        assert after[0] == before[0]
+        assert {k: v for k, v in after[1].items() if k != "seconds"} == \
+            {k: v for k, v in before[1].items() if k != "seconds"}
+    finally:
+        mem.close()
+        vm.close()
+
+
+@pytest.mark.parametrize("gpa, size", [(0, PAGE_SIZE), (DATA + 1, PAGE_SIZE), (DATA, 0), (DATA + 8 * MiB, PAGE_SIZE),
+                                       (DATA + 8 * MiB - PAGE_SIZE, 2 * PAGE_SIZE), (U64 + 1 - PAGE_SIZE, PAGE_SIZE)])
+def test_a_conversion_refused_for_its_range_changes_nothing(manager, gpa, size):
+    """Model only. Ranges the manager refuses answer -KVM_EINVAL and leave the VM and the
+    layer as they were."""
+    mem = manager.memory
+    assert manager.convert(DATA + MiB, PAGE_SIZE, True) == 0
+    before = _vm_and_layer(mem)
+    assert manager.convert(gpa, size, True) == -KvmHypercallError.EINVAL
+    assert _vm_and_layer(mem) == before

@@ -249,3 +249,37 @@ def test_regions_past_the_52_bit_guest_physical_space_are_refused_before_any_vm_
         "except OSError as exc:\n"
         "    print(exc.errno, exc)\n")
     assert out.startswith(f"{errno.EINVAL} ") and "'huge'" in out and "52" in out
+
+
+def _vm_and_layer(mem):
+    """What a failed call must leave unchanged: the VM's attributes and the layer's own view."""
+    return mem.vm.get_memory_attributes(0, 1 << 52), mem.private_ranges(0, 1 << 52), mem.snapshot()
+
+
+@pytest.mark.parametrize("gpa, size, private, err", [
+    (DATA + 0.0, PAGE_SIZE, True, TypeError),  # the VM took int(gpa) while the map raised: they disagreed
+    (DATA, float(PAGE_SIZE), True, TypeError),
+    (DATA, PAGE_SIZE, "no", TypeError),  # was: a truthy string made the range private
+    (DATA, PAGE_SIZE, None, TypeError),
+    (0, PAGE_SIZE, True, errno.EINVAL),  # the shared-only boot region: was accepted
+    (1 << 40, PAGE_SIZE, True, errno.EINVAL),  # no region at all: was accepted
+    (DATA + 64 * MiB - PAGE_SIZE, 2 * PAGE_SIZE, True, errno.EINVAL),  # runs past the region's end
+    (DATA + 1, PAGE_SIZE, True, errno.EINVAL),
+    (DATA, 0, True, errno.EINVAL),
+    (DATA, -PAGE_SIZE, True, errno.EINVAL),
+])
+def test_a_failed_set_attributes_changes_neither_the_vm_nor_the_layer(sw_memory, gpa, size, private, err):
+    """Model only (private memory). Everything is validated before the VM is touched, and
+    only private-capable memory takes attributes: afterwards the VM and the layer agree."""
+    mem = sw_memory
+    mem.set_attributes(DATA + MiB, 2 * MiB, True)
+    seen = []
+    mem.add_listener(seen.append)
+    before = _vm_and_layer(mem)
+    with pytest.raises(TypeError if err is TypeError else OSError) as exc:
+        mem.set_attributes(gpa, size, private)
+    if err is not TypeError:
+        assert exc.value.errno == err
+    assert _vm_and_layer(mem) == before and seen == []
+    assert mem.vm.get_memory_attributes(0, 1 << 52) == [  # and both still say what was set
+        (0, DATA + MiB, 0), (DATA + MiB, DATA + 3 * MiB, 8), (DATA + 3 * MiB, 1 << 52, 0)]

@@ -100,7 +100,20 @@ class ConversionManager:
 
     def convert(self, gpa: int, size: int, private: bool, *, vcpu: Vcpu | None = None,
                 explicit: bool = True) -> int:
-        """Make [gpa, gpa+size) private or shared; returns 0 or a negative KVM_E* code."""
+        """Make [gpa, gpa+size) private or shared; returns 0 or a negative KVM_E* code.
+
+        Nothing changes unless it returns 0 (a failed discard only keeps memory).
+
+        :raises TypeError: ``gpa``/``size`` not ints, ``private`` not a bool, or (with
+            prefault) a ``vcpu`` without ``pre_fault_memory``; raised before any change.
+        """
+        for name, value in (("gpa", gpa), ("size", size)):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not isinstance(private, bool):
+            raise TypeError(f"private must be a bool, not {type(private).__name__}")
+        if self.prefault and vcpu is not None and not callable(getattr(vcpu, "pre_fault_memory", None)):
+            raise TypeError(f"vcpu must be a Vcpu, not {type(vcpu).__name__}")
         t0 = time.perf_counter()
         ret = self._convert(gpa, size, private, vcpu)
         with self._stats_lock:

@@ -492,13 +492,36 @@ class GuestMemory:
         with self.lock:
             self._listeners.remove(listener)
 
+    def check_attribute_range(self, gpa: int, size: int, private: bool) -> None:
+        """Validate a ``set_attributes`` call without changing anything.
+
+        :raises TypeError: ``gpa``/``size`` not ints, ``private`` not a bool.
+        :raises OSError: EINVAL if the range is unaligned or empty, or not inside one
+            private-capable region (only those have memory that can be private).
+        """
+        for name, value in (("gpa", gpa), ("size", size)):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not isinstance(private, bool):
+            raise TypeError(f"private must be a bool, not {type(private).__name__}")
+        if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"attribute range [{gpa:#x}, +{size:#x}) must be page aligned and non-empty")
+        if not self.within_private_capable(gpa, size):
+            raise oserror(errno.EINVAL, f"attribute range [{gpa:#x}, +{size:#x}) is not inside one private-capable "
+                                        "region")
+
     def set_attributes(self, gpa: int, size: int, private: bool) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES for [gpa, gpa+size), then the map, then the listeners.
 
-        The kernel call comes first, so a failure leaves the map untouched.
+        All or nothing: the arguments are checked first (``check_attribute_range``), then the
+        kernel call, which changes nothing when it fails; only then the map. So after any
+        failure the VM and the map agree.
 
-        :raises OSError: the kernel's errno (EINVAL unaligned/empty, ENOTTY without attributes).
+        :raises TypeError: see ``check_attribute_range``.
+        :raises OSError: EINVAL for a range that is unaligned, empty or not inside one
+            private-capable region; the kernel's errno (ENOTTY without attributes).
         """
+        self.check_attribute_range(gpa, size, private)
         attrs = PRIVATE if private else 0
         with self.lock:
             if self.in_place:
