@@ -166,8 +166,12 @@ def test_sigint_during_a_run_exits_130(capsys, monkeypatch):
 
     monkeypatch.setattr(touch.Touch, "on_sync", on_sync)
     monkeypatch.setattr(touch.Touch, "setup", setup)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    rc = main(["run", "touch", "--backend", "model", "--memory", "4M", "--vcpus", "1"])
+    # Python's own handler, as in an interactive run (a background job inherits SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = main(["run", "touch", "--backend", "model", "--memory", "4M", "--vcpus", "1"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr().out
     assert sent and machine_stopping()
     assert "interrupted" in out
