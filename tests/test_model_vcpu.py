@@ -19,6 +19,7 @@ import keystone
 import pytest
 
 from guestmem import hostmem
+from guestmem.model import fdtable
 from guestmem.model.gmem_inode import FileState
 from guestmem.model.memslot import Memslot
 from guestmem.model.vcpu import Vcpu
@@ -58,6 +59,7 @@ class Gmem:
 class ContractVm:
     def __init__(self, private: bool = True) -> None:
         self._lock = threading.RLock()
+        self._mm = fdtable.mm  # the process the VM belongs to (vCPU ioctls check it)
         self.type = 1 if private else 0
         self._private_mem = private
         self._exit_hypercall_mask = 1 << 12

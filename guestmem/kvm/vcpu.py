@@ -107,6 +107,14 @@ _raw_exits: dict[tuple[int, bytes, int], IoExit] = {}
 _kick_handler_lock = threading.Lock()
 
 
+def _new_kick_lock_in_child() -> None:  # a fork taken while another thread installed the handler
+    global _kick_handler_lock
+    _kick_handler_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_kick_lock_in_child)
+
+
 def _noop_signal_handler(signum: int, frame: Any) -> None:
     """SIGUSR1 handler whose only job is to exist, so the signal interrupts KVM_RUN."""
 

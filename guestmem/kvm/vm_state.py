@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 import weakref
 from typing import Any
@@ -43,11 +44,25 @@ def bitmap_bytes(npages: int) -> int:
     return (npages + 63) // 64 * 8
 
 
+_shadowed: "weakref.WeakSet[VmState]" = weakref.WeakSet()
+
+
+def _new_shadow_locks_in_child() -> None:
+    # A fork taken while another thread recorded a memslot: the child's copy of that lock
+    # would stay held (the ioctls themselves answer EIO in the child, the shadow still reads).
+    for vm in list(_shadowed):
+        vm._shadow_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_shadow_locks_in_child)
+
+
 class VmState:
     """Interrupt, eventfd, dirty-log and stats ioctls of a KVM VM, and its shadow."""
 
     def _init_shadow(self) -> None:
         self._shadow_lock = threading.Lock()
+        _shadowed.add(self)
         self._regions: dict[int, MemoryRegion] = {}
         self._attr_shadow: RangeMap[int] = RangeMap()
         self._gmem_files: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 
 from ..types import CpuidEntry
@@ -41,6 +42,14 @@ _lock = threading.Lock()
 # as supported and sets them in a vCPU's table from its CR4. (leaf, register, bit, CR4 bit)
 RUNTIME_BITS = ((0x1, "ecx", 27, 18),   # OSXSAVE <- CR4.OSXSAVE
                 (0x7, "ecx", 4, 22))    # OSPKE <- CR4.PKE
+
+
+def _new_lock_in_child() -> None:  # a fork taken while another thread held _lock
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,13 @@ Resolution mirrors fdget() followed by an f_op check (kvm_gmem_bind):
 * not in the table and not open in the process (or negative / > INT_MAX) -> EBADF;
 * open in the process but not a model object, or a model object of another kind -> the
   caller's "wrong file" errno (EINVAL for guest_memfd).
+
+The table also stands for the rest of the calling process the kernel looks at. ``mm`` is a
+token for this process's address space (the kernel's ``current->mm``): a VM records it at
+creation, and its VM and vCPU ioctls from another mm (a forked child) fail with EIO, as in
+kvm_vm_ioctl/kvm_vcpu_ioctl. In a forked child ``mm`` is replaced, and every object
+registered with ``at_fork_in_child`` gets fresh locks: the child's copies of locks that
+other threads held at the fork would otherwise never be released.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import errno
 import fcntl
 import os
 import threading
+import weakref
 from typing import Any, TypeVar
 
 from ..errors import oserror
@@ -32,6 +40,28 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _table: dict[int, Any] = {}
+
+mm = object()
+"""This process's address space (current->mm); a new object in every forked child."""
+
+_fork_hooks: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def at_fork_in_child(obj: Any) -> None:
+    """Call ``obj._after_fork_in_child()`` in a forked child while ``obj`` lives (new locks)."""
+    _fork_hooks.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread exists in the child: nothing else can hold these now.
+    global _lock, mm
+    _lock = threading.Lock()
+    mm = object()
+    for obj in list(_fork_hooks):
+        obj._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _INT_MAX = (1 << 31) - 1
 

@@ -32,6 +32,7 @@ Why each field:
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 from .unicorn_cpu import EFER, unicorn
@@ -39,6 +40,14 @@ from .unicorn_cpu import EFER, unicorn
 _UNKNOWN = -2
 _offsets: dict[str, int | None] = {}
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # a fork taken while another thread held _lock
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 # CPUX86State: int error_code; int exception_is_int; target_ulong exception_next_eip;
 # target_ulong dr[8]; four breakpoint/watchpoint pointers; int old_exception.
 _OLD_EXCEPTION_TO_ERROR_CODE = 4 + 4 + 8 + 8 * 8 + 4 * 8

@@ -130,9 +130,11 @@ class Vcpu(VcpuState):
         self._hc_ret = 0
         self._cr2 = 0  # CR2 as the guest last saw it (Unicorn clobbers it: exits.handle_exception)
         self._is_tdx: bool | None = None
+        self._mm = vm._mm  # vcpu->kvm->mm: ioctls from another process get EIO
         self._init_state(vcpu_id)  # CPUID, MSRs, MP state, TSC (vcpu_state)
         vm._get_kvm()  # the vCPU pins the VM (kvm_vm_ioctl_create_vcpu)
         self._fd: int | None = fdtable.fd_install(self)
+        fdtable.at_fork_in_child(self)
         vm._add_invalidation_listener(self._invalidate_range)
         vm._stats_providers.append(self._stats)
 
@@ -140,7 +142,7 @@ class Vcpu(VcpuState):
         return f"<model Vcpu id={self.vcpu_id} fd={self._fd}>"
 
     def __enter__(self) -> "Vcpu":
-        self._check()
+        self._check_fd()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -150,12 +152,26 @@ class Vcpu(VcpuState):
 
     def fileno(self) -> int:
         """The vCPU file descriptor. :raises OSError: EBADF once closed."""
-        self._check()
+        self._check_fd()
         return self._fd  # type: ignore[return-value]
 
-    def _check(self) -> None:
+    def _check_fd(self) -> None:
         if self._closed:
             raise oserror(_errno.EBADF, f"vcpu {self.vcpu_id} is closed")
+
+    def _check(self) -> None:
+        """The checks every vCPU ioctl makes first (kvm_vcpu_ioctl): EBADF closed, EIO from another mm."""
+        if self._closed:
+            raise oserror(_errno.EBADF, f"vcpu {self.vcpu_id} is closed")
+        if self._mm is not fdtable.mm:
+            raise oserror(_errno.EIO, f"vcpu {self.vcpu_id}'s VM belongs to another process (used after fork)")
+
+    def _after_fork_in_child(self) -> None:
+        # Threads that held these (a run(), an ioctl) do not exist in the child.
+        self._ioctl_lock = threading.Lock()
+        self.uc_lock = threading.Lock()
+        self._in_emu = False
+        self._kick = False
 
     def _stats(self) -> dict:
         c = self._map.counts()
@@ -435,7 +451,7 @@ class Vcpu(VcpuState):
         longer than size*count (the kvm backend's checks on the kvm_run page); TypeError for
         None after an IN.
         """
-        self._check()
+        self._check_fd()  # kvm_run page writes, not ioctls: no mm check
         ex = self._last_exit
         if not isinstance(ex, IoExit):
             raise oserror(_errno.EINVAL, "complete_io: the last exit was not KVM_EXIT_IO")
@@ -454,7 +470,7 @@ class Vcpu(VcpuState):
         Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_MMIO or ``data`` is
         longer than mmio.len; TypeError for None after a read.
         """
-        self._check()
+        self._check_fd()  # kvm_run page writes, not ioctls: no mm check
         ex = self._last_exit
         if not isinstance(ex, MmioExit):
             raise oserror(_errno.EINVAL, "complete_mmio: the last exit was not KVM_EXIT_MMIO")
@@ -472,7 +488,7 @@ class Vcpu(VcpuState):
         Errors: EBADF (closed); EINVAL if the last exit was not KVM_EXIT_HYPERCALL or ``value``
         does not fit in a u64 (negative values wrap).
         """
-        self._check()
+        self._check_fd()  # kvm_run page writes, not ioctls: no mm check
         if not isinstance(self._last_exit, HypercallExit):
             raise oserror(_errno.EINVAL, "set_hypercall_ret: the last exit was not KVM_EXIT_HYPERCALL")
         if not -(2**63) <= value < 2**64:
@@ -481,7 +497,7 @@ class Vcpu(VcpuState):
 
     def kick(self) -> None:
         """Make a running (or the next) KVM_RUN return KVM_EXIT_INTR, like a signal. Errors: EBADF."""
-        self._check()
+        self._check_fd()  # a signal, not an ioctl
         self._kick = True
         while self._in_emu and self._kick:
             u = self._u  # None once a racing close() has dropped the engine

@@ -82,8 +82,10 @@ class Vm(VmState):
         self._invalidations = 0
         self._users = 1
         self._dead = False
+        self._mm = fdtable.mm  # kvm->mm: VM and vCPU ioctls from another process get EIO
         self._init_vm_state()  # irq lines, irqfds, ioeventfds, dirty logs (vm_state)
         self._fd: int | None = fdtable.fd_install(self)
+        fdtable.at_fork_in_child(self)
 
     def __repr__(self) -> str:
         return f"<model Vm type={self.type:#x} fd={self._fd} slots={len(self._slots)}>"
@@ -92,13 +94,25 @@ class Vm(VmState):
 
     def fileno(self) -> int:
         """The VM file descriptor. :raises OSError: EBADF once closed."""
-        return self._check_open()
+        return self._check_fd()
 
-    def _check_open(self) -> int:
+    def _check_fd(self) -> int:
         fd = self._fd
         if fd is None:
             raise oserror(errno.EBADF, "VM fd is closed")
         return fd
+
+    def _check_open(self) -> int:
+        """The checks every VM ioctl makes first (kvm_vm_ioctl): EBADF closed, EIO from another mm."""
+        fd = self._fd
+        if fd is None:
+            raise oserror(errno.EBADF, "VM fd is closed")
+        if self._mm is not fdtable.mm:
+            raise oserror(errno.EIO, "the VM belongs to another process (its creator's mm; used after fork)")
+        return fd
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()  # the parent's may be held by a thread the child lacks
 
     def close(self) -> None:
         """close(2) on the VM fd; the VM lives on while guest_memfds or vCPUs reference it. Idempotent."""
@@ -110,7 +124,7 @@ class Vm(VmState):
         self._put_kvm()
 
     def __enter__(self) -> "Vm":
-        self._check_open()
+        self._check_fd()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -435,7 +449,7 @@ class Vm(VmState):
         :raises OSError: EBADF if the VM fd is closed.
         """
         with self._lock:
-            self._check_open()
+            self._check_fd()  # no ioctl (the kvm backend answers from its shadow): no mm check
             return [self._slots[k]._region() for k in sorted(self._slots)]
 
     # --- memory attributes ----------------------------------------------------------------------
@@ -513,7 +527,7 @@ class Vm(VmState):
         ``set_memory_attributes`` for the fd, support and range checks.
         """
         with self._lock:
-            self._check_open()
+            self._check_fd()  # no ioctl (the kvm backend answers from its shadow): no mm check
             address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no memory attributes")
