@@ -126,9 +126,14 @@ def assemble(source: str, address: int, bits: int = 64) -> bytes:
     """
     keystone, ks = _keystone(bits)
     try:
-        encoding, _ = ks.asm(source, address)
+        encoding, count = ks.asm(source, address)
     except keystone.KsError as exc:
         raise ValueError(f"cannot assemble ({exc}) at statement {exc.get_asm_count() + 1}:\n{source}") from None
+    if not count and source.strip():
+        # Keystone gives up without an error on some statements (NASM's "byte [m]") and then
+        # returns nothing for the whole source (measured with keystone-engine 0.9.2).
+        raise ValueError(f"keystone assembled nothing (no error given); memory operands need a "
+                         f"size like 'byte ptr [..]', not NASM's 'byte [..]':\n{source}")
     return bytes(encoding or b"")
 
 

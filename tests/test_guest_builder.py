@@ -59,6 +59,15 @@ def test_assemble_error_is_value_error_with_message():
         guest.assemble("mov rax, rbx, rcx", 0)
 
 
+def test_assemble_refuses_what_keystone_silently_drops():
+    """Keystone returns no bytes and no error for NASM's ``byte [m]`` (it wants ``byte ptr``),
+    dropping the whole source: the guest would run zeros. That is a ValueError."""
+    with pytest.raises(ValueError, match="ptr"):
+        guest.assemble("nop\nmov byte [0x3000], 1\nnop", 0x1000, 16)
+    assert guest.assemble("mov byte ptr [0x3000], 1", 0x1000, 16) == bytes.fromhex("c606003001")
+    assert guest.assemble("", 0x1000) == b"" and guest.assemble("only_a_label:", 0x1000) == b""
+
+
 def test_assemble_rejects_bad_bits():
     with pytest.raises(ValueError, match="bits"):
         guest.assemble("nop", 0, bits=8)
