@@ -99,6 +99,11 @@ HOST_CAPS: dict[int, int] = {
 }
 HOST_VM_CAPS: dict[int, int] = {129: 11}
 
+UNCLAIMED_CAPS = frozenset({192, 223})
+"""Caps the host has that the model answers 0 because it does not implement the feature, so it
+never claims it: KVM_CAP_DIRTY_LOG_RING and _ACQ_REL (the model logs dirty pages in bitmaps only,
+``model.vm_state``). The differential and host-cap tests compare every other cap with /dev/kvm."""
+
 GUEST_MEMFD_MAGIC = 0x474D454D
 """fstatfs f_type of guest_memfd's own pseudo-filesystem (6.19+, "GMEM")."""
 

@@ -19,7 +19,7 @@ from ..errors import oserror, refuse_copy
 from ..types import CpuidEntry
 from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
 from . import fdtable
-from .profile import DEFAULT_PROFILE, GUESTMEM_TDX_LIKE_VM, HOST_CAPS, HOST_VM_CAPS, Profile, resolve_profile
+from .profile import DEFAULT_PROFILE, GUESTMEM_TDX_LIKE_VM, HOST_CAPS, HOST_VM_CAPS, UNCLAIMED_CAPS, Profile, resolve_profile
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -118,8 +118,8 @@ class System:
             return 1 if p.tdp and p.pre_fault_memory else 0
         if cap == Cap.GUEST_MEMFD_FLAGS:
             return p.gmem_flags(private, vm is not None and vm.type == GUESTMEM_TDX_LIKE_VM)
-        if cap == Cap.DIRTY_LOG_RING or cap == Cap.DIRTY_LOG_RING_ACQ_REL:
-            return 0  # the model logs dirty pages in bitmaps only (model.vm_state)
+        if cap in UNCLAIMED_CAPS:
+            return 0
         if vm is not None and cap in HOST_VM_CAPS:
             return HOST_VM_CAPS[cap]
         return HOST_CAPS.get(cap, 0)
