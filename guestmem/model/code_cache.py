@@ -53,7 +53,8 @@ class CodeCache:
     """Byte spans of guest-physical pages that the engine's TBs were translated from."""
 
     def __init__(self) -> None:
-        # physical page -> [low offset, high offset, copy of the bytes, view of memory, regions.gen]
+        # physical page -> [low offset, high offset, copy of the bytes, view of memory, regions.gen,
+        #                   the Region it was found in]
         self.pages: dict[int, list] = {}
 
     def __len__(self) -> int:
@@ -67,12 +68,13 @@ class CodeCache:
         """A TB covers [pa, pa+n) (within one page) of guest-physical memory."""
         page, lo = pa & ~_PAGE_MASK, pa & _PAGE_MASK
         hi = lo + n
-        host = regions.host_pointer(page)
-        if host is None:
+        found = regions.region_of(page)
+        if found is None:
             return  # not mapped in the engine: nothing can have been translated from it
+        host = found[1].ptr + page - found[0]
         e = self.pages.get(page)
         if e is None:
-            self.pages[page] = [lo, hi, _string_at(host + lo, n), _view(host + lo, n), regions.gen]
+            self.pages[page] = [lo, hi, _string_at(host + lo, n), _view(host + lo, n), regions.gen, found]
             return
         old_lo, old_hi, old = e[0], e[1], e[2]
         if lo >= old_lo and hi <= old_hi:
@@ -80,17 +82,20 @@ class CodeCache:
         new_lo, new_hi = min(lo, old_lo), max(hi, old_hi)
         # keep the old copy for the old span: a change already made there must still show
         copy = _string_at(host + new_lo, old_lo - new_lo) + old + _string_at(host + old_hi, new_hi - old_hi)
-        e[:] = [new_lo, new_hi, copy, _view(host + new_lo, new_hi - new_lo), regions.gen]
+        e[:] = [new_lo, new_hi, copy, _view(host + new_lo, new_hi - new_lo), regions.gen, found]
 
     def stale(self, regions) -> bool:
         """Whether memory under a recorded span differs from its copy, or is no longer mapped."""
         gen = regions.gen
         for page, e in self.pages.items():
-            if e[4] != gen:  # a region was unmapped since: the view may dangle, find the page again
-                host = regions.host_pointer(page)
-                if host is None:
-                    return True
-                e[3], e[4] = _view(host + e[0], e[1] - e[0]), gen
+            if e[4] != gen:  # a region was unmapped since: the view may dangle
+                base, region = e[5]
+                if regions.regions.get(base) is not region:  # its region went: find the page again
+                    found = regions.region_of(page)
+                    if found is None:
+                        return True
+                    e[3], e[5] = _view(found[1].ptr + page - found[0] + e[0], e[1] - e[0]), found
+                e[4] = gen
             if e[3].raw != e[2]:
                 return True
         return False

@@ -171,10 +171,10 @@ class RegionMap:
                 return a
         return None
 
-    def host_pointer(self, addr: int) -> int | None:
-        """The host address behind engine-physical ``addr``, or None if no region maps it."""
+    def region_of(self, addr: int) -> tuple[int, Region] | None:
+        """(base, Region) of the region mapping engine-physical ``addr``, or None."""
         base = self.containing(addr)
-        return None if base is None else self.regions[base].ptr + addr - base
+        return None if base is None else (base, self.regions[base])
 
     def mark_code(self, uc, base: int) -> None:
         """First fetch from a window region: allow execution and remember it holds code."""
