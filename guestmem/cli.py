@@ -162,6 +162,7 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from . import workloads
     from .vmm import job, report
     from .vmm.runloop import GuestError
 
@@ -202,8 +203,8 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
         for layout in layouts:
             with progress:
                 results.append(job.run_workload(
-                    workload, backend=backend, vcpus=vcpus, memory=size, options=options, on_backend=on_backend,
-                    conversion=layout,
+                    workloads.get(workload, **options), backend=backend, vcpus=vcpus, memory=size,
+                    on_backend=on_backend, conversion=layout,
                     progress=lambda done, total: progress.update(task, completed=done, total=total)))
     except OSError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None

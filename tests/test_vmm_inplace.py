@@ -15,6 +15,7 @@ import pytest
 import guestmem
 from guestmem.cli import main
 from guestmem.uapi import KvmHypercallError, MapGpaRangeAttr, VmType
+from guestmem import workloads
 from guestmem.vmm import job
 from guestmem.vmm.conversion import ConversionManager
 from guestmem.vmm.machine import boot_region
@@ -131,8 +132,8 @@ def test_in_place_layout_is_refused_on_this_kernel(kvm_system):
 
 @pytest.mark.parametrize("vcpus", [1, 3])
 def test_conversions_workload_in_place_loses_no_data(vcpus):
-    r = job.run_workload("conversions", backend="model", vcpus=vcpus, conversion="in-place",
-                         options={"iterations": 3})
+    r = job.run_workload(workloads.get("conversions", iterations=3), backend="model", vcpus=vcpus,
+                         conversion="in-place")
     w = r.workload_results
     assert r.ok and r.conversion == "in-place" and "profile next" in r.backend_reason
     assert w["mismatches"] == 0 and w["iterations_done"] == 3 * vcpus

@@ -17,7 +17,6 @@ from typing import Any
 
 import guestmem
 
-from .. import workloads
 from ..choose import kernel_private_memory
 from ..errors import oserror
 from ..rangemap import RangeMap
@@ -155,12 +154,17 @@ def _kernel_in_place() -> tuple[bool, str]:
     return False, "the kernel has no in-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 0)"
 
 
-def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus: int = 2,
+def run_workload(work: Any, *, backend: str = "auto", vcpus: int = 2,
                  memory: int | None = None, progress: Callable[[int, int], None] | None = None,
                  on_backend: Callable[[str, str], None] | None = None,
-                 options: dict[str, Any] | None = None, timeout: float | None = None,
+                 timeout: float | None = None,
                  conversion: str = "auto") -> RunResult:
-    """Run bundled workload ``name`` and return its result.
+    """Run workload ``work`` and return its result.
+
+    ``work`` is a fresh workload object (``guestmem.workloads.get(name)`` for a bundled one):
+    it declares ``name``, ``needs_private``, ``default_memory`` and ``regions()``, loads itself
+    with ``setup(machine)`` and reports ``ok``/``results()``. The vmm layer runs it without
+    knowing which workloads exist (they are built on top of it).
 
     :param conversion: "in-place" (one guest_memfd per private-capable region; on the model
         this selects profile "next"), "two-backings" (guest_memfd + shared memfd) or "auto"
@@ -176,7 +180,6 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
         raise ValueError(f"--vcpus must be at least 1, not {vcpus}")
     if conversion not in LAYOUTS:
         raise ValueError(f"unknown conversion layout {conversion!r}: choose one of {', '.join(LAYOUTS)}")
-    work = workloads.get(name, **(options or {}))
     # Without --memory, the default grows with the vCPUs so that every vCPU gets its minimum.
     size = max(work.default_memory, vcpus * getattr(work, "memory_per_vcpu", 0)) if memory is None else memory
     regions = [boot_region(), *work.regions(vcpus, size)]
@@ -220,7 +223,7 @@ def run_workload(name: str = workloads.DEFAULT, *, backend: str = "auto", vcpus:
             if hasattr(work, "finish") and not interrupted:
                 work.finish()
             return RunResult(
-                workload=name, backend=chosen, backend_reason=reason, vcpus=vcpus, memory=size,
+                workload=work.name, backend=chosen, backend_reason=reason, vcpus=vcpus, memory=size,
                 ok=bool(work.ok) and not interrupted, wall_time=wall, exits=dict(machine.exits),
                 conversions=machine.conversions.stats.as_dict(), workload_results=work.results(),
                 memory_map=memory_map(machine), console=machine.console.decode(errors="replace"),
