@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
+from .. import buildcache
 from .harness import Skip
 
 HEADERS = ("common.h",)  # shared by the programs in c/, copied next to each source it builds
@@ -22,19 +22,10 @@ HEADERS = ("common.h",)  # shared by the programs in c/, copied next to each sou
 
 def cache_dir() -> Path:
     """``$GUESTMEM_BENCH_CACHE``, else ``$XDG_CACHE_HOME/guestmem/bench`` (~/.cache by default)."""
-    explicit = os.environ.get("GUESTMEM_BENCH_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "guestmem" / "bench"
+    return buildcache.cache_dir("bench", "GUESTMEM_BENCH_CACHE")
 
 
-def compiler() -> str | None:
-    """``$CC`` if set, else the first of cc, gcc, clang on PATH."""
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or None
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+compiler = buildcache.c_compiler
 
 
 def build(name: str) -> Path:

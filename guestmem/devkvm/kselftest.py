@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .. import buildcache
 from .native import Unavailable
 
 # The selftests that judge guest_memfd (spec section 7), with the argument sets to run.
@@ -67,11 +68,8 @@ class Result:
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("GUESTMEM_KSELFTEST_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "guestmem" / "kselftest"
+    """``$GUESTMEM_KSELFTEST_CACHE``, else ``$XDG_CACHE_HOME/guestmem/kselftest``."""
+    return buildcache.cache_dir("kselftest", "GUESTMEM_KSELFTEST_CACHE")
 
 
 @contextlib.contextmanager

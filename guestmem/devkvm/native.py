@@ -14,11 +14,12 @@ import hashlib
 import importlib.resources
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+
+from .. import buildcache
 
 MODULE = "_guestmem_devkvm"
 
@@ -60,18 +61,11 @@ class Unavailable(Exception):
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("GUESTMEM_DEVKVM_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "guestmem" / "devkvm"
+    """``$GUESTMEM_DEVKVM_CACHE``, else ``$XDG_CACHE_HOME/guestmem/devkvm``."""
+    return buildcache.cache_dir("devkvm", "GUESTMEM_DEVKVM_CACHE")
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc)
-    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+_compiler = buildcache.c_compiler
 
 
 def library() -> Path:
