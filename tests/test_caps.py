@@ -14,7 +14,6 @@ import pytest
 
 import guestmem
 from guestmem.model.profile import HOST_CAPS, HOST_VM_CAPS, UNCLAIMED_CAPS
-from guestmem.uapi import Cap
 
 CAPS = range(512)
 
