@@ -27,7 +27,7 @@ from ..encoding import check_int, encode_fd, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..types import DirtyLog, MemoryRegion
-from ._ioctl import int_arg, ioctl
+from ._ioctl import ioctl
 from .stats import StatsFd
 
 _U64 = (1 << 64) - 1
@@ -110,7 +110,7 @@ class VmState:
             (KVM_CAP_MEMORY_ATTRIBUTES == 0, as on this host); EINVAL for an empty, wrapping
             or unaligned range.
         """
-        fd = self._check()  # type: ignore[attr-defined]
+        self._check()  # type: ignore[attr-defined]
         address, size = encode_unsigned(_int(address, "address"), 64, "address"), encode_unsigned(_int(size, "size"), 64, "size")
         # /dev/kvm's value says whether the kernel has the ioctl (a VM's is 0 without private memory).
         if not self.system.check_extension(uapi.Cap.MEMORY_ATTRIBUTES):  # type: ignore[attr-defined]

@@ -14,7 +14,6 @@ from typing import Any
 from .guest_memfd import GuestMemfd
 from .memslot import Memslot
 from .profile import GUESTMEM_TDX_LIKE_VM, PROFILES, Profile
-from . import fdtable
 from .system import System, open_system
 from .vm import Vm
 
