@@ -67,16 +67,25 @@ SURVIVED = {"survived", "no tests", "suspicious"}
 
 
 def checkout(rev: str | None, dest: Path) -> None:
-    """guestmem/ and tests/ of the working tree, or of git revision ``rev``, into ``dest``."""
+    """The package (src/guestmem/) and tests/ of the working tree, or of git revision ``rev``,
+    into ``dest`` as guestmem/ and tests/."""
     dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", ".hypothesis")
     if rev is None:
-        for name in ("guestmem", "tests"):
-            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+        shutil.copytree(ROOT / "src" / "guestmem", dest / "guestmem", ignore=ignore)
+        shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
         return
-    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "guestmem", "tests"],
+    # The package moved to src/ (src layout); older revisions have it at the top.
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "src/guestmem"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    package = "src/guestmem" if listed else "guestmem"
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, package, "tests"],
                           check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(dest, filter="data")
+    if listed:
+        (dest / "src" / "guestmem").rename(dest / "guestmem")
+        (dest / "src").rmdir()
 
 
 def configure(workdir: Path, source: str, tests: list[str]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "guestmem"
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "guestmem"
 
 # package (a directory under guestmem/) -> packages it must never import
 FORBIDDEN = {

@@ -6,7 +6,7 @@ Build: ``python -m sphinx -W -b html docs/api docs/api/_build`` (CI does, warnin
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "src")))
 
 project = "guestmem"
 extensions = ["sphinx.ext.autodoc"]
