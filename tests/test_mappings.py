@@ -296,3 +296,18 @@ def test_backend_objects_refuse_copy_and_pickle(system, how):
         objects["Vcpu"].close()
         g.close()
         vm.close()
+
+
+@pytest.mark.parametrize("length", [0, 1, 4096, 2**63 - 1, 2**63, 2**64 - 1, -1])
+@pytest.mark.parametrize("offset", [0, 4096, 2**63 - 1, 2**63, 2**64 - 4096, -4096])
+@pytest.mark.parametrize("prot_flags", [(0, 0), (3, 1), (2**31 - 1, 2**31 - 1), (2**31, 2**32 - 1), (-1, -2)])
+def test_mmap_args_are_what_c_passes_on_the_fast_path_and_off_it(length, offset, prot_flags):
+    """encode_mmap_args returns size_t/off_t/int values as C would, whichever path it takes."""
+    prot, flags = prot_flags
+    u64 = (1 << 64) - 1
+
+    def s(value: int, bits: int) -> int:
+        value &= (1 << bits) - 1
+        return value - (1 << bits) if value >> (bits - 1) else value
+
+    assert hostmem.encode_mmap_args(length, offset, prot, flags) == (length & u64, s(offset, 64), s(prot, 32), s(flags, 32))

@@ -38,6 +38,7 @@ MAP_NORESERVE = 0x4000
 MAP_32BIT = 0x40
 MAP_FIXED_NOREPLACE = 0x100000
 _S64_MIN, _U64_LIMIT = -(1 << 63), 1 << 64
+_S64_LIMIT, _S32_LIMIT = 1 << 63, 1 << 31
 _PLACEMENT_FLAGS = MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_32BIT | MAP_ANONYMOUS
 
 
@@ -50,6 +51,12 @@ def encode_mmap_args(length: int, offset: int, prot: int, flags: int) -> tuple[i
         kernel's errno for an impossible length); EOVERFLOW for an offset no off_t holds (its
         page index overflows, the kernel's errno); EINVAL for prot/flags wider than an int.
     """
+    if (length.__class__ is int and offset.__class__ is int and prot.__class__ is int and flags.__class__ is int
+            and 0 <= length < _S64_LIMIT and 0 <= offset < _S64_LIMIT and 0 <= prot < _S32_LIMIT
+            and 0 <= flags < _S32_LIMIT):
+        # Already as C passes them (every internal window switch of the model's vCPUs comes here:
+        # the checks below measured ~0.8 µs of a ~40 µs conversion round trip).
+        return length, offset, prot, flags
     check_int(length, "length")
     check_int(offset, "offset")
     if not _S64_MIN <= length < _U64_LIMIT:
