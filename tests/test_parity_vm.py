@@ -12,6 +12,8 @@ import mmap
 import os
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from guestmem import guest
 from guestmem.types import CpuidEntry, IoExit, MemoryRegion
@@ -332,3 +334,19 @@ def test_closed_vm_methods_fail_with_ebadf(system, method) -> None:
     vm = system.create_vm()
     vm.close()
     assert _errno(getattr(vm, method), *CLOSED_CALLS[method]) == errno.EBADF
+
+
+@given(st.binary(max_size=64), st.integers(0, 600))
+def test_bitmap_runs_match_a_bit_by_bit_reference(bitmap, nbits):
+    """The dirty-log run finder (shared by DirtyLog.ranges and the model's log) against a per-bit scan."""
+    from guestmem.types import bitmap_runs
+
+    bits = [i < nbits and i < 8 * len(bitmap) and bool(bitmap[i // 8] >> (i % 8) & 1) for i in range(nbits + 1)]
+    expect, start = [], None
+    for i, bit in enumerate(bits):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            expect.append((start, i))
+            start = None
+    assert bitmap_runs(bitmap, nbits) == expect

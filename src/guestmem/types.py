@@ -337,6 +337,21 @@ class MemoryRegion:
         return bool(self.flags & 4)  # KVM_MEM_GUEST_MEMFD
 
 
+
+def bitmap_runs(bitmap: bytes, nbits: int) -> list[tuple[int, int]]:
+    """Runs ``(first, end)`` of set bits among the first ``nbits`` of a little-endian bitmap
+    (KVM's dirty-log layout), found a run at a time, not a bit at a time."""
+    n = int.from_bytes(bitmap, "little") & ((1 << nbits) - 1)
+    out = []
+    while n:
+        lo = (n & -n).bit_length() - 1
+        m = n >> lo
+        length = ((m ^ (m + 1)) >> 1).bit_length()
+        out.append((lo, lo + length))
+        n &= ~(((1 << length) - 1) << lo)
+    return out
+
+
 @_frozen
 class DirtyLog:
     """KVM_GET_DIRTY_LOG's bitmap of memslot ``slot``: bit n (little-endian u64 words, as the
@@ -348,15 +363,7 @@ class DirtyLog:
 
     def ranges(self) -> tuple[tuple[int, int], ...]:
         """Runs ``(first_page, end_page)`` of dirty pages, in slot page numbers."""
-        n = int.from_bytes(self.bitmap, "little") & ((1 << self.npages) - 1)
-        out = []
-        while n:
-            lo = (n & -n).bit_length() - 1
-            m = n >> lo
-            length = ((m ^ (m + 1)) >> 1).bit_length()
-            out.append((lo, lo + length))
-            n &= ~(((1 << length) - 1) << lo)
-        return tuple(out)
+        return tuple(bitmap_runs(self.bitmap, self.npages))
 
     def pages(self) -> int:
         """How many pages are dirty."""

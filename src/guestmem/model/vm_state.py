@@ -35,7 +35,7 @@ from typing import Any
 from ..encoding import encode_fd, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
-from ..types import DirtyLog, IoExit, MmioExit
+from ..types import DirtyLog, IoExit, MmioExit, bitmap_runs
 from ..uapi import (KVM_IOEVENTFD_VALID_FLAG_MASK, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
                     KVM_USER_MEM_SLOTS, IoeventfdFlag, IoDirection, IrqfdFlag, MemFlag)
 from . import fdtable
@@ -93,19 +93,6 @@ class _Ioeventfd:
         if bus != self.bus or addr != self.addr or (self.len and len(data) != self.len):
             return False
         return self.wildcard or int.from_bytes(data, "little") == self.datamatch
-
-
-def _bitmap_runs(bitmap: bytes, nbits: int) -> list[tuple[int, int]]:
-    """Runs (first, end) of set bits among the first ``nbits`` of a little-endian bitmap."""
-    n = int.from_bytes(bitmap, "little") & ((1 << nbits) - 1)
-    out = []
-    while n:
-        lo = (n & -n).bit_length() - 1
-        m = n >> lo
-        length = ((m ^ (m + 1)) >> 1).bit_length()
-        out.append((lo, lo + length))
-        n &= ~(((1 << length) - 1) << lo)
-    return out
 
 
 class VmState:
@@ -343,7 +330,7 @@ class VmState:
             if first_page > n or num_pages > n - first_page or (num_pages < n - first_page and num_pages & 63):
                 raise oserror(errno.EINVAL, f"pages [{first_page}, +{num_pages}) do not fit slot of {n} pages")
             cleared = []
-            for s, e in _bitmap_runs(bytes(bitmap), num_pages):
+            for s, e in bitmap_runs(bytes(bitmap), num_pages):
                 for ds, de, _ in log.stored(first_page + s, first_page + e):
                     cleared.append((ds, de))
                 log.set(first_page + s, first_page + e, False)
