@@ -165,23 +165,33 @@ def _target_cpl(mem: GuestMemory, gdt_base: int, gdt_limit: int, selector: int, 
     return cpl if access & 0x4 else dpl
 
 
-def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
-    x = unicorn().x86_const
-    r, s = v._read_regs(), v._read_sregs()
-    mem = GuestMemory(v._vm, s, True)
+def _read_gate(mem, s, vector: int, size: int, type_mask: int, cpl: int,
+               software: bool) -> tuple[int, int, int]:
+    """The IDT gate of ``vector`` (``size`` 16 in long mode, 8 in 32-bit mode) as (low qword,
+    high qword or 0, gate type under ``type_mask``), with the checks every delivery makes in
+    the SDM's order: #GP(IDT) beyond the limit, unreadable, not an interrupt/trap gate, or a
+    software interrupt through a gate of lower DPL; then #NP(IDT) if not present."""
     idt_error = vector * 8 + 2
-    if vector * 16 + 15 > s.idt.limit:
+    if vector * size + size - 1 > s.idt.limit:
         raise _Fault(GP, idt_error)
-    raw = mem.read(s.idt.base + vector * 16, 16)
+    raw = mem.read(s.idt.base + vector * size, size)
     if raw is None:
         raise _Fault(GP, idt_error)
-    lo, hi = struct.unpack("<QQ", raw)
-    gate_type, gate_dpl, present = (lo >> 40) & 0xF, (lo >> 45) & 3, (lo >> 47) & 1
-    cpl = s.cs.selector & 3
+    lo, hi = struct.unpack("<QQ", raw) if size == 16 else (struct.unpack("<Q", raw)[0], 0)
+    gate_type, gate_dpl, present = (lo >> 40) & type_mask, (lo >> 45) & 3, (lo >> 47) & 1
     if gate_type not in (0xE, 0xF) or (software and gate_dpl < cpl):
         raise _Fault(GP, idt_error)
     if not present:
         raise _Fault(NP, idt_error)
+    return lo, hi, gate_type
+
+
+def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
+    x = unicorn().x86_const
+    r, s = v._read_regs(), v._read_sregs()
+    mem = GuestMemory(v._vm, s, True)
+    cpl = s.cs.selector & 3
+    lo, hi, gate_type = _read_gate(mem, s, vector, 16, 0xF, cpl, software)
     target = ((lo >> 16) & 0xFFFF)
     handler = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000) | ((hi & 0xFFFF_FFFF) << 32)
     new_cpl = _target_cpl(mem, s.gdt.base, s.gdt.limit, target, cpl)
@@ -216,19 +226,8 @@ def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, 
     x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, False)
-    idt_error = vector * 8 + 2
-    if vector * 8 + 7 > s.idt.limit:
-        raise _Fault(GP, idt_error)
-    raw = mem.read(s.idt.base + vector * 8, 8)
-    if raw is None:
-        raise _Fault(GP, idt_error)
-    gate = struct.unpack("<Q", raw)[0]
-    gate_type, gate_dpl, present = (gate >> 40) & 0x1F, (gate >> 45) & 3, (gate >> 47) & 1
     cpl = s.cs.selector & 3
-    if gate_type not in (0xE, 0xF) or (software and gate_dpl < cpl):  # 32-bit gates, S = 0
-        raise _Fault(GP, idt_error)
-    if not present:
-        raise _Fault(NP, idt_error)
+    gate, _, gate_type = _read_gate(mem, s, vector, 8, 0x1F, cpl, software)  # 32-bit gates, S = 0
     target = (gate >> 16) & 0xFFFF
     handler = (gate & 0xFFFF) | ((gate >> 32) & 0xFFFF_0000)
     new_cpl = _target_cpl(mem, s.gdt.base, s.gdt.limit, target, cpl, long_mode=False)
