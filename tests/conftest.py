@@ -82,3 +82,39 @@ def model_system():
         pytest.skip(reason)
     with guestmem.open_system("model") as sys_:
         yield sys_
+
+
+# --- a VM that owns what a test makes on it (vCPUs, guest_memfds, mappings) -------------------
+
+GUEST_RAM_SIZE = 0x200000
+
+
+@pytest.fixture
+def vm(system):
+    """A default VM on the backend under test; everything in ``vm.test_objects`` is closed after
+    the test, newest first. Test modules with their own ``vm`` fixture override this one."""
+    vm = system.create_vm()
+    vm.test_objects = []
+    yield vm
+    for obj in reversed(vm.test_objects):
+        obj.close()
+    vm.close()
+
+
+def add_ram(vm, slot: int, gpa: int, size: int = GUEST_RAM_SIZE):
+    """A guest_memfd-backed shared (MMAP|INIT_SHARED) slot at ``gpa``; returns its host mapping,
+    which the guest reaches on both backends. Owned by ``vm.test_objects``."""
+    from guestmem.uapi import GuestMemfdFlag, MemFlag
+
+    gmem = vm.create_guest_memfd(size, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    ram = gmem.mmap()
+    vm.set_user_memory_region2(slot, MemFlag.GUEST_MEMFD, gpa, size, userspace_addr=ram.address, guest_memfd=gmem)
+    vm.test_objects += [gmem, ram]
+    return ram
+
+
+def vcpu_of(vm, vcpu_id: int = 0):
+    """vCPU ``vcpu_id`` of ``vm``, owned by ``vm.test_objects``."""
+    vcpu = vm.create_vcpu(vcpu_id)
+    vm.test_objects.append(vcpu)
+    return vcpu

@@ -16,36 +16,9 @@ import pytest
 
 from guestmem import guest
 from guestmem.types import DTable, HltExit, IntrExit, IoExit, Regs, Segment, Sregs
-from guestmem.uapi import GuestMemfdFlag, MemFlag
+from conftest import GUEST_RAM_SIZE as RAM_SIZE, add_ram, vcpu_of
 
-RAM_SIZE = 0x200000
-SHARED = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
 PORT = 0x11
-
-
-@pytest.fixture
-def vm(system):
-    vm = system.create_vm()
-    vm.test_objects = []
-    yield vm
-    for obj in reversed(vm.test_objects):
-        obj.close()
-    vm.close()
-
-
-def add_ram(vm, slot: int, gpa: int, size: int = RAM_SIZE):
-    """A gmem-backed shared slot at ``gpa``; returns the host mapping."""
-    gmem = vm.create_guest_memfd(size, SHARED)
-    ram = gmem.mmap()
-    vm.set_user_memory_region2(slot, MemFlag.GUEST_MEMFD, gpa, size, userspace_addr=ram.address, guest_memfd=gmem)
-    vm.test_objects += [gmem, ram]
-    return ram
-
-
-def vcpu_of(vm, vcpu_id: int = 0):
-    vcpu = vm.create_vcpu(vcpu_id)
-    vm.test_objects.append(vcpu)
-    return vcpu
 
 
 def out_value(exit_) -> int:

@@ -15,32 +15,19 @@ import pytest
 
 from guestmem import guest
 from guestmem.types import HltExit, IoExit, MmioExit
+from conftest import GUEST_RAM_SIZE as RAM_SIZE, add_ram, vcpu_of
 from guestmem.uapi import GuestMemfdFlag, MemFlag
 
-RAM_SIZE = 0x200000
 SHARED = GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED
 MMIO_GPA = 0x4000_0000  # no memslot there
 PORT = 0x11
 
 
-@pytest.fixture
-def vm(system):
-    vm = system.create_vm()
-    vm.test_objects = []
-    yield vm
-    for obj in reversed(vm.test_objects):
-        obj.close()
-    vm.close()
-
-
 def boot(vm, code: str, **kwargs):
-    gmem = vm.create_guest_memfd(RAM_SIZE, SHARED)
-    ram = gmem.mmap()
-    vm.set_user_memory_region2(0, MemFlag.GUEST_MEMFD, 0, RAM_SIZE, userspace_addr=ram.address, guest_memfd=gmem)
+    ram = add_ram(vm, 0, 0, RAM_SIZE)
     image = guest.long_mode_guest(code, identity_map=[(MMIO_GPA, RAM_SIZE)], **kwargs)
     guest.load(image, {0: ram})
-    vcpu = vm.create_vcpu(0)
-    vm.test_objects += [gmem, ram, vcpu]
+    vcpu = vcpu_of(vm)
     guest.setup_vcpu(vcpu, image)
     return vcpu
 
