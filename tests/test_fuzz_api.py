@@ -294,7 +294,7 @@ class Worker:
 
     def run(self, backends: tuple[str, ...], plan: list) -> dict:
         if self.proc is None or self.proc.poll() is not None:
-            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
             self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], cwd=ROOT, env=env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self.proc.stdin is not None and self.proc.stdout is not None

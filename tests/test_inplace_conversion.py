@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 
 import pytest
 
@@ -275,6 +276,19 @@ def test_pin_rules(sw_vm):
     assert not gmem._released  # the pin holds the file, like the mapping it came through
     pin.release()
     assert gmem._released
+
+
+def test_a_pin_dropped_unreleased_is_released_with_a_warning(sw_vm):
+    gmem = sw_vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    pin = gmem.pin(P, P)
+    raises(errno.EAGAIN, gmem.set_memory_attributes, 0, 4 * P, PRIVATE)
+    with pytest.warns(ResourceWarning, match="unreleased <GmemPin"):
+        del pin
+        gc.collect()
+    assert gmem.stats()["pins"] == 0
+    gmem.set_memory_attributes(0, 4 * P, PRIVATE)  # the page is free again
+    gmem.close()
+    assert gmem._released  # and the file's last reference went with it
 
 
 # --- scale ------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..encoding import encode_array, encode_signed, encode_u64
@@ -202,6 +203,8 @@ class GmemPin:
     Model-only: stands for a DMA pin (pin_user_pages) or a long-lived page reference taken
     through a host mapping. While it lives, converting its pages to private fails with
     EAGAIN and the file stays open (the pin holds a file reference, as its mapping would).
+    A pin garbage-collected unreleased is released then, with a ResourceWarning (as an
+    unclosed Python file is); until then it holds its pages and its file.
     """
 
     __slots__ = ("offset", "length", "_gmem", "__weakref__")
@@ -218,6 +221,11 @@ class GmemPin:
         gmem, self._gmem = self._gmem, None
         if gmem is not None:
             gmem._unpin(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "_gmem", None) is not None:
+            warnings.warn(f"unreleased {self!r}", ResourceWarning, source=self, stacklevel=2)
+            self.release()
 
     def __enter__(self) -> "GmemPin":
         return self
