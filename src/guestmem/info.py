@@ -14,10 +14,9 @@ import enum
 import os
 from typing import Any
 
-from .uapi import Cap, GuestMemfdFlag, MemoryAttribute, VmType
+from .uapi import KVM_EXIT_HYPERCALL_VALID_MASK, Cap, GuestMemfdFlag, MemoryAttribute, VmType
 
 KERNEL, MODEL = "kernel", "model"
-HC_MAP_GPA_RANGE_BIT = 1 << 12  # KVM_CAP_EXIT_HYPERCALL bit for KVM_HC_MAP_GPA_RANGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +152,9 @@ def _verdict(caps: dict[str, int] | None, vm_caps: dict[str, int] | None, absent
         feat("memory-fault exits", bool(caps["MEMORY_FAULT_INFO"]) and private,
              "KVM_CAP_MEMORY_FAULT_INFO=1 and private memory",
              "private-memory faults need KVM_SET_MEMORY_ATTRIBUTES"),
-        feat("MAP_GPA_RANGE hypercall exits", bool(caps["EXIT_HYPERCALL"] & HC_MAP_GPA_RANGE_BIT) and private,
+        feat("MAP_GPA_RANGE hypercall exits", bool(caps["EXIT_HYPERCALL"] & KVM_EXIT_HYPERCALL_VALID_MASK) and private,
              "KVM_CAP_EXIT_HYPERCALL has MAP_GPA_RANGE",
-             "conversions need private memory" if caps["EXIT_HYPERCALL"] & HC_MAP_GPA_RANGE_BIT
+             "conversions need private memory" if caps["EXIT_HYPERCALL"] & KVM_EXIT_HYPERCALL_VALID_MASK
              else f"KVM_CAP_EXIT_HYPERCALL={caps['EXIT_HYPERCALL']:#x}"),
         feat("KVM_PRE_FAULT_MEMORY", bool(caps["PRE_FAULT_MEMORY"]), "KVM_CAP_PRE_FAULT_MEMORY=1",
              "KVM_CAP_PRE_FAULT_MEMORY=0 (no TDP MMU)"),

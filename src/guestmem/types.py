@@ -1,4 +1,4 @@
-"""Value types shared by both backends: registers, exits, file status, address labels.
+"""Value types shared by both backends: registers, exits, file status.
 
 Both ``guestmem.kvm`` and ``guestmem.model`` take and return these frozen, slotted
 dataclasses; ctypes never crosses this line (the kvm backend converts each struct in one
@@ -8,31 +8,16 @@ place, at its ioctl call). Field names keep the uapi names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NewType, TypeVar, dataclass_transform
+from typing import Any, TypeVar, dataclass_transform
 
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
 _T = TypeVar("_T")
 
-Gpa = NewType("Gpa", int)
-"""A guest physical address."""
-Gfn = NewType("Gfn", int)
-"""A guest frame number (gpa >> 12)."""
-Offset = NewType("Offset", int)
-"""A byte offset into a guest_memfd."""
-
 
 def page_aligned(value: int) -> bool:
     """True if ``value`` is a multiple of the 4 KiB page size."""
     return value & (PAGE_SIZE - 1) == 0
-
-
-def gpa_to_gfn(gpa: int) -> Gfn:
-    return Gfn(gpa >> PAGE_SHIFT)
-
-
-def gfn_to_gpa(gfn: int) -> Gpa:
-    return Gpa(gfn << PAGE_SHIFT)
 
 
 @dataclass_transform(frozen_default=True)
@@ -383,7 +368,8 @@ class DirtyGfn:
 class StatsDesc:
     """One descriptor of a binary stats fd (struct kvm_stats_desc and its name).
 
-    ``flags`` packs type (``uapi.StatsType``), unit and base; the value is
+    ``flags`` packs type (``uapi.StatsType``), unit (``uapi.StatsUnit``) and base
+    (``uapi.StatsBase``); the value is
     ``raw * base ** exponent`` in ``unit``.
     """
 

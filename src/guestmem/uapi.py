@@ -142,6 +142,11 @@ class Hypercall(enum.IntEnum):
     MAP_GPA_RANGE = 12
 
 
+KVM_EXIT_HYPERCALL_VALID_MASK = 1 << Hypercall.MAP_GPA_RANGE
+"""The hypercalls KVM_CAP_EXIT_HYPERCALL can turn into exits on x86 (the cap's value, and the
+only bits KVM_ENABLE_CAP accepts)."""
+
+
 class MapGpaRangeAttr(enum.IntFlag):
     """KVM_MAP_GPA_RANGE_* attribute bits of the MAP_GPA_RANGE hypercall (RDX)."""
 

@@ -37,7 +37,11 @@ class _Statfs(ctypes.Structure):
                 ("f_frsize", ctypes.c_long), ("f_flags", ctypes.c_long), ("f_spare", ctypes.c_long * 4)]
 
 class GuestMemfd(FdObject):
-    """An open guest_memfd of ``size`` bytes created with ``flags`` by ``vm``."""
+    """An open guest_memfd of ``size`` bytes created with ``flags`` by ``vm``.
+
+    ``close()`` closes the fd; the file is released when its last reference (fds and mappings)
+    goes: then its memslots stay but lose their binding, and its VM reference is dropped.
+    """
 
     def __init__(self, vm: "Vm", fd: int, size: int, flags: int) -> None:
         self.vm = vm
@@ -200,11 +204,3 @@ class GuestMemfd(FdObject):
         """
         self._check()
         self._syscall("ftruncate", os.ftruncate, encode_signed(length, 64, "length"))
-
-    def close(self) -> None:
-        """close(2) the fd; a second close is a no-op.
-
-        The file is released when its last reference (fds and mappings) goes: then its
-        memslots stay but lose their binding, and its VM reference is dropped.
-        """
-        super().close()

@@ -37,7 +37,11 @@ def _encode_memslot(s: Any, slot: int, flags: int, guest_phys_addr: int, memory_
             f"memory_size={s.memory_size:#x}, userspace_addr={s.userspace_addr:#x}")
 
 class Vm(VmState, FdObject):
-    """An open KVM VM of ``type`` created by ``system``."""
+    """An open KVM VM of ``type`` created by ``system``.
+
+    ``close()`` closes the VM fd; the kernel VM lives on while a guest_memfd, a mapping of one,
+    or a vCPU fd holds it.
+    """
 
     def __init__(self, system: "System", fd: int, type: int) -> None:  # noqa: A002
         self.system = system
@@ -188,10 +192,3 @@ class Vm(VmState, FdObject):
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ on the VM (api.rst 4.56). :raises OSError: EBADF if closed."""
         return ioctl(self._check(), uapi.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
-
-    def close(self) -> None:
-        """close(2) the VM fd; a second close is a no-op.
-
-        The kernel VM lives on while a guest_memfd, a mapping of one, or a vCPU fd holds it.
-        """
-        super().close()

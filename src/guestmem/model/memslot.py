@@ -80,11 +80,6 @@ class Memslot:
                             userspace_addr=self.userspace_addr, guest_memfd_offset=self.pgoff << 12,
                             guest_memfd=fd, gmem_only=self.gmem_only)
 
-    def gfn_to_pgoff(self, gfn: int) -> int:
-        """The guest_memfd page backing ``gfn`` (gfn must be inside the slot)."""
-        assert self.base_gfn <= gfn < self.end_gfn, f"gfn {gfn:#x} outside slot {self.id}"
-        return self.pgoff + (gfn - self.base_gfn)
-
     # --- mixed hugepage blocks ----------------------------------------------------------------
 
     def _full_blocks(self, level: int) -> tuple[int, int]:

@@ -78,7 +78,7 @@ import os
 import re
 from typing import Any
 
-from ..uapi import VmType
+from ..uapi import KVM_ADDRESS_SPACE_NUM, VmType
 
 GUESTMEM_TDX_LIKE_VM = 0x100
 """guestmem extension: a model-only VM type with private memory and TDX-style implicit conversions."""
@@ -212,7 +212,7 @@ class Profile:
             return 1
         if private_mem and not self.private_vm_smm:
             return 1
-        return 2
+        return KVM_ADDRESS_SPACE_NUM
 
     def can_bind(self, private_mem: bool) -> bool:
         """Whether KVM_MEM_GUEST_MEMFD is a valid memslot flag for this VM."""

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 from ..encoding import encode_u64, encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..types import CpuidEntry
-from ..uapi import KVM_API_VERSION, KVM_USER_MEM_SLOTS, KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap
+from ..uapi import (KVM_ADDRESS_SPACE_NUM, KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_USER_MEM_SLOTS,
+                    KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap)
 from . import fdtable
 from .profile import DEFAULT_PROFILE, GUESTMEM_TDX_LIKE_VM, HOST_CAPS, HOST_VM_CAPS, UNCLAIMED_CAPS, Profile, resolve_profile
 
 if TYPE_CHECKING:
     from .vm import Vm
-
-_KVM_EXIT_HYPERCALL_VALID_MASK = 1 << 12
-
 
 class System:
     """A model KVM system handle, returned by ``open_system(backend="model")``."""
@@ -99,9 +97,9 @@ class System:
         if cap == Cap.MULTI_ADDRESS_SPACE:
             if not p.smm:
                 return 0  # KVM_MAX_NR_ADDRESS_SPACES == 1: the cap is compiled out
-            return 2 if vm is None else p.address_spaces(private)
+            return KVM_ADDRESS_SPACE_NUM if vm is None else p.address_spaces(private)
         if cap == Cap.EXIT_HYPERCALL:
-            return _KVM_EXIT_HYPERCALL_VALID_MASK
+            return KVM_EXIT_HYPERCALL_VALID_MASK
         if cap == Cap.MEMORY_ATTRIBUTES:
             if not p.memory_attributes or p.gmem_in_place_conversion:
                 return 0  # in-place conversion: attributes are set on the guest_memfd instead

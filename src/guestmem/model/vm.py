@@ -33,8 +33,8 @@ from ..encoding import encode_array, encode_fd, encode_u64, encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..rangemap import RangeMap
 from ..types import MemoryRegion
-from ..uapi import (KVM_API_VERSION, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT,
-                    PAGE_SIZE, TASK_SIZE_MAX, Cap, MemFlag, MemoryAttribute)
+from ..uapi import (KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
+                    KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX, Cap, MemFlag, MemoryAttribute)
 from . import fdtable
 from .guest_memfd import GuestMemfd
 from .memslot import LEVEL_PAGES, Memslot
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from .system import System
 
 _U64 = (1 << 64) - 1
-_HC_MAP_GPA_RANGE_MASK = 1 << 12
 _V1_FLAGS = int(MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY)  # int: ~ on IntFlag keeps only known bits
 
 InvalidationListener = Callable[[int, int], None]
@@ -74,9 +73,7 @@ class Vm(VmState):
         self._listeners: list[InvalidationListener] = []
         self._stats_providers: list[Callable[[], dict]] = []
         self._exit_hypercall_mask = 0
-        self._disabled_quirks = 0
         self._irqchip = False
-        self._nr_mmu_pages = 0
         self._created_vcpus = 0
         self._vcpu_ids: set[int] = set()  # every vCPU id created, closed or not (kvm_get_vcpu_by_id)
         self._invalidations = 0
@@ -179,15 +176,14 @@ class Vm(VmState):
                 valid = self.system._extension(cap, self)
                 if argv[0] & ~valid:
                     raise oserror(errno.EINVAL, f"quirks {argv[0]:#x} outside KVM_CAP_DISABLE_QUIRKS2 {valid:#x}")
-                self._disabled_quirks |= argv[0]  # no quirk changes what the model does
-                return
+                return  # no quirk changes what the model does
             if cap == Cap.MANUAL_DIRTY_LOG_PROTECT2:
                 self._enable_manual_dirty_log(argv[0])
                 return
             if cap != Cap.EXIT_HYPERCALL:
                 raise oserror(errno.EINVAL, f"capability {cap} cannot be enabled on a VM")
-            if argv[0] & ~_HC_MAP_GPA_RANGE_MASK:
-                raise oserror(errno.EINVAL, f"EXIT_HYPERCALL mask {argv[0]:#x} has bits outside {_HC_MAP_GPA_RANGE_MASK:#x}")
+            if argv[0] & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+                raise oserror(errno.EINVAL, f"EXIT_HYPERCALL mask {argv[0]:#x} has bits outside {KVM_EXIT_HYPERCALL_VALID_MASK:#x}")
             self._exit_hypercall_mask = argv[0]
 
     # --- guest_memfd --------------------------------------------------------------------------
@@ -616,7 +612,6 @@ class Vm(VmState):
             n = encode_unsigned(nr_mmu_pages, 64, "nr_mmu_pages")
             if n < 64:
                 raise oserror(errno.EINVAL, f"nr_mmu_pages {n} < KVM_MIN_ALLOC_MMU_PAGES (64)")
-            self._nr_mmu_pages = n
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ on the VM (api.rst 4.56): the default guest TSC frequency in kHz.
