@@ -391,7 +391,7 @@ def test_tdx_like_fault_view_is_checked_against_the_file(nxt):
     from test_model_tdx_like import GPA, GUEST, PRIVATE_VALUE, fault, sync
 
     from guestmem.model import GUESTMEM_TDX_LIKE_VM
-    from guestmem.model.guest_mapping import TDX_SHARED_BIT
+    from guestmem.model.fault import TDX_SHARED_BIT
 
     m = Machine(nxt, GUESTMEM_TDX_LIKE_VM)
     gmem = m.vm.create_guest_memfd(P)  # private by default

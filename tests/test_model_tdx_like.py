@@ -19,7 +19,7 @@ from model_guests import PAGE, PRIVATE, Machine
 
 from guestmem.guest import PORT_SYNC
 from guestmem.model import GUESTMEM_TDX_LIKE_VM
-from guestmem.model.guest_mapping import TDX_SHARED_BIT
+from guestmem.model.fault import TDX_SHARED_BIT
 from guestmem.types import IoExit, MemoryFaultExit
 
 GPA = 0xC000_0000

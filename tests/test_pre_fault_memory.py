@@ -7,7 +7,7 @@ has TDP. Configurations as in the selftest: (default VM, shared), (SW_PROTECTED,
 
 The guest-physical top: the selftest places slot 10 just below the VM's max_gfn. The
 model's vCPUs reach 39 bits of guest-physical address space (Unicorn's 40-bit MMU, bit 39
-reserved for the TDX-like shared bit, ``guest_mapping.PHYS_LIMIT``), so max_gfn is taken
+reserved for the TDX-like shared bit, ``fault.PHYS_LIMIT``), so max_gfn is taken
 from that limit, not from the 52-bit memslot limit.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from model_guests import GMEM, MB2, PAGE, PRIVATE, SW, Machine, anon
 
 from guestmem.guest import PORT_DONE
-from guestmem.model.guest_mapping import PHYS_LIMIT
+from guestmem.model.fault import PHYS_LIMIT
 from guestmem.types import IoExit
 
 TEST_SIZE = MB2 + PAGE

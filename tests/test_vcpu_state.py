@@ -98,11 +98,11 @@ def test_msrs_stop_at_the_first_unknown_index(system) -> None:
 def test_model_cpuid_describes_the_emulated_cpu(model_system) -> None:
     """Model only: the supported CPUID is Unicorn's CPU, whose physical address width (40
     bits) is what the model's guest-physical space has (its TDX-like shared bit is bit 39)."""
-    from guestmem.model import guest_mapping
+    from guestmem.model import fault
 
     leaf = {e.function: e for e in model_system.get_supported_cpuid()}
     phys_bits = leaf[0x8000_0008].eax & 0xFF
-    assert 1 << (phys_bits - 1) == guest_mapping.TDX_SHARED_BIT
+    assert 1 << (phys_bits - 1) == fault.TDX_SHARED_BIT
 
 
 def test_osxsave_is_not_supported_but_follows_cr4_in_get_cpuid2(system) -> None:

@@ -1,4 +1,5 @@
-"""Host memory primitives both backends share: libc mmap/munmap/fallocate and ``Mapping``.
+"""Host memory primitives both backends share: libc mmap/munmap/fallocate, the
+``host_range_mapped`` probe, and ``Mapping``.
 
 Python's ``mmap.mmap`` refuses to map a regular file past its size, but guest_memfd
 mappings may extend past EOF (touching there raises SIGBUS, spec GT-06), so the kernel maps
@@ -26,6 +27,8 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_HOST_PAGE = _mmap.PAGESIZE  # msync wants a host-page-aligned address
 
 MAP_FAILED = ctypes.c_void_p(-1).value
 PROT_READ, PROT_WRITE, PROT_EXEC = _mmap.PROT_READ, _mmap.PROT_WRITE, _mmap.PROT_EXEC
@@ -117,6 +120,17 @@ def fallocate_encoded(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length):
         err = ctypes.get_errno()
         raise oserror(err, f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
+
+
+def host_range_mapped(address: int, length: int) -> bool:
+    """True if [address, address+length) is mapped in this process (page-aligned ``address``).
+
+    msync(2) with no flags only walks the VMAs (ENOMEM at a hole) and writes nothing back,
+    so its cost does not grow with ``length`` the way mincore's per-page vector does.
+    """
+    if address == 0 or address % _HOST_PAGE:
+        return False
+    return _libc.msync(address, length, 0) == 0
 
 
 def madvise(address: int, length: int, advice: int) -> None:

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import ctypes
 
-from . import guest_mapping as gm
+from ..uapi import PAGE_SIZE as PAGE
 
 _string_at = ctypes.string_at
-_PAGE_MASK = gm.PAGE - 1
+_PAGE_MASK = PAGE - 1
 
 
 def _view(host: int, n: int):

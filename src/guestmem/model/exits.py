@@ -4,7 +4,7 @@ Data model. These functions are the vCPU's half of the kernel's fault and exit p
 (``kvm_mmu_page_fault``/``kvm_mmu_faultin_pfn``, ``kvm_emulate_hypercall``,
 ``kvm_arch_vcpu_pre_fault_memory``); they work on one ``vcpu.Vcpu`` and its private state and
 follow its lock order (``Vm._lock`` -> ``uc_lock``). Resolution rules live in
-``guest_mapping`` (what backs a GFN) and ``regions`` (how a block is mapped in the engine); this
+``fault`` (what backs a GFN) and ``regions`` (how a block is mapped in the engine); this
 module decides which exit an event becomes. Instruction bytes are read through the engine's
 own mapped memory with the last code translation cached (``read_uc_linear``), falling back to
 a page walk over the backing (``read_linear``).
@@ -16,8 +16,10 @@ import errno as _errno
 
 from ..errors import oserror
 from ..types import HltExit, HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
-from ..uapi import Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
-from . import guest_mapping as gm
+from ..uapi import PAGE_SIZE as PAGE, Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
+from . import fault
+from .paging import page_walk
+from .guest_phys import read_guest_phys
 from . import interrupts
 from .unicorn_cpu import unicorn as _unicorn
 
@@ -38,15 +40,15 @@ def uc_physical(v, la: int, crs: tuple[int, int, int] | None = None) -> int | No
     """
     ra = v._ra
     cr0, cr3, cr4 = crs or ra.read(v._walk_ids)
-    page, off = la & ~(gm.PAGE - 1), la % gm.PAGE
+    page, off = la & ~(PAGE - 1), la % PAGE
     xl = v._xlate
     if xl is not None and xl[0] == cr3 and xl[1] == page:
         return xl[2] + off
     efer = (1 << 10) if v._mode == "64" else 0
-    pa, tables = gm.page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
+    pa, tables = page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
     if pa is None:
         return None
-    pa &= ~(gm.PAGE - 1)
+    pa &= ~(PAGE - 1)
     v._xlate = (cr3, page, pa, tuple(tables))
     return pa + off
 
@@ -57,7 +59,7 @@ def read_uc_linear(v, uc, la: int, n: int, crs: tuple[int, int, int] | None = No
     ``crs`` as for ``uc_physical``. None if a page on the way is not mapped.
     """
     pa = uc_physical(v, la, crs)
-    return None if pa is None else v._ra.mem_read(pa, min(n, gm.PAGE - la % gm.PAGE))
+    return None if pa is None else v._ra.mem_read(pa, min(n, PAGE - la % PAGE))
 
 
 def read_linear(v, la: int, n: int) -> bytes | None:
@@ -74,37 +76,37 @@ def _read_linear_backing(v, la: int, n: int) -> bytes | None:
         s = v._read_sregs()
 
         def read(a: int, w: int) -> bytes | None:
-            return gm.read_guest_phys(vm, a, w)
+            return read_guest_phys(vm, a, w)
 
-        pa, _ = gm.page_walk(read, s.cr0, s.cr3, s.cr4, s.efer, la)
-        return None if pa is None else gm.read_guest_phys(vm, pa, n)
+        pa, _ = page_walk(read, s.cr0, s.cr3, s.cr4, s.efer, la)
+        return None if pa is None else read_guest_phys(vm, pa, n)
 
 
 def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
     """Re-execute the faulting instruction once against a one-page MMIO shim."""
     data = v._mmio_data or bytes(size)
     v._mmio_data = None
-    page = addr & ~(gm.PAGE - 1)
+    page = addr & ~(PAGE - 1)
     with v._vm._lock:
         v._lock_uc()
         try:
             uc = v._u
             if v._wr:
                 v._flush_wr(uc)
-            v._map.unmap(uc, v._map.overlapping(page, page + gm.PAGE))
+            v._map.unmap(uc, v._map.overlapping(page, page + PAGE))
 
             def rd(uc_, off, sz, _):
                 rel = page + off - addr  # Unicorn may split the access
                 d = data[rel:rel + sz] if 0 <= rel < len(data) else b""
                 return int.from_bytes(d.ljust(sz, b"\0"), "little")
 
-            uc.mmio_map(page, gm.PAGE, rd, None, lambda *a: None, None)
+            uc.mmio_map(page, PAGE, rd, None, lambda *a: None, None)
             try:
                 v._event = None
                 uc.ctl_flush_tb()  # blocks translated without the count hook would run past it
                 uc.emu_start(v._pc, _END, count=1)
             finally:
-                uc.mem_unmap(page, gm.PAGE)
+                uc.mem_unmap(page, PAGE)
                 v._event = None
             v._regs_stale = v._sregs_stale = True
             v._pc = v._read_pc()
@@ -118,23 +120,23 @@ def handle_fault(v, ev):
     tdx = v._tdx()
     fault_private = None
     if tdx:
-        fault_private = not addr & gm.TDX_SHARED_BIT
-    gpa = addr % gm.PHYS_LIMIT if tdx else addr
-    gfn = gpa // gm.PAGE
+        fault_private = not addr & fault.TDX_SHARED_BIT
+    gpa = addr % fault.PHYS_LIMIT if tdx else addr
+    gfn = gpa // PAGE
     is_write = access in (c.UC_MEM_WRITE_UNMAPPED, c.UC_MEM_WRITE_PROT)
     with v._vm._lock:
         if ev[0] == "wprot":  # a write to a READONLY slot is emulated as MMIO
-            b, ex = gm.lookup(v._vm, gfn, fault_private)
+            b, ex = fault.lookup(v._vm, gfn, fault_private)
             if ex is None and b is not None and b.gmem is None and v._vm._log_dirty(b.slot, gfn):
                 map_backing(v, gfn, b, 0)  # a write-protected page of a dirty-logged slot: now dirty
                 return None
             b, ex = None, None
         else:
-            b, ex = gm.lookup(v._vm, gfn, fault_private)
+            b, ex = fault.lookup(v._vm, gfn, fault_private)
         if ex is not None:
             return ex
         if b is not None:
-            map_backing(v, gfn, b, addr & gm.TDX_SHARED_BIT if tdx else 0)
+            map_backing(v, gfn, b, addr & fault.TDX_SHARED_BIT if tdx else 0)
             return None
     if access == c.UC_MEM_FETCH_UNMAPPED:
         return InternalErrorExit(suberror=1, data=(gpa,))  # KVM_INTERNAL_ERROR_EMULATION
@@ -145,7 +147,7 @@ def handle_fault(v, ev):
 
 def map_backing(v, gfn: int, b, alias: int) -> None:
     """Map the block holding gfn (caller holds Vm._lock); see ``regions`` for the two kinds."""
-    start, n, level = gm.choose_block(v._vm, gfn, b)
+    start, n, level = fault.choose_block(v._vm, gfn, b)
     prot = _unicorn().unicorn_const.UC_PROT_ALL
     if b.gmem is None and b.slot.flags & MemFlag.READONLY:
         prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
@@ -158,10 +160,10 @@ def map_backing(v, gfn: int, b, alias: int) -> None:
     if not window and level == 2 and v._vm._private_mem:
         # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn
         # unmaps at ~13 us per MiB: keep direct regions of convertible VMs at 2 MiB.
-        start, n, level = (gfn & ~511, 512, 1) if gm.block_ok(v._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
+        start, n, level = (gfn & ~511, 512, 1) if fault.block_ok(v._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
     v._lock_uc()
     try:
-        v._map.map(v._u, (start * gm.PAGE) | alias, n * gm.PAGE, level, b, start, prot, window)
+        v._map.map(v._u, (start * PAGE) | alias, n * PAGE, level, b, start, prot, window)
     finally:
         v.uc_lock.release()
 
@@ -172,12 +174,12 @@ def map_physical(v, pa: int) -> bool:
     if v._map.containing(pa) is not None:
         return True
     try:
-        b, ex = gm.lookup(v._vm, pa // gm.PAGE, None)
+        b, ex = fault.lookup(v._vm, pa // PAGE, None)
     except OSError:
         return False
     if b is None or ex is not None:
         return False
-    map_backing(v, pa // gm.PAGE, b, 0)
+    map_backing(v, pa // PAGE, b, 0)
     return True
 
 
@@ -209,15 +211,15 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
     if vector == 14:
         with vm._lock:
             s = v._read_sregs()
-            pa, tables = gm.page_walk(lambda a, w: gm.read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, cr2)
+            pa, tables = page_walk(lambda a, w: read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, cr2)
             missing = [t for t in tables if not v._map.overlapping(t, t + 1)]
             for t in missing:
-                b, ex = gm.lookup(vm, t // gm.PAGE, None)
+                b, ex = fault.lookup(vm, t // PAGE, None)
                 if ex is not None:
                     return ex
                 if b is None:
                     return ShutdownExit()
-                map_backing(v, t // gm.PAGE, b, 0)
+                map_backing(v, t // PAGE, b, 0)
             if missing:  # the guest never saw this #PF: give CR2 back its value
                 v._set_cr2(v._cr2)
                 return None
@@ -253,7 +255,7 @@ def handle_ud(v, quiet: bool = False):
         ret = -_HC_EPERM
     elif nr != _MAP_GPA_RANGE or not v._vm._exit_hypercall_mask & (1 << _MAP_GPA_RANGE):
         ret = -_HC_ENOSYS
-    elif gpa % gm.PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
+    elif gpa % PAGE or npages == 0 or (gpa >> 12) + npages > (2**64 - 1) >> 12:
         ret = -_HC_EINVAL
     else:
         if v._vm._profile.hypercall_ret_cleared:
@@ -269,10 +271,10 @@ def pre_fault(v, gpa: int, size: int) -> tuple[int, int]:
     """The steps of KVM_PRE_FAULT_MEMORY after its checks (caller holds the ioctl lock)."""
     done = False
     while size:
-        gfn = gpa // gm.PAGE
+        gfn = gpa // PAGE
         with v._vm._lock:
             try:
-                b, ex = gm.lookup(v._vm, gfn, None)
+                b, ex = fault.lookup(v._vm, gfn, None)
             except OSError:
                 if done:
                     break
@@ -284,11 +286,11 @@ def pre_fault(v, gpa: int, size: int) -> tuple[int, int]:
                     raise oserror(_errno.ENOENT, f"gpa {gpa:#x} has no memslot")
                 raise oserror(ex.errno, f"gpa {gpa:#x} cannot be faulted in")
             if b.gmem is not None:
-                gm.allocate_gmem_page(b)
-            start, n, _ = gm.choose_block(v._vm, gfn, b)
+                fault.allocate_gmem_page(b)
+            start, n, _ = fault.choose_block(v._vm, gfn, b)
             if b.private:
                 start, n = gfn, 1  # private memory advances 4 KiB per step (spec 5.4)
             map_backing(v, gfn, b, 0)
-        step = min((start + n) * gm.PAGE - gpa, size)
+        step = min((start + n) * PAGE - gpa, size)
         gpa, size, done = gpa + step, size - step, True
     return gpa, size

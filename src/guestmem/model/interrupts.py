@@ -31,7 +31,9 @@ from __future__ import annotations
 import struct
 
 from ..types import ShutdownExit
-from . import guest_mapping as gm
+from ..uapi import PAGE_SIZE as PAGE
+from .paging import page_walk
+from .guest_phys import read_guest_phys, write_guest_phys
 from .unicorn_cpu import unicorn
 
 DE, DF, TS, NP, SS, GP, PF = 0, 8, 10, 11, 12, 13, 14
@@ -72,14 +74,14 @@ class GuestMemory:
     def physical(self, la: int) -> int | None:
         """The guest-physical address of linear ``la``, or None if not present."""
         s = self.s
-        return gm.page_walk(lambda a, w: gm.read_guest_phys(self.vm, a, w), s.cr0, s.cr3, s.cr4, self.efer, la)[0]
+        return page_walk(lambda a, w: read_guest_phys(self.vm, a, w), s.cr0, s.cr3, s.cr4, self.efer, la)[0]
 
     def _pages(self, la: int, n: int):
         """(physical address or None, offset into the access, length) per page of [la, la+n)."""
         s, done = self.s, 0
         while done < n:
-            chunk = min(n - done, gm.PAGE - (la + done) % gm.PAGE)
-            pa, _ = gm.page_walk(lambda a, w: gm.read_guest_phys(self.vm, a, w),
+            chunk = min(n - done, PAGE - (la + done) % PAGE)
+            pa, _ = page_walk(lambda a, w: read_guest_phys(self.vm, a, w),
                                  s.cr0, s.cr3, s.cr4, self.efer, la + done)
             yield pa, done, chunk
             done += chunk
@@ -87,14 +89,14 @@ class GuestMemory:
     def read(self, la: int, n: int) -> bytes | None:
         out = b""
         for pa, _, chunk in self._pages(la, n):
-            data = gm.read_guest_phys(self.vm, pa, chunk) if pa is not None else None
+            data = read_guest_phys(self.vm, pa, chunk) if pa is not None else None
             if data is None or len(data) < chunk:
                 return None
             out += data
         return out
 
     def write(self, la: int, data: bytes) -> bool:
-        return all(pa is not None and gm.write_guest_phys(self.vm, pa, data[at:at + chunk])
+        return all(pa is not None and write_guest_phys(self.vm, pa, data[at:at + chunk])
                    for pa, at, chunk in self._pages(la, len(data)))
 
 

@@ -1,7 +1,7 @@
 """The Unicorn regions of one model vCPU and the host windows behind them (the vCPU's "TDP").
 
 Data model. A vCPU's engine maps guest-physical blocks chosen by the fault path
-(``guest_mapping.choose_block``). Each mapped block is one ``Region`` of one of two kinds:
+(``fault.choose_block``). Each mapped block is one ``Region`` of one of two kinds:
 
 - **window**: Unicorn points at a host address range of our own (the region's *window*),
   and the host MMU decides what memory is behind it: the gmem inode (``mmap`` of the gmem's
@@ -51,7 +51,8 @@ import ctypes
 import weakref
 
 from .. import hostmem
-from . import guest_mapping as gm
+from ..uapi import PAGE_SIZE as PAGE
+from . import fault
 from .unicorn_cpu import unicorn
 
 MAX_REGIONS = 256
@@ -94,11 +95,11 @@ class Region:
         self.ptr = ptr  # the host address Unicorn maps the region onto (the window, or the backing)
 
 
-def _target(b: gm.Backing, start_gfn: int) -> tuple:
+def _target(b: fault.Backing, start_gfn: int) -> tuple:
     """What backs the block at ``start_gfn``: ("gmem", gmem id, file offset) or ("host", address)."""
     if b.gmem is not None:
-        return ("gmem", id(b.gmem), (b.slot.pgoff + start_gfn - b.slot.base_gfn) * gm.PAGE)
-    return ("host", gm.host_address(b, start_gfn))
+        return ("gmem", id(b.gmem), (b.slot.pgoff + start_gfn - b.slot.base_gfn) * PAGE)
+    return ("host", fault.host_address(b, start_gfn))
 
 
 class RegionMap:
@@ -126,18 +127,18 @@ class RegionMap:
     def clear(self, uc) -> None:
         self.unmap(uc, list(self.regions))
 
-    def can_window(self, b: gm.Backing) -> bool:
+    def can_window(self, b: fault.Backing) -> bool:
         """Whether ``b``'s memory can sit behind a window: gmem, or one shared userspace mapping."""
         if b.gmem is not None:
             return True
         slot = b.slot
         ok = self._aliasable.get(slot)
         if ok is None:
-            ok = self._aliasable[slot] = _shared_vma(slot.userspace_addr, slot.npages * gm.PAGE)
+            ok = self._aliasable[slot] = _shared_vma(slot.userspace_addr, slot.npages * PAGE)
         return ok
 
     @staticmethod
-    def _back(window: int, size: int, b: gm.Backing, start_gfn: int) -> int:
+    def _back(window: int, size: int, b: fault.Backing, start_gfn: int) -> int:
         """Put ``b``'s block behind ``window`` (0: a new window); returns the window address."""
         t = _target(b, start_gfn)
         if t[0] == "gmem":
@@ -145,7 +146,7 @@ class RegionMap:
             return hostmem.mmap(size, hostmem.PROT_READ | hostmem.PROT_WRITE, flags, b.gmem._memfd, t[2], window)
         return _mremap_alias(t[1], size, window)
 
-    def map(self, uc, addr: int, size: int, level: int, b: gm.Backing, start_gfn: int, prot: int,
+    def map(self, uc, addr: int, size: int, level: int, b: fault.Backing, start_gfn: int, prot: int,
             window: bool) -> None:
         """Map the block [addr, addr+size) onto ``b`` (a window region if ``window``)."""
         if len(self.regions) >= MAX_REGIONS:
@@ -161,9 +162,9 @@ class RegionMap:
                 raise
         else:
             w = 0
-            uc.mem_map_ptr(addr, size, prot, gm.host_address(b, start_gfn))
+            uc.mem_map_ptr(addr, size, prot, fault.host_address(b, start_gfn))
         self.regions[addr] = Region(size, level, prot, w, _target(b, start_gfn), b.slot,
-                                    w or gm.host_address(b, start_gfn))
+                                    w or fault.host_address(b, start_gfn))
 
     def containing(self, addr: int) -> int | None:
         for a, r in self.regions.items():
@@ -192,12 +193,12 @@ class RegionMap:
         drop, flush = [], False
         for base in bases:
             r = self.regions[base]
-            gfn = base // gm.PAGE
+            gfn = base // PAGE
             try:
-                b, ex = gm.lookup(vm, gfn, None)
+                b, ex = fault.lookup(vm, gfn, None)
             except OSError:
                 b, ex = None, True
-            if ex is not None or b is None or b.slot is not r.slot or (r.level and not gm.block_ok(vm, b, r.level, gfn)):
+            if ex is not None or b is None or b.slot is not r.slot or (r.level and not fault.block_ok(vm, b, r.level, gfn)):
                 drop.append(base)
                 continue
             if r.prot & _PROT_WRITE and b.gmem is None and vm._dirty_logged(b.slot) and not vm._is_dirty(b.slot, gfn):

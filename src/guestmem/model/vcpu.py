@@ -6,7 +6,7 @@ Unicorn instance; every vCPU of a VM maps the same host memory (gmem or userspac
 they share guest memory like hardware vCPUs share RAM. Unicorn's physical address space
 stands for the TDP tables: ``regions.RegionMap`` holds what is mapped (through host windows
 whose backing an invalidation switches without touching the engine), the fault path in
-``guest_mapping`` decides what may be (spec section 5), ``exits`` turns engine events into
+``fault`` decides what may be (spec section 5), ``exits`` turns engine events into
 KVM exits and ``unicorn_cpu`` holds the engine plumbing (registers through libunicorn).
 
 Locks (order: ``Vm._lock`` -> ``uc_lock``):
@@ -37,7 +37,7 @@ vCPU or another process, the engine's translations and the IN/OUT sites are drop
 Instruction bytes (hypercall check, HLT, IN/OUT length) are read through a page walk over
 Unicorn's own mapped memory (the CPU just fetched them, so the page-table and code pages are
 mapped), with the last translation cached until an invalidation touches it or CR3 changes.
-The Python page walk in ``guest_mapping`` is the fallback.
+The Python page walk in ``paging`` is the fallback.
 
 Exceptions. Unicorn does not deliver exceptions through the guest IDT. #UD at VMCALL/VMMCALL
 is the hypercall path; a #PF whose page-table pages are not yet mapped is resolved by our own
@@ -46,7 +46,7 @@ by ``interrupts``, and a guest without working handlers ends in ``ShutdownExit``
 as under KVM.
 
 Physical address width: Unicorn's CPU has 40 physical address bits, so the TDX-like shared
-bit is bit 39 (``guest_mapping.TDX_SHARED_BIT``), not TDX's bit 51 or 47.
+bit is bit 39 (``fault.TDX_SHARED_BIT``), not TDX's bit 51 or 47.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ import time
 from ..encoding import encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..types import HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
-from ..uapi import IoDirection
+from ..uapi import PAGE_SIZE as PAGE, IoDirection
 from . import fdtable
 from . import exits
-from . import guest_mapping as gm
+from . import fault
 from . import interrupts
 from .code_cache import CodeCache
 from .hidden_state import HiddenState
@@ -84,7 +84,7 @@ def _prime_edge_hook(uc) -> None:
     guest runs would not be recorded (``code_cache``). The block is ``jmp $+2``, then the stop;
     the page is unmapped and the translation flushed afterwards.
     """
-    page = gm.PAGE
+    page = PAGE
     uc.mem_map(0, page)
     try:
         uc.mem_write(0, b"\xeb\x00\x90")
@@ -227,13 +227,13 @@ class Vcpu(VcpuState):
         """Invalidation listener (kvm_mmu_invalidate_range / kvm_unmap_gfn_range), under Vm._lock."""
         if self._closed or self._u is None:
             return
-        lo, hi = gfn_start * gm.PAGE, gfn_end * gm.PAGE
+        lo, hi = gfn_start * PAGE, gfn_end * PAGE
         xl = self._xlate
         if xl is not None and any(lo <= p < hi for p in (xl[2], *xl[3])):
             self._xlate = None
         hit = self._map.overlapping(lo, hi)
         if self._tdx():
-            hit += self._map.overlapping(lo | gm.TDX_SHARED_BIT, hi | gm.TDX_SHARED_BIT)
+            hit += self._map.overlapping(lo | fault.TDX_SHARED_BIT, hi | fault.TDX_SHARED_BIT)
         if not hit:
             return
         self._lock_uc()
@@ -281,7 +281,7 @@ class Vcpu(VcpuState):
         """A translation block was generated: record the guest-physical bytes it came from."""
         la, n = tb.pc, tb.size
         while n > 0:
-            k = min(n, gm.PAGE - la % gm.PAGE)
+            k = min(n, PAGE - la % PAGE)
             pa = exits.uc_physical(self, la)
             if pa is not None:
                 self._code.record(pa, k, self._map)
@@ -683,7 +683,7 @@ class Vcpu(VcpuState):
             raise oserror(_errno.ENOTTY, "KVM_PRE_FAULT_MEMORY does not exist before Linux 6.10")
         if flags:
             raise oserror(_errno.EINVAL, f"flags {flags:#x} must be 0")
-        if gpa % gm.PAGE or size % gm.PAGE or (gpa + size) % 2**64 <= gpa:
+        if gpa % PAGE or size % PAGE or (gpa + size) % 2**64 <= gpa:
             raise oserror(_errno.EINVAL, f"range gpa={gpa:#x} size={size:#x} is unaligned or empty")
         if profile.pre_fault_slotless_errno and not self._vm._had_memslot:
             raise oserror(profile.pre_fault_slotless_errno, "this VM never had a memslot (MMU root allocation)")

@@ -20,7 +20,7 @@ Data model
   read-only until the page is dirty; the write fault marks it (``_log_dirty``) and maps it
   writable. Reading the log without manual protect clears it and invalidates the dirty
   runs, which write-protects them again (``exits.map_backing`` / ``handle_fault``).
-  Exception frames the model pushes are logged too (``guest_mapping.write_guest_phys``).
+  Exception frames the model pushes are logged too (``guest_phys.write_guest_phys``).
   Host writes through ``userspace_addr`` are not, as on KVM.
 * ``_manual_dirty``: the KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options enabled on the VM.
 """

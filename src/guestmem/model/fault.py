@@ -1,4 +1,4 @@
-"""Guest-physical resolution for model vCPUs: the fault path, page walks, guest-physical reads.
+"""The model's fault path: what backs a guest frame, and how large a block may be mapped.
 
 Data model. A model vCPU (``vcpu.py``) runs guest code on one Unicorn instance. Unicorn's
 "physical" address space plays the role of the TDP/EPT tables: a guest-physical range is
@@ -12,13 +12,14 @@ An access to an unmapped range stops emulation and is resolved by ``lookup`` in 
 order of the kernel's fault path (``kvm_mmu_faultin_pfn`` / ``kvm_mmu_faultin_pfn_gmem`` /
 ``kvm_mmu_prepare_memory_fault_exit`` in arch/x86/kvm/mmu/mmu.c), spec section 5.2. It returns
 either ``None`` (mapped; retry the access), an exit, or raises ``OSError(EFAULT)`` (shared
-host memory not mapped: KVM_RUN fails without a memory-fault exit).
+host memory not mapped: KVM_RUN fails without a memory-fault exit). On the pre-fault path the
+gmem page behind a backing is allocated (``allocate_gmem_page``, kvm_gmem_get_pfn).
 
 Mapping size: a fault maps the largest aligned block (1 GiB, 2 MiB, else 4 KiB) that lies
 inside one memslot, is not "mixed" (``Memslot.is_mixed``), has no poisoned gmem page and, for
-host memory, is fully mapped in this process. ``regions.RegionMap`` maps the block in the
-engine (through a host window where it can) and re-checks it with the same rules on every
-invalidation.
+host memory, is fully mapped in this process (kvm_mmu_hugepage_adjust: ``block_ok``,
+``choose_block``). ``regions.RegionMap`` maps the block in the engine (through a host window
+where it can) and re-checks it with the same rules on every invalidation.
 
 TDX-like VMs: the shared/private view comes from a GPA bit in the guest's page tables.
 Unicorn 2.1 (QEMU TCG) implements 40 physical address bits, so bit 51 would be a reserved-bit
@@ -29,39 +30,22 @@ carries. Both aliases of a GFN may be mapped: the private view at ``gpa``, the s
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno as _errno
-import struct
 
 from ..errors import oserror
+from ..hostmem import fallocate, host_range_mapped
 from ..types import MemoryFaultExit
-from ..uapi import Errno, MemFlag, MemoryAttribute, MemoryExitFlag
+from ..uapi import PAGE_SIZE as PAGE, Errno, Falloc, MemFlag, MemoryAttribute, MemoryExitFlag
+from .memslot import LEVEL_PAGES
 
-PAGE = 4096
 TDX_SHARED_BIT = 1 << 39
 PHYS_LIMIT = 1 << 39
 """Guest-physical addresses the emulated MMU can reach (QEMU TCG: 40 bits; bit 39 is the
 TDX-like shared bit)."""
-LEVEL_PAGES = {2: 1 << 18, 1: 1 << 9, 0: 1}
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def host_range_mapped(address: int, length: int) -> bool:
-    """True if [address, address+length) is mapped in this process.
-
-    msync(2) with no flags only walks the VMAs (ENOMEM at a hole) and writes nothing back,
-    so its cost does not grow with ``length`` the way mincore's per-page vector does.
-    """
-    if address == 0 or address % PAGE:
-        return False
-    return _libc.msync(address, length, 0) == 0
-
 
 _PRIVATE = int(MemoryAttribute.PRIVATE)  # plain ints: IntFlag operators cost ~2 us on the fault path
 _GUEST_MEMFD = int(MemFlag.GUEST_MEMFD)
+_KEEP_SIZE = int(Falloc.KEEP_SIZE)
 
 
 class Backing:
@@ -125,7 +109,8 @@ def lookup(vm, gfn: int, fault_private: bool | None):
 
 
 def block_ok(vm, b: Backing, level: int, start: int) -> bool:
-    """Whether the aligned block at gfn ``start`` can be mapped as one region (kvm_mmu_hugepage_adjust)."""
+    """Whether the aligned level-``level`` (1 or 2) block at gfn ``start`` can be mapped as one
+    region (kvm_mmu_hugepage_adjust)."""
     slot, n = b.slot, LEVEL_PAGES[level]
     if start < slot.base_gfn or start + n > slot.base_gfn + slot.npages:
         return False
@@ -150,103 +135,14 @@ def choose_block(vm, gfn: int, b: Backing) -> tuple[int, int, int]:
 
 
 def host_address(b: Backing, start_gfn: int) -> int:
+    """The host address of gfn ``start_gfn`` through the backing ``b`` (same slot)."""
     if b.gmem is not None:
         return b.gmem._host_address + (b.slot.pgoff + start_gfn - b.slot.base_gfn) * PAGE
     return b.slot.userspace_addr + (start_gfn - b.slot.base_gfn) * PAGE
 
 
-def _backed_address(vm, gpa: int) -> int | None:
-    """The host address of guest-physical ``gpa`` through its backing, or None if not backed
-    (MMIO, no slot, a fault exit). Caller holds vm._lock; nothing is mapped."""
-    gpa %= PHYS_LIMIT  # a TDX-like shared alias reaches the same GFN
-    try:
-        b, _ = lookup(vm, gpa // PAGE, None)
-    except OSError:
-        return None
-    return None if b is None else b.host + gpa % PAGE
-
-
-def read_guest_phys(vm, gpa: int, size: int) -> bytes | None:
-    """Read guest-physical memory through its backing, up to the end of ``gpa``'s page
-    (caller holds vm._lock). Used by the vCPU's own page walk and instruction decoding;
-    None if not backed."""
-    host = _backed_address(vm, gpa)
-    return None if host is None else ctypes.string_at(host, min(size, PAGE - gpa % PAGE))
-
-
-def write_guest_phys(vm, gpa: int, data: bytes) -> bool:
-    """Write guest-physical memory (within one page) through its backing (caller holds vm._lock).
-
-    Used to push exception frames; False if the page is not backed or ``data`` crosses it.
-    """
-    host = _backed_address(vm, gpa)
-    if host is None or len(data) > PAGE - gpa % PAGE:
-        return False
-    ctypes.memmove(host, data, len(data))
-    gfn = gpa % PHYS_LIMIT // PAGE
-    slot = vm._slot_for_gfn(gfn)
-    if slot is not None:
-        vm._log_dirty(slot, gfn)  # KVM marks the pages it writes for the guest dirty
-    return True
-
-
-def page_walk(read, cr0: int, cr3: int, cr4: int, efer: int, la: int) -> tuple[int | None, list[int]]:
-    """Translate linear address ``la`` with the guest's page tables (paging64_walk_addr style).
-
-    ``read(pa, n)`` returns guest-physical bytes or None: Unicorn's mapped memory on the fast
-    path, ``read_guest_phys`` (caller holds vm._lock) otherwise. Returns (physical address or
-    None if not present, the physical addresses of the table pages visited).
-    """
-    tables: list[int] = []
-    if not cr0 & (1 << 31):
-        return la, tables
-    mask = 0x000F_FFFF_FFFF_F000
-
-    def entry(table: int, index: int, width: int) -> int | None:
-        tables.append(table & ~(PAGE - 1))
-        raw = read(table + index * width, width)
-        if raw is None or len(raw) < width:
-            return None
-        return struct.unpack("<Q" if width == 8 else "<I", raw)[0]
-
-    if efer & (1 << 10):  # long mode, 4-level
-        table = cr3 & mask
-        for shift in (39, 30, 21, 12):
-            e = entry(table, (la >> shift) & 0x1FF, 8)
-            if e is None or not e & 1:
-                return None, tables
-            if shift in (30, 21) and e & 0x80:
-                return (e & mask & ~((1 << shift) - 1)) | (la & ((1 << shift) - 1)), tables
-            table = e & mask
-        return table | (la & 0xFFF), tables
-    if cr4 & (1 << 5):  # PAE
-        e = entry(cr3 & 0xFFFF_FFE0, (la >> 30) & 3, 8)
-        if e is None or not e & 1:
-            return None, tables
-        table = e & mask
-        for shift in (21, 12):
-            e = entry(table, (la >> shift) & 0x1FF, 8)
-            if e is None or not e & 1:
-                return None, tables
-            if shift == 21 and e & 0x80:
-                return (e & mask & ~0x1FFFFF) | (la & 0x1FFFFF), tables
-            table = e & mask
-        return table | (la & 0xFFF), tables
-    e = entry(cr3 & 0xFFFF_F000, (la >> 22) & 0x3FF, 4)
-    if e is None or not e & 1:
-        return None, tables
-    if e & 0x80 and cr4 & (1 << 4):
-        return (e & 0xFFC0_0000) | (la & 0x3F_FFFF), tables
-    e = entry(e & 0xFFFF_F000, (la >> 12) & 0x3FF, 4)
-    if e is None or not e & 1:
-        return None, tables
-    return (e & 0xFFFF_F000) | (la & 0xFFF), tables
-
-
 def allocate_gmem_page(b: Backing) -> None:
     """Allocate the gmem page behind ``b`` (kvm_gmem_get_pfn on the pre-fault path)."""
-    from ..hostmem import fallocate
-
     off = b.host - b.gmem._host_address
-    fallocate(b.gmem._memfd, 0x01, off, PAGE)  # FALLOC_FL_KEEP_SIZE
+    fallocate(b.gmem._memfd, _KEEP_SIZE, off, PAGE)
     b.gmem._state.allocated.set(off // PAGE, off // PAGE + 1, True)
