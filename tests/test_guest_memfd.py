@@ -176,7 +176,7 @@ def test_mprotect_exec_on_a_mapping(vm, backend):
     require(vm, MMAP | INIT_SHARED)
     g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
     m = g.mmap(4 * P, 0, PROT_READ | PROT_WRITE, MAP_SHARED)
-    libc = hostmem._libc
+    libc = hostmem.libc
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     r = libc.mprotect(m.address, P, PROT_READ | PROT_EXEC)
     err = ctypes.get_errno()

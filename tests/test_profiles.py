@@ -213,7 +213,7 @@ def _libc():
 
     from guestmem import hostmem
 
-    return ctypes, hostmem._libc
+    return ctypes, hostmem.libc
 
 
 def mbind(address: int, length: int, mode: int, nodemask: int) -> int:

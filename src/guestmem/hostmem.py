@@ -21,13 +21,19 @@ from typing import Callable
 from .encoding import bytes_arg, check_int, encode_signed
 from .errors import oserror, refuse_copy
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+"""The one ctypes handle on the C library: every libc call guestmem makes goes through it, with
+its prototype declared here. A handle on libc itself (not ``CDLL(None)``) resolves libc's own
+symbols, never those a preloaded library interposes: the drop-in /dev/kvm interposes mmap,
+ioctl and more, and its Python side must reach the real calls."""
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
 _HOST_PAGE = _mmap.PAGESIZE  # msync wants a host-page-aligned address
 
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -40,6 +46,7 @@ MAP_NORESERVE = 0x4000
 
 MAP_32BIT = 0x40
 MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 _S64_MIN, _U64_LIMIT = -(1 << 63), 1 << 64
 _S64_LIMIT, _S32_LIMIT = 1 << 63, 1 << 31
 _PLACEMENT_FLAGS = MAP_FIXED | MAP_FIXED_NOREPLACE | MAP_32BIT | MAP_ANONYMOUS
@@ -86,7 +93,7 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int, address: int 
     """mmap(2); returns the address or raises OSError with the kernel's errno (arguments
     encoded as by ``encode_mmap_args``)."""
     length, offset, prot, flags = encode_mmap_args(length, offset, prot, flags)
-    addr = _libc.mmap(address or None, length, prot, flags, fd, offset)
+    addr = libc.mmap(address or None, length, prot, flags, fd, offset)
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
         raise oserror(err, f"mmap(length={length:#x}, offset={offset:#x}, prot={prot}, flags={flags:#x})")
@@ -94,7 +101,7 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int, address: int 
 
 
 def munmap(address: int, length: int) -> None:
-    if _libc.munmap(address, length) != 0:
+    if libc.munmap(address, length) != 0:
         err = ctypes.get_errno()
         raise oserror(err, f"munmap({address:#x}, {length:#x})")
 
@@ -103,12 +110,12 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with the kernel's errno on failure (offset and length are loff_t)."""
     mode = encode_signed(mode, 32, "mode")
     offset, length = encode_signed(offset, 64, "offset"), encode_signed(length, 64, "len")
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    if libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise oserror(err, f"fallocate(mode={mode:#x}, offset={offset:#x}, len={length:#x})")
 
 
-_fallocate = _libc.fallocate
+_fallocate = libc.fallocate
 
 
 def fallocate_encoded(fd: int, mode: int, offset: int, length: int) -> None:
@@ -130,11 +137,11 @@ def host_range_mapped(address: int, length: int) -> bool:
     """
     if address == 0 or address % _HOST_PAGE:
         return False
-    return _libc.msync(address, length, 0) == 0
+    return libc.msync(address, length, 0) == 0
 
 
 def madvise(address: int, length: int, advice: int) -> None:
-    if _libc.madvise(address, length, advice) != 0:
+    if libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
         raise oserror(err, f"madvise({address:#x}, {length:#x}, {advice})")
 

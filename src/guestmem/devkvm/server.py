@@ -36,7 +36,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .. import uapi
+from .. import hostmem, uapi
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
 from ..types import (CpuidEntry, DTable, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
@@ -73,8 +73,6 @@ class _RunPage:
     """The vCPU's kvm_run area: a memfd the program maps, and our own view of it."""
 
     def __init__(self, size: int) -> None:
-        from .. import hostmem
-
         self.size = size
         self.memfd = hostmem.memfd("guestmem-kvm-run", size)
         self.address = hostmem.mmap(size, PROT_READ | PROT_WRITE, MAP_SHARED, self.memfd, 0)
@@ -82,8 +80,6 @@ class _RunPage:
         self.pending: Any = None  # the exit whose answer the next KVM_RUN reads from the page
 
     def close(self) -> None:
-        from .. import hostmem
-
         hostmem.munmap(self.address, self.size)
         os.close(self.memfd)
 
@@ -270,8 +266,6 @@ class Server:
     # --- other file operations ------------------------------------------------------------------
 
     def mmap(self, f: _File, addr: int, length: int, prot: int, flags: int, offset: int) -> int:
-        from .. import hostmem
-
         if f.kind == "vcpu":
             if offset % uapi.PAGE_SIZE or length == 0:
                 raise oserror(errno.EINVAL, f"mmap of a vCPU fd: offset {offset:#x} length {length:#x}")
@@ -639,14 +633,9 @@ def _put_exit(page: _RunPage, ex: Any) -> int:
     raise AssertionError(f"unexpected exit {ex!r}")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-
-
 def _mremap_fixed(old: int, length: int, new: int) -> int:
-    r = _libc.mremap(old, length, length, 3, new)  # MREMAP_MAYMOVE | MREMAP_FIXED
-    if r in (None, ctypes.c_void_p(-1).value):
+    r = hostmem.libc.mremap(old, length, length, hostmem.MREMAP_MAYMOVE | hostmem.MREMAP_FIXED, new)
+    if r in (None, hostmem.MAP_FAILED):
         raise oserror(ctypes.get_errno(), f"mremap to {new:#x}")
     return r
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..encoding import encode_array, encode_unsigned
 from ..errors import oserror
-from ..hostmem import _libc
+from ..hostmem import libc
 
 _NO_ARG = object()
 
@@ -67,7 +67,7 @@ def ioctl_ulong(fd: int, request: int, name: str, value: int, field: str) -> int
     detail = f"{field}={value:#x}"
     if value < 1 << 31:
         return ioctl(fd, request, name, value, detail)
-    r = _libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(value))
+    r = libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_ulong(value))
     if r < 0:
         raise oserror(ctypes.get_errno(), f"{name}({detail})")
     return r

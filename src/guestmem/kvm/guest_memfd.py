@@ -92,7 +92,7 @@ class GuestMemfd(FdObject):
         :raises OSError: EBADF if closed.
         """
         buf = _Statfs()
-        if hostmem._libc.fstatfs(ctypes.c_int(self._check()), ctypes.byref(buf)) != 0:
+        if hostmem.libc.fstatfs(ctypes.c_int(self._check()), ctypes.byref(buf)) != 0:
             raise oserror(ctypes.get_errno(), "fstatfs(guest_memfd)")
         return StatFs(f_type=buf.f_type, f_bsize=buf.f_bsize, f_namelen=buf.f_namelen)
 

@@ -56,17 +56,13 @@ from . import fault
 from .unicorn_cpu import unicorn
 
 MAX_REGIONS = 256
-_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _PROT_WRITE = 2  # UC_PROT_WRITE
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
 
 
 def _mremap_alias(src: int, size: int, dst: int = 0) -> int:
     """A second mapping of the shared pages at ``src`` (at ``dst`` if given), or raise OSError."""
-    flags = _MREMAP_MAYMOVE | (_MREMAP_FIXED if dst else 0)
-    addr = _libc.mremap(src, 0, size, flags, dst or None)
+    flags = hostmem.MREMAP_MAYMOVE | (hostmem.MREMAP_FIXED if dst else 0)
+    addr = hostmem.libc.mremap(src, 0, size, flags, dst or None)
     if addr in (None, hostmem.MAP_FAILED):
         err = ctypes.get_errno()
         raise OSError(err, f"mremap alias of {src:#x}+{size:#x}")

@@ -664,7 +664,7 @@ def host_memory() -> dict[str, int]:
 
 def _mincore(address: int, length: int) -> bytes:
     """mincore(2) as one byte per page, 1 = resident."""
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = hostmem.libc
     npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
     vec = ctypes.create_string_buffer(npages)
     if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
