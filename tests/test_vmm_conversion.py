@@ -16,7 +16,8 @@ from guestmem.types import HypercallExit, MemoryFaultExit
 from guestmem.uapi import PAGE_SIZE, Errno, KvmHypercallError, MapGpaRangeAttr, MemoryExitFlag, VmType
 from guestmem.vmm.conversion import ConversionManager
 from guestmem.vmm.machine import Machine, boot_region
-from guestmem.vmm.memory import Conversion, GuestMemory, Region
+from guestmem.vmm.layout import Region
+from guestmem.vmm.memory import Conversion, GuestMemory
 from guestmem.vmm.runloop import Outcome
 
 MiB = 1 << 20

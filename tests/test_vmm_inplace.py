@@ -19,7 +19,8 @@ from guestmem import workloads
 from guestmem.vmm import job
 from guestmem.vmm.conversion import ConversionManager
 from guestmem.vmm.machine import boot_region
-from guestmem.vmm.memory import GuestMemory, Region
+from guestmem.vmm.layout import Region
+from guestmem.vmm.memory import GuestMemory
 
 from probe import touch
 

@@ -9,7 +9,7 @@ import pytest
 from guestmem.guest import assemble
 from guestmem.types import HltExit, IntrExit, ShutdownExit
 from guestmem.vmm.machine import Machine, boot_region
-from guestmem.vmm.memory import Region
+from guestmem.vmm.layout import Region
 from guestmem.vmm.runloop import GuestError, Outcome, RunLoop
 
 MiB = 1 << 20

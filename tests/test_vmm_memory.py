@@ -8,7 +8,8 @@ import pytest
 from bounded import run_bounded
 
 from guestmem.uapi import PAGE_SIZE, Cap, MemFlag, VmType
-from guestmem.vmm.memory import MAX_SLOT_SIZE, Conversion, GuestMemory, Region, plan_slots
+from guestmem.vmm.layout import MAX_SLOT_SIZE, Region, plan_slots
+from guestmem.vmm.memory import Conversion, GuestMemory
 
 GiB, MiB = 1 << 30, 1 << 20
 DATA = 4 * GiB
@@ -218,7 +219,7 @@ def _returns_quickly(code: str) -> str:
 @pytest.mark.parametrize("max_slot_size", [0, -PAGE_SIZE, -1, PAGE_SIZE + 1])
 def test_slot_plan_refuses_a_max_slot_size_that_is_not_a_positive_page_multiple(max_slot_size):
     out = _returns_quickly(
-        "from guestmem.vmm.memory import Region, plan_slots\n"
+        "from guestmem.vmm.layout import Region, plan_slots\n"
         "try:\n"
         f"    plan_slots([Region('a', 0, 2 << 20)], 32764, max_slot_size={max_slot_size})\n"
         "except OSError as exc:\n"
@@ -229,7 +230,7 @@ def test_slot_plan_refuses_a_max_slot_size_that_is_not_a_positive_page_multiple(
 def test_slot_plan_of_a_huge_region_is_enospc_at_once():
     """2**80 bytes would need ~2**37 memslots: counted, not enumerated."""
     out = _returns_quickly(
-        "from guestmem.vmm.memory import Region, plan_slots\n"
+        "from guestmem.vmm.layout import Region, plan_slots\n"
         "try:\n"
         "    plan_slots([Region('huge', 0, 2**80)], 32764)\n"
         "except OSError as exc:\n"
@@ -242,7 +243,7 @@ def test_regions_past_the_52_bit_guest_physical_space_are_refused_before_any_vm_
     """x86-64 guest physical addresses have at most 52 bits (MAXPHYADDR; the model's
     max_gpa_bits), so no backend can map such a region: EINVAL naming it, at once."""
     out = _returns_quickly(
-        "from guestmem.vmm.memory import GuestMemory, Region\n"
+        "from guestmem.vmm.layout import Region\nfrom guestmem.vmm.memory import GuestMemory\n"
         "class NoVm: pass\n"  # any VM call would raise AttributeError
         "try:\n"
         f"    GuestMemory(NoVm(), [Region('boot', 0, 2 << 20), Region('huge', {gpa}, {size})])\n"

@@ -114,7 +114,7 @@ def guestmem_machine(guestmem_system: Any) -> Iterator[Callable[..., Any]]:
     of ``memory`` bytes sits at ``DATA_GPA`` (private-capable when ``private``), identity mapped.
     """
     from .vmm.machine import Machine, boot_region
-    from .vmm.memory import Region
+    from .vmm.layout import Region
 
     machines: list[Any] = []
 

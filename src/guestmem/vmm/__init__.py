@@ -9,7 +9,8 @@ from __future__ import annotations
 from .conversion import ConversionManager, ConversionStats
 from .job import RunResult, run_workload
 from .machine import Machine, boot_region
-from .memory import Conversion, GuestMemory, Region, Slot, Snapshot
+from .layout import Region, Slot, Snapshot
+from .memory import Conversion, GuestMemory
 from .runloop import GuestError, Outcome, RunLoop
 
 __all__ = ["Conversion", "ConversionManager", "ConversionStats", "GuestError", "GuestMemory", "Machine",

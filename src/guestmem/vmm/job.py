@@ -23,7 +23,7 @@ from ..rangemap import RangeMap
 from ..uapi import Cap, MemoryAttribute
 from ..units import format_size
 from .machine import Machine, boot_region
-from .memory import LAYOUTS, MAX_GPA
+from .layout import LAYOUTS, MAX_GPA
 
 __all__ = ["RunResult", "choose_backend", "run_workload", "parse_size", "memory_map"]
 

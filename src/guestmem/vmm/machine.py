@@ -22,7 +22,8 @@ from ..interface import System, Vcpu
 from ..types import Exit
 from ..uapi import Cap, Hypercall, VmType
 from .conversion import ConversionManager
-from .memory import GuestMemory, Region
+from .layout import Region
+from .memory import GuestMemory
 from .runloop import Outcome, RunLoop, exit_name
 
 __all__ = ["Machine", "boot_region"]

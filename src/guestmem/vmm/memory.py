@@ -32,10 +32,8 @@ non-overlapping: vm-memory's rule) and creates, using only the backend interface
   ``userspace_addr`` set to its own mapping (spec 11.8, "GMEM_ONLY"), when the VM reports
   both flags in KVM_CAP_GUEST_MEMFD_FLAGS; otherwise a plain memfd.
 
-Memslots respect the kernel's limits: a slot never exceeds KVM_MEM_MAX_NR_PAGES (big
-regions are split on 2 MiB boundaries) and the total stays under KVM_CAP_NR_MEMSLOTS. Regions
-end at or below ``MAX_GPA`` (2**52): sizes no backend can map fail at once, and the slot
-count is computed before any slot is enumerated, so no size makes planning slow.
+Regions, their validation and the memslot plan (KVM_MEM_MAX_NR_PAGES, KVM_CAP_NR_MEMSLOTS,
+``MAX_GPA``) live in ``vmm.layout``; resident-memory probes in ``vmm.residency``.
 
 The attribute map is authoritative and range based: a ``RangeMap`` over gfns holding
 ``MemoryAttribute.PRIVATE`` runs (gaps are shared). ``set_attributes`` is the only writer:
@@ -59,11 +57,9 @@ tuple; a snapshot already handed out never changes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import os
-import re
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
@@ -74,65 +70,16 @@ from ..errors import oserror
 from ..hostmem import MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
 from ..interface import GuestMemfd, Vm
 from ..rangemap import RangeMap
-from ..types import page_aligned
 from ..uapi import (
-    KVM_MEM_MAX_NR_PAGES, PAGE_SHIFT, PAGE_SIZE, Cap, Falloc, GuestMemfdFlag, MemFlag, MemoryAttribute,
+    PAGE_SHIFT, PAGE_SIZE, Cap, Falloc, GuestMemfdFlag, MemFlag, MemoryAttribute,
 )
+from .layout import LAYOUTS, Region, Slot, Snapshot, plan_slots, validate
+from .residency import process_memory, resident_runs
 
-__all__ = ["Region", "Slot", "Snapshot", "Conversion", "GuestMemory", "BACKINGS", "LAYOUTS", "MAX_GPA",
-           "MAX_SLOT_SIZE", "host_memory"]
+__all__ = ["Conversion", "GuestMemory"]
 
-_2M = 2 << 20
-MAX_SLOT_SIZE = (KVM_MEM_MAX_NR_PAGES << PAGE_SHIFT) & ~(_2M - 1)
-"""The largest memslot the layout creates: under KVM_MEM_MAX_NR_PAGES, 2 MiB aligned."""
-
-MAX_GPA = 1 << 52
-"""Guest memory ends at or below this address: x86-64's MAXPHYADDR is at most 52 bits, so no
-backend maps memory above it (KVM's kvm_mmu_max_gfn; the model's max_gpa_bits, measured 52)."""
-
-BACKINGS = ("auto", "gmem", "memfd")
-LAYOUTS = ("auto", "in-place", "two-backings")
 PRIVATE = int(MemoryAttribute.PRIVATE)
 _INIT_SHARED_MMAP = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Region:
-    """One declared range of guest memory.
-
-    :param private: private-capable (backed by a guest_memfd for private pages and a memfd
-        for shared ones); False for shared-only memory.
-    :param backing: shared-only regions: "gmem" (MMAP|INIT_SHARED guest_memfd), "memfd", or
-        "auto" (gmem when the VM supports it). Private-capable regions always use both.
-    :param gmem_mmap: private-capable regions: create the guest_memfd with MMAP when the VM
-        allows it. The slot is then GMEM_ONLY: shared and private pages both live in the
-        guest_memfd, and the host's view is its mapping (without INIT_SHARED, which VMs with
-        private memory cannot have on 6.18, every host touch faults).
-    """
-
-    name: str
-    gpa: int
-    size: int
-    private: bool = False
-    backing: str = "auto"
-    gmem_mmap: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Slot:
-    """One memslot the layout created (the KVM_SET_USER_MEMORY_REGION2 arguments)."""
-
-    slot: int
-    flags: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    guest_memfd_offset: int
-    region: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,40 +89,6 @@ class Conversion:
     gpa: int
     size: int
     private: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """An immutable view of the layout and the private ranges at one ``generation``."""
-
-    generation: int
-    regions: tuple[Region, ...]
-    slots: tuple[Slot, ...]
-    private: tuple[tuple[int, int], ...]  # sorted, merged [gpa, end) runs that are PRIVATE
-    backings: tuple[str, ...]  # per region: "gmem+memfd", "gmem-mmap" (GMEM_ONLY), "gmem", "memfd"
-
-    def is_private(self, gpa: int) -> bool:
-        i = bisect_right(self.private, (gpa, 1 << 64)) - 1
-        return i >= 0 and self.private[i][0] <= gpa < self.private[i][1]
-
-    def private_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The private parts of [start, end), clipped."""
-        out = []
-        i = max(bisect_right(self.private, (start, 1 << 64)) - 1, 0)
-        for s, e in self.private[i:]:
-            if s >= end:
-                break
-            if e > start:
-                out.append((max(s, start), min(e, end)))
-        return out
-
-    @property
-    def private_bytes(self) -> int:
-        return sum(e - s for s, e in self.private)
-
-    @property
-    def memory_size(self) -> int:
-        return sum(r.size for r in self.regions)
 
 
 class _Backed:
@@ -208,58 +121,6 @@ class _Pin:
             self.handle.release()
 
 
-def _validate(regions: Iterable[Region]) -> tuple[Region, ...]:
-    out = tuple(sorted(regions, key=lambda r: r.gpa))
-    if not out:
-        raise oserror(errno.EINVAL, "a guest needs at least one memory region")
-    names = set()
-    for r in out:
-        if r.size <= 0 or not page_aligned(r.size) or not page_aligned(r.gpa) or r.gpa < 0:
-            raise oserror(errno.EINVAL, f"region {r.name!r} [{r.gpa:#x}, +{r.size:#x}) must be page aligned and non-empty")
-        if r.end > MAX_GPA:
-            raise oserror(errno.EINVAL, f"region {r.name!r} [{r.gpa:#x}, +{r.size:#x}) ends past {MAX_GPA:#x}: "
-                                        "x86-64 guest physical addresses have at most 52 bits")
-        if r.backing not in BACKINGS:
-            raise oserror(errno.EINVAL, f"region {r.name!r}: backing {r.backing!r} is not one of {BACKINGS}")
-        if r.name in names:
-            raise oserror(errno.EINVAL, f"region name {r.name!r} is used twice")
-        names.add(r.name)
-    for a, b in zip(out, out[1:]):
-        if a.end > b.gpa:
-            raise oserror(errno.EEXIST, f"regions {a.name!r} and {b.name!r} overlap at {b.gpa:#x}")
-    return out
-
-
-def plan_slots(regions: Iterable[Region], nr_memslots: int, first_slot: int = 0,
-               max_slot_size: int = MAX_SLOT_SIZE) -> list[tuple[int, Region, int, int]]:
-    """Split regions into memslots: ``(slot, region, offset_in_region, size)`` per slot.
-
-    The number of slots is computed first, so the work is bounded by ``nr_memslots`` whatever
-    the region sizes.
-
-    :raises OSError: EINVAL if ``max_slot_size`` is not a positive multiple of the page size;
-        ENOSPC if the layout needs more than ``nr_memslots`` slots.
-    """
-    if max_slot_size <= 0 or max_slot_size % PAGE_SIZE:
-        raise oserror(errno.EINVAL, f"max_slot_size {max_slot_size:#x} is not a positive multiple of {PAGE_SIZE:#x}")
-    regions = tuple(regions)
-    needed = first_slot + sum(-(-r.size // max_slot_size) for r in regions if r.size > 0)
-    if needed > nr_memslots:
-        raise oserror(errno.ENOSPC, f"the layout needs {needed} memslots but the VM allows {nr_memslots} "
-                                    "(KVM_CAP_NR_MEMSLOTS)")
-    out = []
-    slot = first_slot
-    for r in regions:
-        off = 0
-        while off < r.size:
-            size = min(max_slot_size, r.size - off)
-            out.append((slot, r, off, size))
-            slot += 1
-            off += size
-    assert slot == needed
-    return out
-
-
 class GuestMemory:
     """Creates and owns a VM's guest memory; keeps the authoritative attribute map.
 
@@ -270,7 +131,7 @@ class GuestMemory:
 
     def __init__(self, vm: Vm, regions: Iterable[Region], *, first_slot: int = 0, conversion: str = "auto") -> None:
         self.vm = vm
-        self.regions = _validate(regions)
+        self.regions = validate(regions)
         self.lock = threading.RLock()
         self._attrs: RangeMap[int] = RangeMap(default=0)
         self._listeners: list[Callable[[Conversion], None]] = []
@@ -611,9 +472,7 @@ class GuestMemory:
         """Resident pages of region ``name``'s shared view, as ``(gpa, end)`` runs (mincore)."""
         r = self.region(name)
         m = self.shared_mapping(name)
-        vec = _mincore(m.address, m.length)
-        return [(r.gpa + (mo.start() << PAGE_SHIFT), r.gpa + (mo.end() << PAGE_SHIFT))
-                for mo in _RESIDENT.finditer(vec)]
+        return [(r.gpa + (s << PAGE_SHIFT), r.gpa + (e << PAGE_SHIFT)) for s, e in resident_runs(m.address, m.length)]
 
     # --- teardown -----------------------------------------------------------------------------
 
@@ -629,7 +488,7 @@ class GuestMemory:
             if b.gmem is not None:
                 stats = getattr(b.gmem, "stats", None)
                 gmem += stats()["pages_allocated"] * PAGE_SIZE if stats is not None else b.gmem.fstat().st_blocks * 512
-        anon = host_memory()["rss_anon"]
+        anon = process_memory()["rss_anon"]
         return {"rss_anon": anon, "memfd": memfd, "guest_memfd": gmem, "total": anon + memfd + gmem}
 
     def close(self) -> None:
@@ -646,32 +505,3 @@ class GuestMemory:
                 b.gmem.close()
         self._backed = []
         self._starts = []
-
-
-_RESIDENT = re.compile(rb"[\x01-\xff]+")
-
-
-def host_memory() -> dict[str, int]:
-    """This process's resident anonymous and shared memory (/proc/self/status RssAnon, RssShmem)."""
-    out = {"rss_anon": 0, "rss_shmem": 0}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssShmem"):
-                out["rss_anon" if key == "RssAnon" else "rss_shmem"] = int(value.split()[0]) * 1024
-    return out
-
-
-def _mincore(address: int, length: int) -> bytes:
-    """mincore(2) as one byte per page, 1 = resident."""
-    libc = hostmem.libc
-    npages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
-    vec = ctypes.create_string_buffer(npages)
-    if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) != 0:
-        err = ctypes.get_errno()
-        raise oserror(err, f"mincore({address:#x}, {length:#x})")
-    return vec.raw.translate(_LOWBIT)
-
-
-_LOWBIT = bytes(i & 1 for i in range(256))
-

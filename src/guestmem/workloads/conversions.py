@@ -19,7 +19,7 @@ import errno
 import threading
 
 from ..guest import PORT_SYNC
-from ..vmm.memory import Region
+from ..vmm.layout import Region
 from ..vmm.runloop import Outcome
 from . import source, sync_op
 

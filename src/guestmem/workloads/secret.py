@@ -34,7 +34,7 @@ from typing import Any
 from ..guest import PORT_SYNC
 from ..hostmem import Mapping
 from ..units import format_size
-from ..vmm.memory import Region
+from ..vmm.layout import Region
 from ..vmm.runloop import Outcome
 from . import source, sync_op
 

@@ -14,7 +14,7 @@ import threading
 
 from ..guest import PORT_SYNC
 from ..uapi import PAGE_SIZE, IoDirection
-from ..vmm.memory import Region
+from ..vmm.layout import Region
 from ..vmm.runloop import Outcome
 from . import source
 

@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..vmm.memory import Region
+from ..vmm.layout import Region
 
 DATA_GPA = 1 << 30
 ALIGN = 2 << 20
