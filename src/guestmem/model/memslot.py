@@ -4,8 +4,9 @@ Data model
 ----------
 A ``Memslot`` is the model's ``struct kvm_memory_slot``: id and address space, the GFN
 range ``[base_gfn, base_gfn + npages)``, the user flags, ``userspace_addr`` and, for a
-GUEST_MEMFD slot, a *weak* link to the file (``gmem``; the slot never keeps the file
-alive) plus ``pgoff``, the first file page. ``gmem`` becomes None when the file is
+GUEST_MEMFD slot, a non-owning link to the file (``gmem``: an ordinary Python reference
+that takes no file reference, so the file's own count, not the slot, decides when it is
+released) plus ``pgoff``, the first file page. ``gmem`` becomes None when the file is
 released while the slot lives on (spec 3.5); ``gmem_only`` is the E2 internal flag set
 when the bound file has GUEST_MEMFD_FLAG_MMAP (shared faults come from gmem too).
 

@@ -96,14 +96,20 @@ def layouts(results: list[RunResult]) -> Any:
     """The host memory of the same workload in each conversion layout, side by side."""
     from rich.table import Table
 
-    t = Table(title="host memory by conversion layout (RSS anon + memfd + guest_memfd)", title_justify="left")
-    for col in ("layout", "total", "RSS anon", "memfd", "guest_memfd", "peak", "vs first", "conversions/s"):
+    t = Table(title="host memory by conversion layout", title_justify="left",
+              caption="guest memory = memfd + guest_memfd bytes allocated; total adds the process's anonymous "
+                      "RSS, which the runs share (a later run inherits the earlier one's heap; "
+                      "`guestmem bench footprint` measures each layout in a fresh process)", caption_justify="left")
+    for col in ("layout", "guest memory", "vs first", "memfd", "guest_memfd", "RSS anon", "total", "peak",
+                "conversions/s"):
         t.add_column(col, justify="left" if col == "layout" else "right")
-    base = results[0].host_memory.get("total", 0) or 1
+    h0 = results[0].host_memory
+    base = (h0.get("memfd", 0) + h0.get("guest_memfd", 0)) or 1
     for r in results:
         h = r.host_memory
-        t.add_row(r.conversion, _mib(h["total"]), _mib(h["rss_anon"]), _mib(h["memfd"]), _mib(h["guest_memfd"]),
-                  _mib(r.host_memory_peak), f"{h['total'] / base:.2f}x", f"{r.conversions_per_second:.1f}")
+        guest = h["memfd"] + h["guest_memfd"]
+        t.add_row(r.conversion, _mib(guest), f"{guest / base:.2f}x", _mib(h["memfd"]), _mib(h["guest_memfd"]),
+                  _mib(h["rss_anon"]), _mib(h["total"]), _mib(r.host_memory_peak), f"{r.conversions_per_second:.1f}")
     return t
 
 
