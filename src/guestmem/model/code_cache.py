@@ -13,7 +13,7 @@ entry into the engine (each ``emu_start`` of ``Vcpu._run_once``):
 - ``record`` runs from the engine's UC_HOOK_EDGE_GENERATED hook, which QEMU calls once per
   *generated* TB (never per execution), and keeps per guest-physical page the byte span its
   TBs cover with a copy of those bytes. QEMU calls that hook only once some TB has run on the
-  engine, so ``Vcpu._build`` runs one scratch instruction on every new engine;
+  engine, so ``unicorn_cpu.Engine`` runs one scratch instruction on every new engine;
 - ``stale`` compares each page's span with memory through the host pointer behind the
   engine's region (one copy and one ``bytes`` comparison per page: ~0.1-0.3 us per entry for
   a guest running from one code page). A difference, or a page the engine no longer

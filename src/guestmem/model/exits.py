@@ -6,8 +6,8 @@ Data model. These functions are the vCPU's half of the kernel's fault and exit p
 follow its lock order (``Vm._lock`` -> ``uc_lock``). Resolution rules live in
 ``fault`` (what backs a GFN) and ``regions`` (how a block is mapped in the engine); this
 module decides which exit an event becomes. Instruction bytes are read through the engine's
-own mapped memory with the last code translation cached (``read_uc_linear``), falling back to
-a page walk over the backing (``read_linear``).
+own mapped memory with the last code translation cached (``unicorn_cpu.Engine.read_linear``),
+falling back to a page walk over the backing (``read_linear``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .guest_phys import read_guest_phys
 from . import interrupts
 from .unicorn_cpu import unicorn as _unicorn
 
-_END = 0xFFFF_FFFF_FFFF_FFFF
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 # plain ints: enum operators cost microseconds on the hypercall exit path
 _MAP_GPA_RANGE, _LONG_MODE = int(Hypercall.MAP_GPA_RANGE), int(HypercallExitFlag.LONG_MODE)
@@ -31,41 +30,10 @@ _HC_EPERM, _HC_ENOSYS, _HC_EINVAL = (int(KvmHypercallError.EPERM), int(KvmHyperc
                                      int(KvmHypercallError.EINVAL))
 
 
-def uc_physical(v, la: int, crs: tuple[int, int, int] | None = None) -> int | None:
-    """The engine-physical address of linear ``la``, walking the page tables in Unicorn's mapped
-    memory (the last translation is cached in ``v._xlate``).
-
-    ``crs`` is (CR0, CR3, CR4) if the caller just read them. Caller holds uc_lock (or runs
-    inside a hook). None if a page on the way is not mapped or not present.
-    """
-    ra = v._ra
-    cr0, cr3, cr4 = crs or ra.read(v._walk_ids)
-    page, off = la & ~(PAGE - 1), la % PAGE
-    xl = v._xlate
-    if xl is not None and xl[0] == cr3 and xl[1] == page:
-        return xl[2] + off
-    efer = (1 << 10) if v._mode == "64" else 0
-    pa, tables = page_walk(ra.mem_read, cr0, cr3, cr4, efer, page)
-    if pa is None:
-        return None
-    pa &= ~(PAGE - 1)
-    v._xlate = (cr3, page, pa, tuple(tables))
-    return pa + off
-
-
-def read_uc_linear(v, uc, la: int, n: int, crs: tuple[int, int, int] | None = None) -> bytes | None:
-    """Read ``n`` bytes (not crossing a page) at linear ``la`` through Unicorn's mapped memory.
-
-    ``crs`` as for ``uc_physical``. None if a page on the way is not mapped.
-    """
-    pa = uc_physical(v, la, crs)
-    return None if pa is None else v._ra.mem_read(pa, min(n, PAGE - la % PAGE))
-
-
 def read_linear(v, la: int, n: int) -> bytes | None:
     """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
     with v.uc_lock:
-        data = read_uc_linear(v, v._u, la, n)
+        data = v._engine.read_linear(la, n)
     return data if data is not None else _read_linear_backing(v, la, n)
 
 
@@ -90,9 +58,10 @@ def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
     with v._vm._lock:
         v._lock_uc()
         try:
-            uc = v._u
+            eng = v._engine
+            uc = eng.uc
             if v._wr:
-                v._flush_wr(uc)
+                v._flush_wr()
             v._map.unmap(uc, v._map.overlapping(page, page + PAGE))
 
             def rd(uc_, off, sz, _):
@@ -103,13 +72,13 @@ def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
             uc.mmio_map(page, PAGE, rd, None, lambda *a: None, None)
             try:
                 v._event = None
-                uc.ctl_flush_tb()  # blocks translated without the count hook would run past it
-                uc.emu_start(v._pc, _END, count=1)
+                eng.flush_tb()  # blocks translated without the count hook would run past it
+                eng.step(v._pc)
             finally:
                 uc.mem_unmap(page, PAGE)
                 v._event = None
             v._regs_stale = v._sregs_stale = True
-            v._pc = v._read_pc()
+            v._pc = eng.read_pc()
         finally:
             v.uc_lock.release()
 
@@ -163,7 +132,7 @@ def map_backing(v, gfn: int, b, alias: int) -> None:
         start, n, level = (gfn & ~511, 512, 1) if fault.block_ok(v._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
     v._lock_uc()
     try:
-        v._map.map(v._u, (start * PAGE) | alias, n * PAGE, level, b, start, prot, window)
+        v._map.map(v._engine.uc, (start * PAGE) | alias, n * PAGE, level, b, start, prot, window)
     finally:
         v.uc_lock.release()
 
@@ -192,7 +161,7 @@ def handle_xprot(v, ev):
             base = v._map.containing(addr)
             r = v._map.regions.get(base) if base is not None else None
             if r is not None and r.window and not r.code:
-                v._map.mark_code(v._u, base)
+                v._map.mark_code(v._engine.uc, base)
                 return None
         finally:
             v.uc_lock.release()
@@ -238,11 +207,12 @@ def handle_ud(v, quiet: bool = False):
     # Called right after a stop, so no register write is queued: read what the hypercall and
     # the instruction check need in one call, and leave the register cache stale.
     with v.uc_lock:
-        rax, rbx, rcx, rdx, rip, cs, cr0, cr3, cr4 = v._ra.read(v._hc_ids)
+        eng = v._engine
+        rax, rbx, rcx, rdx, rip, cs, cr0, cr3, cr4 = eng.read_hypercall_state()
         if quiet and v._mode == "64":
             v._pc = rip  # the vCPU left it to us (see Vcpu._run_once)
         pc = v._pc
-        code = read_uc_linear(v, v._u, pc, 3, (cr0, cr3, cr4))
+        code = eng.read_linear(pc, 3, (cr0, cr3, cr4))
     if (code or _read_linear_backing(v, pc, 3)) not in HYPERCALL_INSNS:  # Unicorn's view was tried
         if not quiet:
             return interrupts.deliver(v, 6)  # #UD through the guest's IDT

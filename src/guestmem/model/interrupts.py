@@ -189,7 +189,6 @@ def _read_gate(mem, s, vector: int, size: int, type_mask: int, cpl: int,
 
 
 def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
-    x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, True)
     cpl = s.cs.selector & 3
@@ -215,17 +214,16 @@ def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, softw
         raise _Fault(PF, _PF_WRITE, cr2=rsp)
     flags = r.rflags & ~(_TF | _NT | _RF | _VM | (_IF if gate_type == 0xE else 0))
     with v.uc_lock:
-        uc = v._u
-        uc.reg_write(x.UC_X86_REG_CS, (target & ~3) | new_cpl)
+        eng = v._engine
+        eng.load_segment("cs", (target & ~3) | new_cpl)
         if new_cpl != cpl:
-            uc.reg_write(x.UC_X86_REG_SS, new_cpl)  # a null SS carrying the new CPL
-            v._hidden.set_cpl(new_cpl)  # hidden_state: the API's segment loads keep CPL 0
+            eng.load_segment("ss", new_cpl)  # a null SS carrying the new CPL
+            eng.hidden.set_cpl(new_cpl)  # hidden_state: the API's segment loads keep CPL 0
     v._sregs_stale = True
     v._queue(rip=handler, rsp=rsp, rflags=flags)
 
 
 def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
-    x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, False)
     cpl = s.cs.selector & 3
@@ -254,11 +252,11 @@ def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, 
     if gdt_page is None or not exits_map(v, gdt_page):
         raise _Fault(GP, target & ~7)
     with v.uc_lock:
-        uc = v._u
+        eng = v._engine
         try:
             if new_cpl != cpl:
-                uc.reg_write(x.UC_X86_REG_SS, (ss & ~3) | new_cpl)
-            uc.reg_write(x.UC_X86_REG_CS, (target & ~3) | new_cpl)
+                eng.load_segment("ss", (ss & ~3) | new_cpl)
+            eng.load_segment("cs", (target & ~3) | new_cpl)
         except unicorn().UcError:
             raise _Fault(GP, target & ~7) from None
     v._sregs_stale = True
@@ -274,7 +272,6 @@ def exits_map(v, pa: int) -> bool:
 
 
 def _deliver_real(v, vector: int, return_rip: int | None, software: bool) -> None:
-    x = unicorn().x86_const
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, False)
     if vector * 4 + 3 > s.idt.limit:
@@ -288,7 +285,7 @@ def _deliver_real(v, vector: int, return_rip: int | None, software: bool) -> Non
     if not mem.write((s.ss.selector << 4) + sp, struct.pack("<HHH", ret_ip, s.cs.selector, r.rflags & 0xFFFF)):
         raise _Fault(SS, 0)
     with v.uc_lock:
-        v._u.reg_write(x.UC_X86_REG_CS, cs)
+        v._engine.load_segment("cs", cs)
     v._sregs_stale = True
     v._read_sregs()  # the new CS base, before RIP is queued as a linear address
     v._queue(rip=ip, rsp=(r.rsp & ~0xFFFF) | sp, rflags=r.rflags & ~(_TF | _IF | _AC))

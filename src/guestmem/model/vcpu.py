@@ -26,7 +26,7 @@ Locks (order: ``Vm._lock`` -> ``uc_lock``):
 Registers. Unicorn holds the truth while the vCPU runs; ``get_regs``/``get_sregs`` read it
 lazily, ``set_regs`` and exit completions queue only the registers that change, and the
 queue is written in one batch before the next ``emu_start``. An exit therefore costs a RIP
-read, not a full register round trip; reads and writes go through ``unicorn_cpu.RegAccess``.
+read, not a full register round trip; reads and writes go through ``unicorn_cpu.Engine``.
 
 Exact IN/OUT exits: ``io_sites`` hooks the instruction after each IN/OUT the guest executes.
 
@@ -64,34 +64,14 @@ from . import exits
 from . import fault
 from . import interrupts
 from .code_cache import CodeCache
-from .hidden_state import HiddenState
 from .io_sites import IoSites
 from .regions import RegionMap
-from .unicorn_cpu import MASK, REGS, RegAccess, load_state, mode_of, read_sregs, reg_id
+from .unicorn_cpu import MASK, REGS, Engine, mode_of
 from .unicorn_cpu import unicorn as _unicorn
 from .vcpu_checks import check_sregs, encode_regs, encode_sregs, reset_regs, reset_sregs
 from .vcpu_state import VcpuState
 
-_END = 0xFFFF_FFFF_FFFF_FFFF
 _REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
-
-
-def _prime_edge_hook(uc) -> None:
-    """Run one scratch translation block on a new engine, before any hook exists.
-
-    QEMU calls UC_HOOK_EDGE_GENERATED only once a translation block has completed on the
-    engine (Unicorn 2.1.4 ``tb_find``: ``uc->last_tb``), so without this the first block the
-    guest runs would not be recorded (``code_cache``). The block is ``jmp $+2``, then the stop;
-    the page is unmapped and the translation flushed afterwards.
-    """
-    page = PAGE
-    uc.mem_map(0, page)
-    try:
-        uc.mem_write(0, b"\xeb\x00\x90")
-        uc.emu_start(0, 3)
-    finally:
-        uc.mem_unmap(0, page)
-    uc.ctl_flush_tb()
 
 
 class Vcpu(VcpuState):
@@ -109,7 +89,7 @@ class Vcpu(VcpuState):
         self._regs = reset_regs()
         self._sregs = reset_sregs(vcpu_id)
         self._mode = mode_of(self._sregs)
-        self._u = None  # the Unicorn instance, built on first run
+        self._engine: Engine | None = None  # built on first run, rebuilt when the CPU mode changes
         self._sregs_dirty = True  # set_sregs happened: write everything before running
         self._regs_stale = False  # Unicorn's registers are newer than self._regs
         self._sregs_stale = False
@@ -119,7 +99,6 @@ class Vcpu(VcpuState):
         self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
         self._io = IoSites()
         self._code = CodeCache()
-        self._xlate = None  # (cr3, linear page, physical page, table pages): last code translation
         self._in_emu = False
         self._kick = False
         self._stop_gen = 0  # bumped by every invalidation that stopped and unmapped this vCPU
@@ -178,20 +157,15 @@ class Vcpu(VcpuState):
         p = f"vcpu{self.vcpu_id}_mappings"
         return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._io)}
 
-    def _build(self):
-        """(Re)create the Unicorn instance for the current CPU mode (caller holds both locks)."""
+    def _build(self) -> Engine:
+        """(Re)create the engine for the current CPU mode (caller holds both locks)."""
         u = _unicorn()
         c = u.unicorn_const
         x = u.x86_const
-        mode = {"16": c.UC_MODE_16, "32": c.UC_MODE_32, "64": c.UC_MODE_64}[self._mode]
-        if self._u is not None:
-            self._map.clear(self._u)
-        uc = u.Uc(c.UC_ARCH_X86, mode)
-        _prime_edge_hook(uc)
-        # No exit addresses: emu_start's ``until`` is ignored. With one, Unicorn 2.1.4 drops the
-        # translation at until-1 after every run, and translating that address through the
-        # guest's page tables raises a #PF inside the engine that leaves CR2 = -2 (measured).
-        uc.ctl_exits_enabled(True)
+        if self._engine is not None:
+            self._map.clear(self._engine.uc)
+        eng = Engine(self._mode)
+        uc = eng.uc
         uc.hook_add(c.UC_HOOK_EDGE_GENERATED, self._hook_tb)
         self._code = CodeCache()
         uc.hook_add(c.UC_HOOK_MEM_UNMAPPED, self._hook_unmapped)
@@ -201,19 +175,8 @@ class Vcpu(VcpuState):
         uc.hook_add(c.UC_HOOK_INSN, self._hook_in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_out, None, 1, 0, x.UC_X86_INS_OUT)
         self._io.install(uc)
-        self._u = uc
-        self._ra = RegAccess(uc)
-        self._hidden = HiddenState(uc)
-        self._gpr_ids = [reg_id(self._mode, n) for n in REGS[:16 if self._mode == "64" else 8]]
-        self._rip_id = reg_id(self._mode, "rip")
-        self._flags_id = reg_id(self._mode, "rflags")
-        self._ids = {n: reg_id(self._mode, n) for n in REGS + ("rip", "rflags")}
-        self._all_ids = tuple(self._gpr_ids) + (self._rip_id, self._flags_id)
-        # RIP, plus CS in real mode (linear = CS << 4 + IP)
-        self._pc_ids = (self._rip_id, x.UC_X86_REG_CS) if self._mode == "16" else (self._rip_id,)
-        self._walk_ids = (x.UC_X86_REG_CR0, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4)
-        self._hc_ids = (*self._gpr_ids[:4], self._rip_id, x.UC_X86_REG_CS, *self._walk_ids)  # exits.handle_ud
-        return uc
+        self._engine = eng
+        return eng
 
     def _lock_uc(self) -> None:
         """Take uc_lock, stopping a running emulation; a stop racing emu_start is retried."""
@@ -221,16 +184,15 @@ class Vcpu(VcpuState):
             return
         while not self.uc_lock.acquire(timeout=0.0002):
             if self._in_emu:
-                self._u.emu_stop()
+                self._engine.stop()
 
     def _invalidate_range(self, gfn_start: int, gfn_end: int) -> None:
         """Invalidation listener (kvm_mmu_invalidate_range / kvm_unmap_gfn_range), under Vm._lock."""
-        if self._closed or self._u is None:
+        eng = self._engine
+        if self._closed or eng is None:
             return
         lo, hi = gfn_start * PAGE, gfn_end * PAGE
-        xl = self._xlate
-        if xl is not None and any(lo <= p < hi for p in (xl[2], *xl[3])):
-            self._xlate = None
+        eng.forget_translation(lo, hi)
         hit = self._map.overlapping(lo, hi)
         if self._tdx():
             hit += self._map.overlapping(lo | fault.TDX_SHARED_BIT, hi | fault.TDX_SHARED_BIT)
@@ -238,7 +200,7 @@ class Vcpu(VcpuState):
             return
         self._lock_uc()
         try:
-            uc = self._u
+            uc = eng.uc
             if len(hit) > 1:
                 hit = sorted(set(hit))
             if self._tdx():
@@ -273,8 +235,8 @@ class Vcpu(VcpuState):
         if self._event is None:
             # The error code and CR2 are only right here: after emu_stop, Unicorn 2.1.4 leaves
             # error code 0 and CR2 = -2 behind (measured).
-            cr2 = self._ra.read((_unicorn().x86_const.UC_X86_REG_CR2,))[0]
-            self._event = ("intr", intno, self._hidden.exception_info(), cr2)
+            eng = self._engine
+            self._event = ("intr", intno, eng.hidden.exception_info(), eng.read_cr2())
         uc.emu_stop()
 
     def _hook_tb(self, uc, tb, _prev, _):
@@ -282,7 +244,7 @@ class Vcpu(VcpuState):
         la, n = tb.pc, tb.size
         while n > 0:
             k = min(n, PAGE - la % PAGE)
-            pa = exits.uc_physical(self, la)
+            pa = self._engine.physical(la)
             if pa is not None:
                 self._code.record(pa, k, self._map)
             la, n = la + k, n - k
@@ -297,9 +259,10 @@ class Vcpu(VcpuState):
         if self._event is not None:
             return  # the rest of a block after a first-seen IN/OUT: discarded
         self._event = ev
-        la = self._read_pc()
+        eng = self._engine
+        la = eng.read_pc()
         if la not in self._io.sites:
-            self._io.first_seen(uc, la, exits.read_uc_linear(self, uc, la, 15), self._map)
+            self._io.first_seen(uc, la, eng.read_linear(la, 15), self._map)
         uc.emu_stop()
 
     def _hook_in(self, uc, port, size, _):
@@ -315,7 +278,7 @@ class Vcpu(VcpuState):
         """The registers: Unicorn's if it is newer, with queued writes on top (caller holds _ioctl_lock)."""
         if self._regs_stale:
             with self.uc_lock:
-                vals = self._ra.read(self._all_ids)
+                vals = self._engine.read(self._engine.regs_ids)
             if len(vals) == 18:
                 r = Regs(*vals)
             else:
@@ -329,7 +292,7 @@ class Vcpu(VcpuState):
         if not self._sregs_stale:
             return self._sregs
         with self.uc_lock:
-            self._sregs = read_sregs(self._u, self._ra, self._mode, self._sregs)
+            self._sregs = self._engine.read_sregs(self._sregs)
         self._sregs_stale = False
         return self._sregs
 
@@ -353,16 +316,14 @@ class Vcpu(VcpuState):
 
     def _sync_out(self) -> None:
         """Write all cached regs/sregs into Unicorn (caller holds uc_lock and Vm._lock)."""
-        if self._u is None or mode_of(self._sregs) != self._mode:
+        eng = self._engine
+        if eng is None or mode_of(self._sregs) != self._mode:
             self._mode = mode_of(self._sregs)
-            self._build()
+            eng = self._build()
         r = self._regs
-        load_state(self._u, self._mode, r, self._sregs, self._gpr_ids, self._rip_id, self._flags_id)
-        if self._mode == "64":
-            self._hidden.set_cpl(self._sregs.cs.selector & 3)  # loading CS/SS leaves Unicorn at CPL 0
+        eng.load(r, self._sregs)
         self._pc = self._linear(r.rip)
         self._wr.clear()
-        self._xlate = None
         self._cr2 = self._sregs.cr2
         self._sregs_dirty = False
 
@@ -379,20 +340,21 @@ class Vcpu(VcpuState):
             pa = mem.physical(s.gdt.base + index)
             if pa is not None:
                 exits.map_physical(self, pa)
-        x = _unicorn().x86_const
+        error = _unicorn().UcError
         with self.uc_lock:
+            eng = self._engine
             for seg in ("ss", "cs", "ds", "es", "fs", "gs"):
                 selector = getattr(s, seg).selector
                 if selector & ~3 or seg in ("cs", "ss"):
                     try:
-                        self._u.reg_write(getattr(x, "UC_X86_REG_" + seg.upper()), selector)
-                    except _unicorn().UcError:
+                        eng.load_segment(seg, selector)
+                    except error:
                         pass
 
     def _set_cr2(self, value: int) -> None:
         """Write CR2 into the engine and remember it as the guest's (caller holds no uc_lock)."""
         with self.uc_lock:
-            self._ra.write((_unicorn().x86_const.UC_X86_REG_CR2,), (value,))
+            self._engine.write_cr2(value)
         self._cr2 = value
         self._sregs_stale = True
 
@@ -500,9 +462,9 @@ class Vcpu(VcpuState):
         self._check_fd()  # a signal, not an ioctl
         self._kick = True
         while self._in_emu and self._kick:
-            u = self._u  # None once a racing close() has dropped the engine
-            if u is not None:
-                u.emu_stop()
+            eng = self._engine  # None once a racing close() has dropped the engine
+            if eng is not None:
+                eng.stop()
             time.sleep(0.0002)
 
     def close(self) -> None:
@@ -512,7 +474,7 @@ class Vcpu(VcpuState):
         self._kick = True  # a run() in another thread returns IntrExit, then we take its lock
         while not self._ioctl_lock.acquire(timeout=0.001):
             if self._in_emu:
-                self._u.emu_stop()
+                self._engine.stop()
         try:
             with self._vm._lock:
                 if self._closed:
@@ -522,9 +484,9 @@ class Vcpu(VcpuState):
                 if self._stats in self._vm._stats_providers:
                     self._vm._stats_providers.remove(self._stats)
                 with self.uc_lock:
-                    if self._u is not None:
-                        self._map.clear(self._u)
-                    self._u = None
+                    if self._engine is not None:
+                        self._map.clear(self._engine.uc)
+                    self._engine = None
                 fd, self._fd = self._fd, None
                 if fd is not None:
                     fdtable.fd_close(fd)
@@ -533,14 +495,6 @@ class Vcpu(VcpuState):
         self._vm._put_kvm()
 
     # --- guest memory reads ------------------------------------------------------------------
-
-    def _cs_base(self) -> int:
-        return self._ra.read((_unicorn().x86_const.UC_X86_REG_CS,))[0] << 4 if self._mode == "16" else 0
-
-    def _read_pc(self) -> int:
-        """The linear address of the next instruction, from the engine (caller holds uc_lock)."""
-        v = self._ra.read(self._pc_ids)
-        return v[0] + (v[1] << 4) if len(v) == 2 else v[0]
 
     def _tdx(self) -> bool:
         if self._is_tdx is None:
@@ -551,10 +505,10 @@ class Vcpu(VcpuState):
 
     # --- KVM_RUN ---------------------------------------------------------------------------
 
-    def _flush_wr(self, uc) -> None:
+    def _flush_wr(self) -> None:
         """Write the queued registers in one batch (caller holds uc_lock)."""
         wr = self._wr
-        self._ra.write(tuple(map(self._ids.__getitem__, wr)), wr.values())
+        self._engine.write_named(wr)
         wr.clear()
 
     def _complete_pending(self) -> None:
@@ -597,7 +551,7 @@ class Vcpu(VcpuState):
 
     def _run_once(self):
         u = _unicorn()
-        if self._u is None or self._sregs_dirty:
+        if self._engine is None or self._sregs_dirty:
             self._read_regs()
             with self._vm._lock:
                 with self.uc_lock:
@@ -609,29 +563,30 @@ class Vcpu(VcpuState):
             if self._kick:
                 self._kick = False
                 return IntrExit()
-            uc = self._u
+            eng = self._engine
+            uc = eng.uc
             if self._wr:
-                self._flush_wr(uc)
+                self._flush_wr()
             if self._code.pages and self._code.stale(self._map):
                 self._flush_code(uc)
             gen = self._stop_gen
             self._event = None
             if self._exc_dirty or self._map.unmapped:  # else a later #PF is a silent triple fault
-                self._exc_dirty = self._map.unmapped = not self._hidden.clear_exception_in_flight()
+                self._exc_dirty = self._map.unmapped = not eng.hidden.clear_exception_in_flight()
             self._in_emu = True
             try:
-                err = self._ra.emu_start(uc, self._pc, _END) or None
+                err = eng.emu_start(self._pc) or None
             finally:
                 self._in_emu = False
             self._regs_stale = self._sregs_stale = True
             ev, self._event = self._event, None
             if ev is not None and ev[0] not in ("in", "out"):
                 self._exc_dirty = True
-            if self._io.settle(uc, self._map, self._rip_id, self._cs_base):
+            if self._io.settle(uc, self._map, eng.rip_id, eng.cs_base):
                 err = None
             quiet = ev is None and err is None and self._mode == "64"
             if not quiet:  # a quiet stop in long mode: exits.handle_ud reads RIP with the rest
-                self._pc = self._read_pc()
+                self._pc = eng.read_pc()
         c = u.unicorn_const
         if ev is not None:
             kind = ev[0]
@@ -656,7 +611,7 @@ class Vcpu(VcpuState):
         if self._kick or stopped:
             if quiet:
                 with self.uc_lock:
-                    self._pc = self._read_pc()
+                    self._pc = self._engine.read_pc()
             if self._kick:
                 self._kick = False
                 return IntrExit()
@@ -691,7 +646,7 @@ class Vcpu(VcpuState):
             raise oserror(_errno.EOPNOTSUPP, "pre-faulting needs the TDP MMU")
         with self._ioctl_lock:
             self._check()
-            if self._u is None or self._sregs_dirty:
+            if self._engine is None or self._sregs_dirty:
                 self._read_regs()
                 with self._vm._lock:
                     with self.uc_lock:

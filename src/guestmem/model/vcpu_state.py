@@ -105,7 +105,7 @@ class VcpuState:
 
         vcpu_id: int
         _vm: Any
-        _u: Any
+        _engine: Any
         _ioctl_lock: threading.Lock
 
         def _check(self) -> None: ...
@@ -156,7 +156,7 @@ class VcpuState:
         if len(table) > KVM_MAX_CPUID_ENTRIES:
             raise oserror(errno.E2BIG, f"{len(table)} CPUID entries > {KVM_MAX_CPUID_ENTRIES}")
         with self._ioctl_lock:
-            if self._u is not None and table != self._cpuid:  # type: ignore[attr-defined]
+            if self._engine is not None and table != self._cpuid:
                 raise oserror(errno.EINVAL, "KVM_SET_CPUID2 after KVM_RUN must not change the table")
             self._cpuid = table
 
