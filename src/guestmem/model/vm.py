@@ -290,31 +290,15 @@ class Vm(VmState):
 
     def _set_memory_region(self, slot: int, flags: int, gpa: int, size: int, uaddr: int, fd: int,
                            offset: int, *, v2: bool) -> None:
+        """kvm_set_memory_region: check the arguments against the rules and the old slot, decide
+        the change, then hand it to ``_set_memslot`` (deletion to ``_delete_memslot``)."""
         with self._lock:
             self._check_open()
             slot, flags = encode_unsigned(slot, 32, "slot"), encode_unsigned(flags, 32, "flags")
             gpa = encode_unsigned(gpa, 64, "guest_phys_addr")
             size = encode_unsigned(size, 64, "memory_size")
             uaddr = encode_unsigned(uaddr, 64, "userspace_addr")
-            if not v2 and flags & ~_V1_FLAGS:
-                raise oserror(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION flags {flags:#x}: use v2 for GUEST_MEMFD")
-            as_id, id_ = slot >> 16, slot & 0xFFFF
-            if id_ >= KVM_USER_MEM_SLOTS:
-                raise oserror(errno.EINVAL, f"slot id {id_} >= {KVM_USER_MEM_SLOTS}")
-            self._check_memory_region_flags(flags)
-            if size % PAGE_SIZE:
-                raise oserror(errno.EINVAL, f"memory_size {size:#x} is not page aligned")
-            if gpa % PAGE_SIZE:
-                raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} is not page aligned")
-            if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
-                raise oserror(errno.EINVAL, f"userspace_addr range [{uaddr:#x}, +{size:#x}) is not user memory")
-            gmem_flag = bool(flags & MemFlag.GUEST_MEMFD)
-            if gmem_flag and (offset % PAGE_SIZE or offset + size > _U64):
-                raise oserror(errno.EINVAL, f"guest_memfd_offset {offset:#x} unaligned or wraps with size")
-            if as_id >= self._nr_as or id_ >= KVM_MEM_SLOTS_NUM:
-                raise oserror(errno.EINVAL, f"address space {as_id} >= {self._nr_as}")
-            if gpa + size > _U64:
-                raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} + {size:#x} wraps")
+            as_id, id_ = self._check_memory_region(slot, flags, gpa, size, uaddr, offset, v2)
             old = self._slots.get((as_id, id_))
             if size == 0:
                 if old is None:
@@ -324,52 +308,89 @@ class Vm(VmState):
             base_gfn, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
             if npages > KVM_MEM_MAX_NR_PAGES:
                 raise oserror(errno.EINVAL, f"{npages} pages exceed {KVM_MEM_MAX_NR_PAGES}")
-            if old is None:
-                change = "create"
-                if self._nr_memslot_pages + npages > _U64:
-                    raise oserror(errno.EINVAL, "total memslot pages overflow")
-            else:
-                if gmem_flag:
-                    raise oserror(errno.EINVAL, f"slot {id_}: guest_memfd memslots are immutable, delete only")
-                if old.is_gmem:
-                    raise oserror(errno.EINVAL, f"slot {id_}: GUEST_MEMFD cannot be cleared")
-                if uaddr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & MemFlag.READONLY:
-                    raise oserror(errno.EINVAL, f"slot {id_}: userspace_addr, size and READONLY are fixed")
-                if base_gfn != old.base_gfn:
-                    change = "move"
-                elif flags != old.flags:
-                    change = "flags"
-                else:
-                    return
+            change = self._memslot_change(old, id_, flags, uaddr, base_gfn, npages)
+            if change is None:
+                return  # nothing changes
             if change in ("create", "move"):
                 for s, e, other in self._gfn_maps[as_id].stored(base_gfn, base_gfn + npages):
                     if other.id != id_:
                         raise oserror(errno.EEXIST, f"[{gpa:#x}, +{size:#x}) overlaps slot {other.id}")
-            gmem = self._gmem_bind_check(fd, offset, npages) if gmem_flag else None
-            if change in ("create", "move") and base_gfn + npages > 1 << (self._profile.max_gpa_bits - PAGE_SHIFT):
-                raise oserror(errno.EINVAL, f"[{gpa:#x}, +{size:#x}) is beyond the maximum guest physical address")
-            # -- validated: commit ------------------------------------------------------------
+            gmem = self._gmem_bind_check(fd, offset, npages) if flags & MemFlag.GUEST_MEMFD else None
             new = Memslot(id=id_, as_id=as_id, base_gfn=base_gfn, npages=npages, flags=flags, userspace_addr=uaddr)
-            if change == "create":
-                if gmem is not None:
-                    self._gmem_bind(gmem, new, offset >> PAGE_SHIFT)
-                self._install(new)
-                self._nr_memslot_pages += npages
-                if self._private_mem:
-                    new._init_mixed(self._attributes)
-            elif change == "move":
-                assert old is not None
-                self._remove(old)
-                self._install(new)
-                if self._private_mem:
-                    new._init_mixed(self._attributes)
-                self._invalidate_range(old.base_gfn, old.end_gfn)
-            else:  # flags only: same range, same mixed state
-                assert old is not None
-                new._mixed = old._mixed
-                self._remove(old)
-                self._install(new)
-            self._dirty_log_commit(old, new)
+            self._set_memslot(old, new, change, gmem, offset >> PAGE_SHIFT)
+
+    def _check_memory_region(self, slot: int, flags: int, gpa: int, size: int, uaddr: int, offset: int,
+                             v2: bool) -> tuple[int, int]:
+        """The argument checks of kvm_set_memory_region that need no old slot, in its order;
+        returns (address space, slot id)."""
+        if not v2 and flags & ~_V1_FLAGS:
+            raise oserror(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION flags {flags:#x}: use v2 for GUEST_MEMFD")
+        as_id, id_ = slot >> 16, slot & 0xFFFF
+        if id_ >= KVM_USER_MEM_SLOTS:
+            raise oserror(errno.EINVAL, f"slot id {id_} >= {KVM_USER_MEM_SLOTS}")
+        self._check_memory_region_flags(flags)
+        if size % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"memory_size {size:#x} is not page aligned")
+        if gpa % PAGE_SIZE:
+            raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} is not page aligned")
+        if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
+            raise oserror(errno.EINVAL, f"userspace_addr range [{uaddr:#x}, +{size:#x}) is not user memory")
+        if flags & MemFlag.GUEST_MEMFD and (offset % PAGE_SIZE or offset + size > _U64):
+            raise oserror(errno.EINVAL, f"guest_memfd_offset {offset:#x} unaligned or wraps with size")
+        if as_id >= self._nr_as or id_ >= KVM_MEM_SLOTS_NUM:
+            raise oserror(errno.EINVAL, f"address space {as_id} >= {self._nr_as}")
+        if gpa + size > _U64:
+            raise oserror(errno.EINVAL, f"guest_phys_addr {gpa:#x} + {size:#x} wraps")
+        return as_id, id_
+
+    def _memslot_change(self, old: Memslot | None, id_: int, flags: int, uaddr: int, base_gfn: int,
+                        npages: int) -> str | None:
+        """What a non-empty region does to slot ``old`` ("create", "move", "flags" or None for no
+        change), after kvm_set_memory_region's checks against the old slot."""
+        if old is None:
+            if self._nr_memslot_pages + npages > _U64:
+                raise oserror(errno.EINVAL, "total memslot pages overflow")
+            return "create"
+        if flags & MemFlag.GUEST_MEMFD:
+            raise oserror(errno.EINVAL, f"slot {id_}: guest_memfd memslots are immutable, delete only")
+        if old.is_gmem:
+            raise oserror(errno.EINVAL, f"slot {id_}: GUEST_MEMFD cannot be cleared")
+        if uaddr != old.userspace_addr or npages != old.npages or (flags ^ old.flags) & MemFlag.READONLY:
+            raise oserror(errno.EINVAL, f"slot {id_}: userspace_addr, size and READONLY are fixed")
+        if base_gfn != old.base_gfn:
+            return "move"
+        if flags != old.flags:
+            return "flags"
+        return None
+
+    def _set_memslot(self, old: Memslot | None, new: Memslot, change: str, gmem: GuestMemfd | None,
+                     pgoff: int) -> None:
+        """kvm_set_memslot for a create, move or flags change of a checked region: the arch's
+        last check (kvm_arch_prepare_memory_region: the GFN limit), then the commit."""
+        if change in ("create", "move") and new.end_gfn > 1 << (self._profile.max_gpa_bits - PAGE_SHIFT):
+            raise oserror(errno.EINVAL, f"[{new.base_gfn << PAGE_SHIFT:#x}, +{new.npages << PAGE_SHIFT:#x}) "
+                                        "is beyond the maximum guest physical address")
+        # -- validated: commit ----------------------------------------------------------------
+        if change == "create":
+            if gmem is not None:
+                self._gmem_bind(gmem, new, pgoff)
+            self._install(new)
+            self._nr_memslot_pages += new.npages
+            if self._private_mem:
+                new._init_mixed(self._attributes)
+        elif change == "move":
+            assert old is not None
+            self._remove(old)
+            self._install(new)
+            if self._private_mem:
+                new._init_mixed(self._attributes)
+            self._invalidate_range(old.base_gfn, old.end_gfn)
+        else:  # flags only: same range, same mixed state
+            assert old is not None
+            new._mixed = old._mixed
+            self._remove(old)
+            self._install(new)
+        self._dirty_log_commit(old, new)
 
     def _gmem_bind_check(self, fd: int, offset: int, npages: int) -> GuestMemfd:
         """The checks of kvm_gmem_bind, in order; returns the file to bind."""
