@@ -252,16 +252,14 @@ class RangeMap(Generic[V]):
         # The runs to replace are those overlapping or touching [start, end]: from L, the
         # first run with end >= start, through R, the last run with start <= end. They are
         # [(cl, il), (cr, jr)) in (chunk, index) positions; (cr, jr) is exclusive.
-        new_start, new_end = start, end
-        left_s = None
-        left_v: Any = None
+        left = right = None
         cl = bisect_right(firsts, start - 1) - 1
         if cl < 0:
             cl = il = 0
         else:
             il = bisect_right(S[cl], start - 1) - 1  # the last run starting before `start`
             if E[cl][il] >= start:
-                left_s, left_v = S[cl][il], Vs[cl][il]
+                left = (S[cl][il], Vs[cl][il])
             else:
                 il += 1
         cr = bisect_right(firsts, end) - 1
@@ -270,26 +268,35 @@ class RangeMap(Generic[V]):
         else:
             jr = bisect_right(S[cr], end)
         # cl < cr implies chunk cr's first run starts in [start, end], so the set is non-empty
-        empty = cl == cr and il == jr
+        if cl != cr or il != jr:
+            right = (S[cr][jr - 1], E[cr][jr - 1], Vs[cr][jr - 1])
+        self._splice(cl, il, cr, jr, *self._replacement(start, end, value, left, right))
 
+    def _replacement(self, start: int, end: int, value: V, left: tuple[int, Any] | None,
+                     right: tuple[int, int, Any] | None) -> tuple[array, array, list[Any]]:
+        """The (at most three) runs that replace the covered ones when ``[start, end)`` gets
+        ``value``: what is left of the first covered run ``left`` (start, value) before
+        ``start``, the new run merged with equal neighbours, what is left of the last covered
+        run ``right`` (start, end, value) after ``end``. As (starts, ends, values)."""
+        new_start, new_end = start, end
         ns = array("q")
         ne = array("q")
         nv: list[Any] = []
         tail = None
-        if left_s is not None:
-            if left_v == value:
-                new_start = left_s
+        if left is not None:
+            if left[1] == value:
+                new_start = left[0]
             else:  # keep the part before `start` (the whole run if it only touches)
-                ns.append(left_s)
+                ns.append(left[0])
                 ne.append(start)
-                nv.append(left_v)
-        if not empty:
-            right_s, right_e, right_v = S[cr][jr - 1], E[cr][jr - 1], Vs[cr][jr - 1]
+                nv.append(left[1])
+        if right is not None:
+            right_s, right_e, right_v = right
             if right_v == value:
                 new_end = max(end, right_e)
             elif right_e > end:  # keep the part after `end` (the whole run if it only touches)
                 tail = (max(right_s, end), right_e, right_v)
-        if value != default:
+        if value != self.default:
             ns.append(new_start)
             ne.append(new_end)
             nv.append(value)
@@ -297,7 +304,12 @@ class RangeMap(Generic[V]):
             ns.append(tail[0])
             ne.append(tail[1])
             nv.append(tail[2])
+        return ns, ne, nv
 
+    def _splice(self, cl: int, il: int, cr: int, jr: int, ns: array, ne: array, nv: list[Any]) -> None:
+        """Replace the runs at [(cl, il), (cr, jr)) with ``ns``/``ne``/``nv``: slice operations
+        inside the two edge chunks and one deletion of the whole chunks between them."""
+        S, E, Vs = self._s, self._e, self._v
         if cl == cr:
             self._len += len(ns) - (jr - il)
             S[cl][il:jr] = ns
@@ -313,7 +325,7 @@ class RangeMap(Generic[V]):
             E[cl][il:] = ne
             Vs[cl][il:] = nv
             del S[cr][:jr], E[cr][:jr], Vs[cr][:jr]
-            del S[cl + 1:cr], E[cl + 1:cr], Vs[cl + 1:cr], firsts[cl + 1:cr]
+            del S[cl + 1:cr], E[cl + 1:cr], Vs[cl + 1:cr], self._firsts[cl + 1:cr]
             self._fix(cl + 1)  # the old chunk cr; fixed first so that cl's index holds
             self._fix(cl)
 
