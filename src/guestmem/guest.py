@@ -256,6 +256,50 @@ def _exception_handlers(base: int) -> bytes:
     return bytes(blob)
 
 
+def _system_area(memory_base: int, tss_gpa: int, kernel_stack_top: int) -> tuple[bytes, int]:
+    """The system area at ``memory_base`` (GDT, IDT, exception stubs, TSS and its I/O bitmap,
+    laid out as above) and the GDT's limit."""
+    system = bytearray(_SYSTEM_SIZE)
+    gdt = b"".join([
+        bytes(8),
+        _segment_descriptor(0x9A, 0b1010),  # ring 0 code, L
+        _segment_descriptor(0x92, 0b1100),  # ring 0 data
+        _segment_descriptor(0xF2, 0b1100),  # ring 3 data
+        _segment_descriptor(0xFA, 0b1010),  # ring 3 code, L
+        _tss_descriptor(tss_gpa, _TSS_LIMIT),
+    ])
+    system[0:len(gdt)] = gdt
+    struct.pack_into("<Q", system, _TSS_OFFSET + 4, kernel_stack_top)  # TSS.rsp0
+    struct.pack_into("<H", system, _TSS_OFFSET + 102, 0x68)           # TSS.iomap_base
+    system[_TSS_OFFSET + _TSS_LIMIT] = 0xFF  # the byte after the all-zero (all-allowed) I/O bitmap
+    handlers = _exception_handlers(memory_base + _STUBS_OFFSET)
+    system[_STUBS_OFFSET:_STUBS_OFFSET + len(handlers)] = handlers
+    for vector in range(32):
+        gate = _interrupt_gate(memory_base + _STUBS_OFFSET + _STUB_STRIDE * vector)
+        system[0x100 + 16 * vector:0x110 + 16 * vector] = gate
+    return bytes(system), len(gdt) - 1
+
+
+def _long_mode_sregs(cpl: int, tss_gpa: int, gdt: DTable, idt_gpa: int, table_gpa: int) -> Sregs:
+    """Paging, long mode and flat segments of ring ``cpl``, with the system area's tables."""
+    flat = dict(base=0, limit=0xFFFFFFFF, present=1, s=1, g=1)
+    kcode = Segment(selector=SEL_KERNEL_CODE, type=11, dpl=0, l=1, db=0, **flat)
+    kdata = Segment(selector=SEL_KERNEL_DATA, type=3, dpl=0, db=1, **flat)
+    ucode = Segment(selector=SEL_USER_CODE, type=11, dpl=3, l=1, db=0, **flat)
+    udata = Segment(selector=SEL_USER_DATA, type=3, dpl=3, db=1, **flat)
+    cs, ds = (ucode, udata) if cpl == 3 else (kcode, kdata)
+    return Sregs(
+        cs=cs, ds=ds, es=ds, fs=ds, gs=ds, ss=ds,
+        tr=Segment(base=tss_gpa, limit=_TSS_LIMIT, selector=SEL_TSS, type=11, present=1, s=0),
+        gdt=gdt,
+        idt=DTable(base=idt_gpa, limit=32 * 16 - 1),
+        cr0=_CR0_PE | _CR0_MP | _CR0_ET | _CR0_NE | _CR0_WP | _CR0_PG,
+        cr3=table_gpa,
+        cr4=_CR4_PAE | _CR4_OSFXSR | _CR4_OSXMMEXCPT,
+        efer=_EFER_LME | _EFER_LMA,
+    )
+
+
 _EPILOGUE = f"\n__gm_done:\nout {PORT_DONE}, eax\njmp __gm_done\n"
 
 
@@ -298,45 +342,12 @@ def long_mode_guest(code: str, *, memory_base: int = 0, memory_size: int = PAGE_
         raise ValueError(f"guest layout needs {code_gpa + len(text) - memory_base + stack_top - stacks_bottom:#x} "
                          f"bytes; memory_size is {memory_size:#x}")
 
-    system = bytearray(_SYSTEM_SIZE)
-    gdt = b"".join([
-        bytes(8),
-        _segment_descriptor(0x9A, 0b1010),  # ring 0 code, L
-        _segment_descriptor(0x92, 0b1100),  # ring 0 data
-        _segment_descriptor(0xF2, 0b1100),  # ring 3 data
-        _segment_descriptor(0xFA, 0b1010),  # ring 3 code, L
-        _tss_descriptor(tss_gpa, _TSS_LIMIT),
-    ])
-    system[0:len(gdt)] = gdt
-    struct.pack_into("<Q", system, _TSS_OFFSET + 4, kernel_stack_top)  # TSS.rsp0
-    struct.pack_into("<H", system, _TSS_OFFSET + 102, 0x68)           # TSS.iomap_base
-    system[_TSS_OFFSET + _TSS_LIMIT] = 0xFF  # the byte after the all-zero (all-allowed) I/O bitmap
-    handlers = _exception_handlers(memory_base + _STUBS_OFFSET)
-    system[_STUBS_OFFSET:_STUBS_OFFSET + len(handlers)] = handlers
-    for vector in range(32):
-        gate = _interrupt_gate(memory_base + _STUBS_OFFSET + _STUB_STRIDE * vector)
-        system[0x100 + 16 * vector:0x110 + 16 * vector] = gate
-
-    flat = dict(base=0, limit=0xFFFFFFFF, present=1, s=1, g=1)
-    kcode = Segment(selector=SEL_KERNEL_CODE, type=11, dpl=0, l=1, db=0, **flat)
-    kdata = Segment(selector=SEL_KERNEL_DATA, type=3, dpl=0, db=1, **flat)
-    ucode = Segment(selector=SEL_USER_CODE, type=11, dpl=3, l=1, db=0, **flat)
-    udata = Segment(selector=SEL_USER_DATA, type=3, dpl=3, db=1, **flat)
-    cs, ds = (ucode, udata) if cpl == 3 else (kcode, kdata)
-    sregs = Sregs(
-        cs=cs, ds=ds, es=ds, fs=ds, gs=ds, ss=ds,
-        tr=Segment(base=tss_gpa, limit=_TSS_LIMIT, selector=SEL_TSS, type=11, present=1, s=0),
-        gdt=DTable(base=gdt_gpa, limit=len(gdt) - 1),
-        idt=DTable(base=idt_gpa, limit=32 * 16 - 1),
-        cr0=_CR0_PE | _CR0_MP | _CR0_ET | _CR0_NE | _CR0_WP | _CR0_PG,
-        cr3=table_gpa,
-        cr4=_CR4_PAE | _CR4_OSFXSR | _CR4_OSXMMEXCPT,
-        efer=_EFER_LME | _EFER_LMA,
-    )
+    system, gdt_limit = _system_area(memory_base, tss_gpa, kernel_stack_top)
+    sregs = _long_mode_sregs(cpl, tss_gpa, DTable(base=gdt_gpa, limit=gdt_limit), idt_gpa, table_gpa)
     rflags = _RFLAGS_FIXED | (_RFLAGS_IOPL3 if cpl == 3 else 0)
     regs = Regs(rip=code_gpa, rsp=stack_top, rflags=rflags)
     return GuestImage(
-        chunks=((memory_base, bytes(system)), (table_gpa, tables), (code_gpa, text)),
+        chunks=((memory_base, system), (table_gpa, tables), (code_gpa, text)),
         regs=regs, sregs=sregs, entry=code_gpa, cpl=cpl, memory_base=memory_base, memory_size=memory_size,
         code_gpa=code_gpa, stack_top=stack_top, identity_map=tuple((s, e - s) for s, e in ranges),
         gdt_gpa=gdt_gpa, tss_gpa=tss_gpa, idt_gpa=idt_gpa, page_table_gpa=table_gpa,
