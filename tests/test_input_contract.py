@@ -188,7 +188,7 @@ def test_memslots_are_frozen_snapshots(model_system):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(slot, field, 0)
     assert vm._snapshot() == before
-    vm._check()
+    vm._check_invariants()
     g.close()
     vm.close()
 

@@ -47,7 +47,7 @@ def make_vm(sys_):
 
 
 def assert_matches(vm, runs):
-    vm._check()
+    vm._check_invariants()
     tiles = vm.get_memory_attributes(0, SPACE * P)
     assert [(s // P, e // P, v) for s, e, v in tiles if v] == runs
     stats = vm.stats()["mixed_blocks"]
@@ -144,15 +144,15 @@ def test_slot_created_over_fragmented_attributes_gets_runs_of_mixed_blocks(model
     slot = vm._slot_for_gfn(0)
     assert slot._mixed[1].snapshot() == ((L2 // L1, L2 // L1 + 64, True),)
     assert mixed_blocks(slot, 2) == [1] and slot.mixed_count(1) == 64
-    vm._check()
+    vm._check_invariants()
     # a move recomputes, a flags-only change keeps the same mixed state
     vm.set_user_memory_region(0, 0, L1 * P, 4 * L2 * P)
     moved = vm._slot_for_gfn(L1)
     assert moved.mixed_count(1) == 64 and moved.mixed_count(2) == 1  # block 1 still holds them; block 4 partial
-    vm._check()
+    vm._check_invariants()
     vm.set_user_memory_region(0, 1, L1 * P, 4 * L2 * P)  # LOG_DIRTY_PAGES
     assert vm._slot_for_gfn(L1)._mixed[1].snapshot() == moved._mixed[1].snapshot()
-    vm._check()
+    vm._check_invariants()
     del runs
     vm.close()
 
@@ -196,5 +196,5 @@ def test_slot_created_over_block_aligned_attributes_has_no_mixed_block(model_sys
     slot = vm._slot_for_gfn(0)
     assert slot.mixed_count(1) == 0 and slot.mixed_count(2) == 0
     assert not slot.is_mixed(1, 10 * L1) and not slot.is_mixed(1, 20 * L1 + 100)
-    vm._check()
+    vm._check_invariants()
     vm.close()

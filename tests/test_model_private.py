@@ -109,7 +109,7 @@ def test_get_memory_attributes_ranges_and_noop(sw_vm):
     assert len(calls) == n
     sw_vm.set_memory_attributes(0, 4 * M2, 0)
     assert sw_vm.get_memory_attributes(0, 4 * M2) == [(0, 4 * M2, 0)]
-    sw_vm._check()
+    sw_vm._check_invariants()
 
 
 def test_attributes_survive_memslot_delete(sw_vm):
@@ -130,14 +130,14 @@ def test_mixed_block_tracking(sw_vm):
     sw_vm.set_memory_attributes(G1, G1, PRIVATE)
     assert not slot.is_mixed(2, g)
     assert sw_vm.stats()["mixed_blocks"]["0:3"] == {"2M": 0, "1G": 0}
-    sw_vm._check()
+    sw_vm._check_invariants()
 
 
 def test_mixed_blocks_partial_edges_not_tracked(sw_vm):
     sw_vm.set_user_memory_region(0, 0, P, M2)  # unaligned: no 2M block fully inside
     sw_vm.set_memory_attributes(M2 // 2, P, PRIVATE)
     assert sw_vm._slot_for_gfn(1).mixed_count(1) == 0
-    sw_vm._check()
+    sw_vm._check_invariants()
 
 
 def test_one_tib_slot_with_many_ranges_stays_range_based(sw_vm):
@@ -188,7 +188,7 @@ def test_invalidation_on_punch_delete_release_hwpoison(sw_vm):
     assert slot is not None and slot.gmem is None and g._released
     sw_vm.set_user_memory_region2(1, GMEM, 0, 0, 0, -1)  # delete works, unbind is a no-op
     assert calls[-1] == (base, base + 512)
-    sw_vm._check()
+    sw_vm._check_invariants()
 
 
 def test_mapping_pins_file_and_vm(model_system):
@@ -239,7 +239,7 @@ def test_failing_calls_change_nothing(sw_vm, call, err):
     before = sw_vm._snapshot()
     raises(err, call, sw_vm, g)
     assert sw_vm._snapshot() == before
-    sw_vm._check()
+    sw_vm._check_invariants()
 
 
 def test_enable_cap_exit_hypercall_mask(sw_vm):

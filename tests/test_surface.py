@@ -67,6 +67,69 @@ def test_shared_properties_are_properties_on_both(name: str) -> None:
         assert isinstance(k, property) == isinstance(m, property), f"{name}.{attr}: kvm {k!r}, model {m!r}"
 
 
+
+def public_properties(cls: type) -> set[str]:
+    return {name for name in dir(cls)
+            if not name.startswith("_") and isinstance(inspect.getattr_static(cls, name), property)}
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_model_has_every_kvm_property(name: str) -> None:
+    """A property of the kvm class (``closed``, ``stats_fd``...) is a property of the model's too:
+    the shared-names tests above cannot see a property only one backend has."""
+    kvm_cls, model_cls = getattr(guestmem.kvm, name), getattr(guestmem.model, name)
+    assert public_properties(kvm_cls) <= public_properties(model_cls)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("package", [guestmem.kvm, guestmem.model], ids=["kvm", "model"])
+def test_every_object_is_a_closable_context_manager(package, name: str) -> None:
+    cls = getattr(package, name)
+    assert isinstance(inspect.getattr_static(cls, "closed"), property)
+    for meth in ("close", "__enter__", "__exit__"):
+        assert callable(getattr(cls, meth)), f"{package.__name__}.{name}.{meth}"
+
+
+def objects_of(system) -> dict:
+    """One open object of each kind on ``system``'s backend."""
+    vm = system.create_vm()
+    return {"System": system, "Vm": vm, "GuestMemfd": vm.create_guest_memfd(4096), "Vcpu": vm.create_vcpu(0)}
+
+
+def test_objects_satisfy_the_protocols(system) -> None:
+    """Every member of each Protocol, data members (size, flags, vcpu_id, type, backend) and
+    ``closed`` included, is present on the object a backend returns."""
+    objects = objects_of(system)
+    for name, obj in objects.items():
+        assert isinstance(obj, getattr(interface, name)), name
+    for name in ("Vcpu", "GuestMemfd", "Vm"):
+        objects[name].close()
+
+
+@pytest.mark.parametrize("name", ["Vcpu", "GuestMemfd", "Vm", "System"])
+def test_closed_and_the_context_manager_agree_on_both_backends(system, name: str) -> None:
+    """``with obj as o`` gives the object itself and closes it on exit; ``closed`` follows;
+    entering a closed object is EBADF, as is every method."""
+    import errno
+
+    objects = objects_of(system)
+    obj = objects[name]
+    assert obj.closed is False
+    with obj as entered:
+        assert entered is obj and not obj.closed
+    assert obj.closed is True
+    with pytest.raises(OSError) as exc:
+        obj.__enter__()
+    assert exc.value.errno == errno.EBADF
+    with pytest.raises(OSError) as exc:
+        obj.fileno()
+    assert exc.value.errno == errno.EBADF
+    obj.close()  # idempotent
+    assert obj.closed is True
+    for other in ("Vcpu", "GuestMemfd", "Vm"):
+        objects[other].close()
+
+
 # Arguments no kernel field can hold are refused the same way on both backends (EINVAL naming
 # the field), while negative values wrap and reach the kernel's own checks.
 OUT_OF_RANGE_CALLS = [

@@ -7,14 +7,31 @@ software. Upper layers (vmm, cli) use only these methods. Every failure is
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .hostmem import MAP_SHARED, PROT_READ, PROT_WRITE, Mapping
 from .types import Exit, FileStat, Regs, Sregs, StatFs
 
 
 @runtime_checkable
-class GuestMemfd(Protocol):
+class Closable(Protocol):
+    """What every object below shares: it owns an fd. ``close()`` is idempotent; once closed,
+    ``closed`` is True and every other method fails with EBADF. As a context manager the
+    object is itself (EBADF if already closed) and closes on exit."""
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` has run."""
+
+    def close(self) -> None:
+        """close(2) the fd."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class GuestMemfd(Closable, Protocol):
     size: int
     flags: int
 
@@ -67,7 +84,7 @@ class GuestMemfd(Protocol):
 
 
 @runtime_checkable
-class Vcpu(Protocol):
+class Vcpu(Closable, Protocol):
     vcpu_id: int
 
     def get_regs(self) -> Regs:
@@ -105,7 +122,7 @@ class Vcpu(Protocol):
 
 
 @runtime_checkable
-class Vm(Protocol):
+class Vm(Closable, Protocol):
     type: int
 
     def fileno(self) -> int:
@@ -140,7 +157,7 @@ class Vm(Protocol):
 
 
 @runtime_checkable
-class System(Protocol):
+class System(Closable, Protocol):
     backend: str
 
     def api_version(self) -> int:
@@ -157,6 +174,3 @@ class System(Protocol):
 
     def close(self) -> None:
         """Close /dev/kvm; VMs already created live on."""
-
-    def __enter__(self) -> "System": ...
-    def __exit__(self, *exc: object) -> None: ...

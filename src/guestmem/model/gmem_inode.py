@@ -241,7 +241,7 @@ class GmemPin:
 class FileOps:
     """The in-place conversion methods of the model's ``GuestMemfd`` (mixed into it; this module
     keeps them beside the state they manage). They use the file's ``vm``, ``size``, ``flags``,
-    ``_state``, ``_memfd`` and the helpers ``_check_open``, ``_gmem_allocate``, ``_user_view``,
+    ``_state``, ``_memfd`` and the helpers ``_check``, ``_gmem_allocate``, ``_user_view``,
     ``_invalidate_file_range`` and ``_fput``."""
 
     vm: "Vm"
@@ -271,7 +271,7 @@ class FileOps:
         Mirrors kvm_gmem_set_attributes / __kvm_gmem_set_attributes.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             offset, size = encode_u64(offset, "offset"), encode_u64(size, "size")
             attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
             words = () if reserved is None else encode_array(reserved, 11, 64, "reserved")
@@ -320,7 +320,7 @@ class FileOps:
         page the host cannot reach (no GUEST_MEMFD_FLAG_MMAP, or a private page).
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             offset, length = encode_u64(offset, "offset"), encode_u64(length, "length")
             if length == 0 or (offset | length) & (PAGE_SIZE - 1) or offset + length > self.size:
                 raise oserror(errno.EINVAL, f"pin [{offset:#x}, +{length:#x}) is not whole pages of the file")
@@ -351,7 +351,7 @@ class FileOps:
         :raises OSError: EBADF if closed.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             return self._stats()
 
     def _stats(self) -> dict:
@@ -377,7 +377,7 @@ class FileOps:
     def truncate(self, length: int) -> None:
         """ftruncate(2) to ``length`` (loff_t): EBADF if closed, else EINVAL (the size is
         immutable; kvm_gmem_setattr)."""
-        self._check_open()
+        self._check()
         encode_signed(length, 64, "length")
         raise oserror(errno.EINVAL, "guest_memfd size is immutable")
 

@@ -174,11 +174,16 @@ class GuestMemfd(FileOps):
 
     # --- fd ---------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
     def fileno(self) -> int:
         """The guest_memfd's file descriptor. :raises OSError: EBADF once closed."""
-        return self._check_open()
+        return self._check()
 
-    def _check_open(self) -> int:
+    def _check(self) -> int:
+        """The check every call on the file makes first: EBADF closed; returns the fd."""
         fd = self._fd
         if fd is None:
             raise oserror(errno.EBADF, "guest_memfd is closed")
@@ -195,6 +200,13 @@ class GuestMemfd(FileOps):
                 return
             fdtable.fd_close(fd)
             self._fput()
+
+    def __enter__(self) -> "GuestMemfd":
+        self._check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _fput(self) -> None:
         with self.vm._lock:
@@ -380,7 +392,7 @@ class GuestMemfd(FileOps):
         :raises OSError: EBADF if closed; EINVAL if ``offset`` is unaligned or past the end.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             check_int(offset, "offset")
             if offset < 0 or offset % PAGE_SIZE or offset >= self.size:
                 raise oserror(errno.EINVAL, f"hwpoison offset {offset:#x} is not a page of the file")
@@ -445,7 +457,7 @@ class GuestMemfd(FileOps):
         hwpoisoned page raises SIGBUS.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             length = self.size if length is None else length
             length, offset, prot, flags = hostmem.gmem_mmap_args(length, offset, prot, flags)
             self._do_mmap_checks(length, offset, prot, flags)
@@ -513,7 +525,7 @@ class GuestMemfd(FileOps):
 
     def read(self, n: int) -> bytes:
         """read(2) of ``n`` (size_t) bytes: EBADF if closed, else EINVAL (no read method)."""
-        self._check_open()
+        self._check()
         encode_unsigned(n, 64, "n")
         raise oserror(errno.EINVAL, "guest_memfd does not support read")
 
@@ -524,7 +536,7 @@ class GuestMemfd(FileOps):
         advances it; errors as ``pwrite``.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             view = bytes_arg(data, "data")
             if not self.vm._profile.gmem_write:
                 raise oserror(errno.EINVAL, "guest_memfd does not support write")
@@ -535,7 +547,7 @@ class GuestMemfd(FileOps):
     def pread(self, n: int, offset: int) -> bytes:
         """pread(2): EBADF if closed; EINVAL for a negative ``offset`` (loff_t, checked before
         the file); else ESPIPE (the file is not positional). Mirrors ksys_pread64."""
-        self._check_open()
+        self._check()
         encode_unsigned(n, 64, "n")
         if encode_signed(offset, 64, "offset") < 0:
             raise oserror(errno.EINVAL, f"pread offset {offset:#x} is negative")
@@ -552,7 +564,7 @@ class GuestMemfd(FileOps):
         range is private (inferred: host writes never reach private memory); ENOMEM.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             view, offset = bytes_arg(data, "data"), encode_signed(offset, 64, "offset")
             if not self.vm._profile.gmem_write:
                 if offset < 0:  # ksys_pwrite64 checks the position before the file
@@ -568,7 +580,7 @@ class GuestMemfd(FileOps):
         whence or a negative result).
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             offset, whence = encode_signed(offset, 64, "offset"), encode_unsigned(whence, 32, "whence")
             if whence > _SEEK_MAX:  # ksys_lseek, before the file's llseek
                 raise oserror(errno.EINVAL, f"lseek whence {whence:#x} > SEEK_MAX")
@@ -589,7 +601,7 @@ class GuestMemfd(FileOps):
 
         :raises OSError: EBADF if closed.
         """
-        self._check_open()
+        self._check()
         return StatFs(f_type=self.vm._profile.gmem_fs_magic, f_bsize=PAGE_SIZE, f_namelen=_NAME_MAX)
 
     def fstat(self) -> FileStat:
@@ -598,7 +610,7 @@ class GuestMemfd(FileOps):
         :raises OSError: EBADF if closed.
         """
         with self.vm._lock:
-            self._check_open()
+            self._check()
             return FileStat(st_mode=_S_IFREG | 0o600, st_ino=self._ino, st_size=self.size,
                             st_blksize=PAGE_SIZE, st_blocks=0, st_nlink=1, st_uid=self._uid,
                             st_gid=self._gid, st_mtime_ns=self._mtime_ns, st_ctime_ns=self._ctime_ns)

@@ -44,11 +44,16 @@ class System:
     def __repr__(self) -> str:
         return f"<model System profile={self._profile.name!r} fd={self._fd}>"
 
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
     def fileno(self) -> int:
         """The /dev/kvm-like file descriptor. :raises OSError: EBADF once closed."""
-        return self._check_open()
+        return self._check()
 
-    def _check_open(self) -> int:
+    def _check(self) -> int:
+        """The check every /dev/kvm ioctl makes first: EBADF closed; returns the fd."""
         fd = self._fd
         if fd is None:
             raise oserror(errno.EBADF, "KVM system fd is closed")
@@ -61,6 +66,7 @@ class System:
             fdtable.fd_close(fd)
 
     def __enter__(self) -> "System":
+        self._check()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -68,12 +74,12 @@ class System:
 
     def api_version(self) -> int:
         """KVM_GET_API_VERSION (api.rst 4.1): always 12. :raises OSError: EBADF if closed."""
-        self._check_open()
+        self._check()
         return KVM_API_VERSION
 
     def vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE (api.rst 4.5): 3 pages on x86. :raises OSError: EBADF if closed."""
-        self._check_open()
+        self._check()
         return KVM_VCPU_MMAP_PAGES * PAGE_SIZE
 
     def check_extension(self, cap: int) -> int:
@@ -81,7 +87,7 @@ class System:
 
         :raises OSError: EBADF if closed. Mirrors kvm_vm_ioctl_check_extension_generic (kvm == NULL).
         """
-        self._check_open()
+        self._check()
         return self._extension(encode_u64(cap, "cap"), None)
 
     def _extension(self, cap: int, vm: "Vm | None") -> int:
@@ -129,7 +135,7 @@ class System:
         this table sees the CPU that runs it. E2BIG for a too small buffer is decided where
         the struct is. :raises OSError: EBADF if closed.
         """
-        self._check_open()
+        self._check()
         from .cpuid import supported_cpuid
 
         return supported_cpuid()
@@ -140,7 +146,7 @@ class System:
         Empty: the model's whole CPU is emulated and KVM_GET_SUPPORTED_CPUID already lists
         everything it implements. :raises OSError: EBADF if closed.
         """
-        self._check_open()
+        self._check()
         return ()
 
     def get_msr_index_list(self) -> tuple[int, ...]:
@@ -148,7 +154,7 @@ class System:
 
         :raises OSError: EBADF if closed.
         """
-        self._check_open()
+        self._check()
         from .cpuid import MSRS
 
         return tuple(MSRS)
@@ -158,7 +164,7 @@ class System:
 
         :raises OSError: EBADF if closed.
         """
-        self._check_open()
+        self._check()
         return ()
 
     def create_vm(self, type: int = 0) -> "Vm":
@@ -168,7 +174,7 @@ class System:
         plus the model's GUESTMEM_TDX_LIKE_VM when memory attributes exist). Mirrors
         kvm_dev_ioctl_create_vm / kvm_arch_init_vm.
         """
-        self._check_open()
+        self._check()
         type = encode_unsigned(type, 32, "type")  # noqa: A001 - the uapi argument name
         if type not in self._profile.vm_types:
             raise oserror(errno.EINVAL, f"VM type {type:#x} is not supported (KVM_CAP_VM_TYPES)")

@@ -120,6 +120,10 @@ class Vcpu(VcpuState):
     def __repr__(self) -> str:
         return f"<model Vcpu id={self.vcpu_id} fd={self._fd}>"
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> "Vcpu":
         self._check_fd()
         return self
@@ -131,19 +135,22 @@ class Vcpu(VcpuState):
 
     def fileno(self) -> int:
         """The vCPU file descriptor. :raises OSError: EBADF once closed."""
-        self._check_fd()
-        return self._fd  # type: ignore[return-value]
+        return self._check_fd()
 
-    def _check_fd(self) -> None:
+    def _check_fd(self) -> int:
+        """EBADF closed; returns the fd (for what is not an ioctl: no mm check)."""
         if self._closed:
             raise oserror(_errno.EBADF, f"vcpu {self.vcpu_id} is closed")
+        return self._fd  # type: ignore[return-value]
 
-    def _check(self) -> None:
-        """The checks every vCPU ioctl makes first (kvm_vcpu_ioctl): EBADF closed, EIO from another mm."""
+    def _check(self) -> int:
+        """The checks every vCPU ioctl makes first (kvm_vcpu_ioctl): EBADF closed, EIO from another mm;
+        returns the fd."""
         if self._closed:
             raise oserror(_errno.EBADF, f"vcpu {self.vcpu_id} is closed")
         if self._mm is not fdtable.mm:
             raise oserror(_errno.EIO, f"vcpu {self.vcpu_id}'s VM belongs to another process (used after fork)")
+        return self._fd  # type: ignore[return-value]
 
     def _after_fork_in_child(self) -> None:
         # Threads that held these (a run(), an ioctl) do not exist in the child.

@@ -89,18 +89,24 @@ class Vm(VmState):
 
     # --- fd and lifetime ----------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
     def fileno(self) -> int:
         """The VM file descriptor. :raises OSError: EBADF once closed."""
         return self._check_fd()
 
     def _check_fd(self) -> int:
+        """EBADF closed; returns the fd (for what is not an ioctl: no mm check)."""
         fd = self._fd
         if fd is None:
             raise oserror(errno.EBADF, "VM fd is closed")
         return fd
 
-    def _check_open(self) -> int:
-        """The checks every VM ioctl makes first (kvm_vm_ioctl): EBADF closed, EIO from another mm."""
+    def _check(self) -> int:
+        """The checks every VM ioctl makes first (kvm_vm_ioctl): EBADF closed, EIO from another mm;
+        returns the fd."""
         fd = self._fd
         if fd is None:
             raise oserror(errno.EBADF, "VM fd is closed")
@@ -156,7 +162,7 @@ class Vm(VmState):
 
         :raises OSError: EBADF if the VM fd is closed. Mirrors kvm_vm_ioctl_check_extension_generic.
         """
-        self._check_open()
+        self._check()
         return self.system._extension(encode_u64(cap, "cap"), self)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
@@ -167,7 +173,7 @@ class Vm(VmState):
         other than 1 << KVM_HC_MAP_GPA_RANGE. Mirrors x86 kvm_vm_ioctl_enable_cap.
         """
         with self._lock:
-            self._check_open()
+            self._check()
             cap, flags = encode_unsigned(cap, 32, "cap"), encode_unsigned(flags, 32, "flags")
             argv = encode_array(args, 4, 64, "args")
             if flags:
@@ -196,7 +202,7 @@ class Vm(VmState):
         (s64)size <= 0 or size not page aligned. Mirrors kvm_gmem_create / __kvm_gmem_create.
         """
         with self._lock:
-            self._check_open()
+            self._check()
             # Plain ints already in range encode to themselves; anything else takes the full encoder.
             if type(size) is not int or not 0 <= size <= _U64:
                 size = encode_unsigned(size, 64, "size")
@@ -255,7 +261,7 @@ class Vm(VmState):
         EINVAL not a guest_memfd, another VM's, offset out of the file or file range
         already bound; EINVAL GFN beyond the maximum. Mirrors kvm_set_memory_region.
         """
-        self._check_open()
+        self._check()
         # Encoded in struct order, as the kvm backend fills kvm_userspace_memory_region2.
         slot, flags = encode_unsigned(slot, 32, "slot"), encode_unsigned(flags, 32, "flags")
         gpa = encode_unsigned(guest_phys_addr, 64, "guest_phys_addr")
@@ -274,7 +280,7 @@ class Vm(VmState):
         Errors: EBADF closed fd; EINVAL any flag besides LOG_DIRTY_PAGES|READONLY; then as
         ``set_user_memory_region2``. Mirrors kvm_vm_ioctl_set_memory_region (v1 path).
         """
-        self._check_open()
+        self._check()
         self._set_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr, 0, 0, v2=False)
 
     def _check_memory_region_flags(self, flags: int) -> None:
@@ -293,7 +299,7 @@ class Vm(VmState):
         """kvm_set_memory_region: check the arguments against the rules and the old slot, decide
         the change, then hand it to ``_set_memslot`` (deletion to ``_delete_memslot``)."""
         with self._lock:
-            self._check_open()
+            self._check()
             slot, flags = encode_unsigned(slot, 32, "slot"), encode_unsigned(flags, 32, "flags")
             gpa = encode_unsigned(gpa, 64, "guest_phys_addr")
             size = encode_unsigned(size, 64, "memory_size")
@@ -492,7 +498,7 @@ class Vm(VmState):
         Mirrors kvm_vm_ioctl_set_mem_attributes / kvm_vm_set_mem_attributes.
         """
         with self._lock:
-            self._check_open()
+            self._check()
             address, size = encode_u64(address, "address"), encode_u64(size, "size")
             attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
             if not self._profile.memory_attributes:
@@ -594,7 +600,7 @@ class Vm(VmState):
         an id (an unsigned long) >= KVM_MAX_VCPU_IDS or once KVM_MAX_VCPUS vCPUs exist; EEXIST
         for an id already used by a vCPU of this VM (closing a vCPU fd does not free its id).
         """
-        self._check_open()
+        self._check()
         from .vcpu import Vcpu
 
         with self._lock:
@@ -615,7 +621,7 @@ class Vm(VmState):
         KVM_CREATE_VCPU. Mirrors kvm_arch_vm_ioctl(KVM_CREATE_IRQCHIP).
         """
         with self._lock:
-            self._check_open()
+            self._check()
             if self._irqchip:
                 raise oserror(errno.EEXIST, "the VM already has an in-kernel irqchip")
             if self._created_vcpus:
@@ -629,7 +635,7 @@ class Vm(VmState):
         kvm_vm_ioctl_set_nr_mmu_pages.
         """
         with self._lock:
-            self._check_open()
+            self._check()
             n = encode_unsigned(nr_mmu_pages, 64, "nr_mmu_pages")
             if n < 64:
                 raise oserror(errno.EINVAL, f"nr_mmu_pages {n} < KVM_MIN_ALLOC_MMU_PAGES (64)")
@@ -639,7 +645,7 @@ class Vm(VmState):
 
         :raises OSError: EBADF if the VM fd is closed.
         """
-        self._check_open()
+        self._check()
         from .vcpu_state import host_tsc_khz
 
         return host_tsc_khz()
@@ -652,7 +658,7 @@ class Vm(VmState):
         :raises OSError: EBADF if the VM fd is closed.
         """
         with self._lock:
-            self._check_open()
+            self._check()
             out: dict[str, Any] = {
                 "memslots": len(self._slots),
                 "memslot_pages": self._nr_memslot_pages,
@@ -696,7 +702,7 @@ class Vm(VmState):
                 self._users,
             )
 
-    def _check(self) -> None:
+    def _check_invariants(self) -> None:
         """Assert the module's invariants (tests)."""
         with self._lock:
             self._attributes.check()

@@ -116,7 +116,7 @@ class VmState:
         irq = encode_unsigned(_int(irq, "irq"), 32, "irq")
         level = encode_unsigned(_int(level, "level"), 32, "level")
         with self._lock:  # type: ignore[attr-defined]
-            self._check_open()  # type: ignore[attr-defined]
+            self._check()  # type: ignore[attr-defined]
             if not self._irqchip:  # type: ignore[attr-defined]
                 raise oserror(errno.ENXIO, "KVM_IRQ_LINE without an in-kernel irqchip")
             self._irq_levels[irq] = level
@@ -135,7 +135,7 @@ class VmState:
         flags = encode_unsigned(_int(flags, "flags"), 32, "flags")
         rfd = encode_fd(resamplefd, "resamplefd")
         with self._lock:  # type: ignore[attr-defined]
-            self._check_open()  # type: ignore[attr-defined]
+            self._check()  # type: ignore[attr-defined]
             if flags & ~int(IrqfdFlag.DEASSIGN | IrqfdFlag.RESAMPLE):
                 raise oserror(errno.EINVAL, f"irqfd flags {flags:#x} outside DEASSIGN|RESAMPLE")
             if flags & IrqfdFlag.DEASSIGN:
@@ -166,7 +166,7 @@ class VmState:
         datamatch = encode_unsigned(_int(datamatch, "datamatch"), 64, "datamatch")
         flags = encode_unsigned(_int(flags, "flags"), 32, "flags")
         with self._lock:  # type: ignore[attr-defined]
-            self._check_open()  # type: ignore[attr-defined]
+            self._check()  # type: ignore[attr-defined]
             if flags & ~KVM_IOEVENTFD_VALID_FLAG_MASK:
                 raise oserror(errno.EINVAL, f"ioeventfd flags {flags:#x} outside {KVM_IOEVENTFD_VALID_FLAG_MASK:#x}")
             bus = (_BUS_PIO if flags & IoeventfdFlag.PIO else
@@ -287,7 +287,7 @@ class VmState:
         """
         slot = encode_unsigned(_int(slot, "slot"), 32, "slot")
         with self._lock:  # type: ignore[attr-defined]
-            self._check_open()  # type: ignore[attr-defined]
+            self._check()  # type: ignore[attr-defined]
             memslot, log = self._slot_for_log(slot)
             runs = [(s, e) for s, e, _ in log]
             n = memslot.npages if npages is None else encode_unsigned(_int(npages, "npages"), 32, "npages")
@@ -319,7 +319,7 @@ class VmState:
         if len(bitmap) < (num_pages + 7) // 8:
             raise oserror(errno.EFAULT, f"bitmap of {len(bitmap)} bytes is short for {num_pages} pages")
         with self._lock:  # type: ignore[attr-defined]
-            self._check_open()  # type: ignore[attr-defined]
+            self._check()  # type: ignore[attr-defined]
             as_id, id_ = slot >> 16, slot & 0xFFFF
             if as_id >= self._nr_as or id_ >= KVM_USER_MEM_SLOTS:  # type: ignore[attr-defined]
                 raise oserror(errno.EINVAL, f"slot {as_id}:{id_} out of range")
@@ -347,7 +347,7 @@ class VmState:
         KVM_CAP_DIRTY_LOG_RING is 0 and enable_cap refuses it), so this is the kernel's
         answer for a VM without one. Errors: EBADF closed fd; EINVAL no dirty ring.
         """
-        self._check_open()  # type: ignore[attr-defined]
+        self._check()  # type: ignore[attr-defined]
         raise oserror(errno.EINVAL, "the VM has no dirty ring (the model logs dirty pages in bitmaps only)")
 
     # --- statistics ---------------------------------------------------------------------------
@@ -355,5 +355,5 @@ class VmState:
     def get_stats_fd(self) -> StatsFd:
         """KVM_GET_STATS_FD on the VM (api.rst 4.134): the model VM's counters (see
         ``model.stats``). Errors: EBADF closed fd."""
-        self._check_open()  # type: ignore[attr-defined]
+        self._check()  # type: ignore[attr-defined]
         return StatsFd(f"kvm-{os.getpid()}", self.stats)  # type: ignore[attr-defined]
