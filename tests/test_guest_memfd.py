@@ -194,6 +194,14 @@ def test_truncate_is_einval(vm, length):
     assert g.fstat().st_size == 4 * P
 
 
+def test_repr_names_size_flags_and_fd(vm):
+    """Both backends: a guest_memfd's repr shows its size, flags and fd (what a log needs)."""
+    g = vm.create_guest_memfd(4 * P)
+    text = repr(g)
+    assert "size=0x4000" in text and "flags=0x0" in text and f"fd={g.fileno()}" in text, text
+    g.close()
+
+
 def test_gt05_mmap_supported(vm):
     require(vm, MMAP | INIT_SHARED)
     g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
@@ -452,6 +460,7 @@ def test_model_error_messages_name_the_rule(model_system):
         (lambda: g.fallocate(Falloc.COLLAPSE_RANGE | KEEP, 0, P), "keep_size"),  # takes no KEEP_SIZE
         (lambda: g.fallocate(Falloc.UNSHARE_RANGE | KEEP, 0, P), "punch_hole"),  # guest_memfd's own rule
         (lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "prot_exec"),
+        (lambda: g.mmap(1 << 48), "address space"), (lambda: g.mmap(2 * P, (1 << 63) - P), "file size"),
         (lambda: vm.create_guest_memfd(P, 1 << 40), "flags"), (lambda: vm.create_guest_memfd(1), "size"),
     ]
     for call, word in cases:

@@ -255,6 +255,46 @@ def test_error_offset_is_the_first_busy_page_of_several_pins(sw_vm):
     gmem.set_memory_attributes(0, 32 * P, PRIVATE)
 
 
+def test_punching_a_pinned_4k_page_frees_it_from_the_file(sw_vm):
+    """Only a HugeTLB folio must be unreferenced to be punched (it is merged first); a 4 KiB
+    page is simply truncated out of the file while the pin keeps its own reference, so the
+    punch succeeds and the file shows a fresh zero page there."""
+    gmem = sw_vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    m = gmem.mmap()
+    m.write(P, b"dma")
+    with gmem.pin(P, P):
+        gmem.punch_hole(0, 2 * P)
+        assert m.read(P, 3) == b"\0\0\0"
+    m.close()
+
+
+def test_vm_stats_sum_the_stats_of_its_open_files(sw_vm):
+    """guestmem extension: ``Vm.stats()["gmem"]`` is the sum of ``GuestMemfd.stats()`` over the
+    VM's files that are not released (folio counts summed per size)."""
+    a = sw_vm.create_guest_memfd(8 * P, MMAP | INIT_SHARED)
+    b = sw_vm.create_guest_memfd(4 * P, MMAP)
+    a.allocate(0, 3 * P)
+    a.set_memory_attributes(0, 2 * P, PRIVATE)
+    b.allocate(P, P)
+    pin = a.pin(4 * P, P)
+    counters = ("pages_private", "pages_shared", "pages_allocated", "splits", "merges", "pins")
+
+    def total(*files) -> dict:
+        stats = [f.stats() for f in files]
+        out = {k: sum(s[k] for s in stats) for k in counters}
+        out["folios"] = {size: sum(s["folios"].get(size, 0) for s in stats)
+                         for size in set().union(*(s["folios"] for s in stats))}
+        return out
+
+    want = total(a, b)
+    assert sw_vm.stats()["gmem"] == want
+    assert (want["pages_allocated"], want["pins"], want["pages_private"]) == (5, 1, 2 + 4)
+    pin.release()
+    b.close()
+    assert sw_vm.stats()["gmem"] == total(a)
+    a.close()
+
+
 def test_conversion_to_shared_ignores_pins(sw_vm):
     gmem = sw_vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
     with gmem.pin(0, P):
@@ -373,6 +413,15 @@ def test_write_population_fills_shared_pages_for_the_guest(nxt):
     raises(errno.EINVAL, gmem.pwrite, b"\x11" * 2 * P, 3 * P)  # past the end of the file
     assert gmem.lseek(0, 0) == 0 and gmem.write(b"\x22" * P) == P and gmem.lseek(0, 1) == P
     assert rmw(1, 0) == 0x11 and rmw(0, 0) == 0x22
+    m.close()
+
+
+def test_write_population_starts_at_file_position_zero(nxt):
+    """A new file's position is 0: the first write() fills page 0 and leaves the position after it."""
+    gmem = nxt.create_vm(0).create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    m = gmem.mmap()
+    assert gmem.write(b"\x5a" * P) == P and gmem.lseek(0, 1) == P
+    assert m.read(0, P) == b"\x5a" * P and m.read(P, P) == b"\0" * P
     m.close()
 
 

@@ -85,7 +85,8 @@ def test_punch_merges_then_frees_and_is_eagain_while_pinned(sw_vm):
     g.allocate(0, 2 * M2)
     g.set_memory_attributes(P, P, 0)
     pin = g.pin(P, P)
-    raises(errno.EAGAIN, g.punch_hole, 0, M2)
+    err = raises(errno.EAGAIN, g.punch_hole, 0, M2)
+    assert f"page {P:#x}" in str(err)  # the message names the page in use
     assert g.stats()["folios"] == {"4K": 512, "2M": 1}
     g.punch_hole(M2, M2)  # the other folio is not in use
     pin.release()

@@ -136,6 +136,22 @@ def test_hwpoison_in_a_mapping_at_a_file_offset(model_system):
     vm.close()
 
 
+def test_healing_one_poisoned_page_keeps_its_poisoned_neighbour_sigbus(model_system):
+    """Punching poisoned page 1 heals page 1 only: page 2, poisoned too and not punched, still
+    SIGBUSes in a mapping that existed before either error (each page is its own folio)."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(4 * PAGE, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    m = g.mmap()
+    m.fill(0, 4 * PAGE, 0x55)
+    g.inject_hwpoison(PAGE)
+    g.inject_hwpoison(2 * PAGE)
+    g.punch_hole(PAGE, PAGE)
+    assert [probe.touch(m, i * PAGE) for i in range(4)] == [0x55, 0, "SIGBUS", 0x55]
+    m.close()
+    g.close()
+    vm.close()
+
+
 def test_punching_a_poisoned_page_of_a_private_only_file_keeps_host_mappings_sigbus(model_system):
     """Without INIT_SHARED no page is host-visible (spec 3.3): recovering a poisoned page by a
     punch does not make it appear in an existing mapping."""

@@ -205,6 +205,25 @@ def test_mapping_pins_file_and_vm(model_system):
     assert g._released and vm._dead
 
 
+@pytest.mark.parametrize("profile", ["6.18", "7.2"])
+def test_mapping_of_a_file_without_init_shared_pins_it_until_munmap(profile):
+    """The VMA holds a file reference whatever the file's pages show: a mapping of an MMAP file
+    without INIT_SHARED (SIGBUS on every touch) keeps file and VM alive after both fds close,
+    and its munmap runs kvm_gmem_release (the slot's binding goes, the VM is destroyed).
+    6.18 maps an empty file per mapping, 6.19+ one per guest_memfd (its NUMA policy)."""
+    with guestmem.open_system("model", profile=profile) as system:
+        vm = system.create_vm(0)
+        g = vm.create_guest_memfd(M2, 1)
+        vm.set_user_memory_region2(0, GMEM, 0, M2, 0, g, 0)
+        m = g.mmap()
+        assert touch(m, 0) == "SIGBUS"
+        g.close()
+        vm.close()
+        assert not g._released and not vm._dead and vm._slot_for_gfn(0).gmem is g
+        m.close()
+        assert g._released and vm._dead
+
+
 def test_data_belongs_to_the_file_not_the_gpa(model_system):
     vm = model_system.create_vm(0)
     g = vm.create_guest_memfd(M2, 3)

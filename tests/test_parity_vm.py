@@ -122,6 +122,44 @@ def test_stats_count_the_same_things_on_both_backends(vm) -> None:
     assert (st["memslots"], st["memslot_pages"], st["guest_memfds"]) == (1, 8, 0)
 
 
+@pytest.mark.parametrize("cap", [Cap.MANUAL_DIRTY_LOG_PROTECT2, Cap.EXIT_HYPERCALL, Cap.DISABLE_QUIRKS2])
+def test_enable_cap_with_flags_is_einval(vm, cap) -> None:
+    """kvm_vm_ioctl_enable_cap (x86) refuses any flags before it looks at the cap, and the
+    generic caps check them too: EINVAL, and the cap stays disabled."""
+    assert _errno(vm.enable_cap, cap, 0, flags=1) == errno.EINVAL
+    assert _errno(vm.enable_cap, cap, 0, flags=1 << 31) == errno.EINVAL
+
+
+def test_model_vm_error_messages_name_the_rule() -> None:
+    """guestmem.errors: after the strerror the model's message names what was refused (the
+    kvm side can only repeat its arguments)."""
+    import guestmem
+
+    def message(fn, *args, **kwargs) -> str:
+        with pytest.raises(OSError) as exc:
+            fn(*args, **kwargs)
+        return str(exc.value).split(": ", 1)[1].lower()
+
+    with guestmem.open_system("model", profile="6.18-host") as system:
+        vm = system.create_vm()
+        assert "flags" in message(vm.enable_cap, Cap.EXIT_HYPERCALL, 0, flags=1)
+        assert "nr_mmu_pages" in message(vm.set_nr_mmu_pages, 63)
+        assert "memory attributes" in message(vm.get_memory_attributes, 0, P)
+        vm.create_irqchip()
+        assert "irqchip" in message(vm.create_irqchip)
+        vcpu = vm.create_vcpu(3)
+        assert "vcpu_id 3" in message(vm.create_vcpu, 3)
+        vcpu.close()
+        vm.close()
+        assert "closed" in message(vm.fileno)
+        assert "closed" in message(vm.memslots)
+        vm2 = system.create_vm()
+        vcpu = vm2.create_vcpu(0)
+        assert "create_vcpu" in message(vm2.create_irqchip)
+        vcpu.close()
+        vm2.close()
+
+
 # --- interrupts and eventfds -------------------------------------------------------------------------
 
 
