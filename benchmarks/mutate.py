@@ -59,7 +59,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     ]),
     "rangemap": ("guestmem/rangemap.py", ["tests/test_rangemap.py"]),
     # test_private_mem_conversions' multi-vCPU flows outlive their join timeout under mutmut.
-    "conversion": ("guestmem/vmm/conversion.py", ["tests/test_vmm_conversion.py"]),
+    "conversion": ("guestmem/vmm/conversion.py", ["tests/test_vmm_conversion.py", "tests/test_vmm_inplace.py"]),
 }
 
 ENV = {"GUESTMEM_KVM_DEVICE": "/dev/nonexistent-kvm"}

@@ -100,6 +100,21 @@ def test_memslots_of_a_guest_memfd_slot(vm) -> None:
     gmem.close()
 
 
+def test_memslots_name_the_address_space_in_the_slot_field(vm) -> None:
+    """The slot field carries the address space in its upper 16 bits (api.rst 4.35). With two
+    (KVM_CAP_MULTI_ADDRESS_SPACE = 2, SMM) a slot of as_id 1 may overlap as_id 0's GPAs and is
+    listed as (1 << 16) | id; with one, as_id 1 is EINVAL and nothing is added."""
+    ram = Ram(2 * P)
+    vm.set_user_memory_region(2, 0, 0x10000, 2 * P, ram.address)
+    smm = (1 << 16) | 2
+    if vm.check_extension(Cap.MULTI_ADDRESS_SPACE) < 2:
+        assert _errno(vm.set_user_memory_region, smm, 0, 0x10000, 2 * P, ram.address) == errno.EINVAL
+        assert [r.slot for r in vm.memslots()] == [2]
+        return
+    vm.set_user_memory_region(smm, 0, 0x10000, 2 * P, ram.address)
+    assert [(r.slot, r.guest_phys_addr) for r in vm.memslots()] == [(2, 0x10000), (smm, 0x10000)]
+
+
 def test_memory_attributes_shadow_or_enotty(system, vm) -> None:
     if not system.check_extension(Cap.MEMORY_ATTRIBUTES):  # this host, and the model's 6.18-host profile
         assert _errno(vm.get_memory_attributes, 0, P) == errno.ENOTTY

@@ -213,7 +213,7 @@ def gmem_pages_allocated(vm) -> int:
 def test_prefault_maps_the_converted_range_on_the_requesting_vcpu(model_system, prefault):
     """With prefault, a conversion to private pre-faults the range on the vCPU that asked
     (KVM_PRE_FAULT_MEMORY on private GFNs allocates the gmem pages, spec 2.5), on both the
-    explicit and the implicit path; without a vCPU, or without prefault, nothing is allocated."""
+    explicit (MAP_GPA_RANGE or a direct call) and the implicit path; without a vCPU, or without prefault, nothing is allocated."""
     vm = model_system.create_vm(VmType.SW_PROTECTED)
     mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 8 * MiB, private=True)])
     vcpu = vm.create_vcpu(0)
@@ -224,7 +224,10 @@ def test_prefault_maps_the_converted_range_on_the_requesting_vcpu(model_system, 
         fault = MemoryFaultExit(int(MemoryExitFlag.PRIVATE), DATA + 4 * MiB, PAGE_SIZE, errno.EFAULT)
         assert mgr.handle_memory_fault(vcpu, fault) is True
         assert mgr.convert(DATA + 6 * MiB, 2 * PAGE_SIZE, True) == 0  # no vCPU: nothing to pre-fault on
-        done = 3 * MiB + PAGE_SIZE if prefault else 0
+        asker = RecordingVcpu()  # took the MAP_GPA_RANGE exit; pre-faults through the real vCPU
+        asker.pre_fault_memory = vcpu.pre_fault_memory
+        assert mgr.handle_hypercall(asker, hc(DATA + 5 * MiB, 2, MapGpaRangeAttr.ENCRYPTED)) == 0
+        done = 3 * MiB + 3 * PAGE_SIZE if prefault else 0
         assert mgr.stats.prefaulted_bytes == done
         assert gmem_pages_allocated(vm) == done // PAGE_SIZE
     finally:
@@ -233,13 +236,17 @@ def test_prefault_maps_the_converted_range_on_the_requesting_vcpu(model_system, 
         vm.close()
 
 
-def test_counters_accumulate_over_conversions(manager):
+def test_counters_accumulate_over_conversions(manager, monkeypatch):
+    from guestmem.vmm import conversion
+
+    clock = iter(range(0, 1000, 5))  # a clock whose every reading is 5 s after the last
+    monkeypatch.setattr(conversion.time, "perf_counter", lambda: float(next(clock)))
     assert manager.convert(DATA, 2 * PAGE_SIZE, True) == 0
     assert manager.convert(DATA, PAGE_SIZE, False) == 0
     assert manager.convert(DATA + MiB, PAGE_SIZE, True, explicit=False) == 0
     manager.convert(DATA + 1, PAGE_SIZE, True)
     d = manager.stats.as_dict()
-    assert d.pop("seconds") > 0
+    assert d.pop("seconds") == 4 * 5.0  # each conversion, failed or not, read the clock twice
     assert d == {
         "conversions": 3, "bytes_converted": 4 * PAGE_SIZE, "explicit": 2, "implicit": 1, "failed": 1,
         "by_direction": {"to_private": 2, "to_shared": 1},
@@ -272,15 +279,15 @@ def _vm_and_layer(mem):
     return mem.vm.get_memory_attributes(0, 1 << 52), mem.private_ranges(0, 1 << 52), mem.snapshot()
 
 
-@pytest.mark.parametrize("args, kwargs", [
-    ((DATA + 0.0, PAGE_SIZE, True), {}),  # was: the VM converted int(gpa), then the map raised
-    ((DATA, float(PAGE_SIZE), True), {}),
-    ((DATA, PAGE_SIZE, "shared"), {}),  # was: a truthy string converted to private
-    ((DATA, PAGE_SIZE, True), {"vcpu": object()}),  # with prefault on: was converted, then raised
+@pytest.mark.parametrize("args, kwargs, name", [
+    ((DATA + 0.0, PAGE_SIZE, True), {}, "gpa"),  # was: the VM converted int(gpa), then the map raised
+    ((DATA, float(PAGE_SIZE), True), {}, "size"),
+    ((DATA, PAGE_SIZE, "shared"), {}, "private"),  # was: a truthy string converted to private
+    ((DATA, PAGE_SIZE, True), {"vcpu": object()}, "vcpu"),  # with prefault on: was converted, then raised
 ])
-def test_a_conversion_refused_for_its_arguments_changes_nothing(model_system, args, kwargs):
-    """Model only (private memory). Wrong argument types are TypeError before the VM is
-    touched: the VM, the layer's map and the manager's counters are as before."""
+def test_a_conversion_refused_for_its_arguments_changes_nothing(model_system, args, kwargs, name):
+    """Model only (private memory). Wrong argument types are TypeError naming the argument,
+    before the VM is touched: the VM, the layer's map and the manager's counters are as before."""
     vm = model_system.create_vm(VmType.SW_PROTECTED)
     mem = GuestMemory(vm, [boot_region(), Region("data", DATA, 8 * MiB, private=True)])
     try:
@@ -288,7 +295,7 @@ def test_a_conversion_refused_for_its_arguments_changes_nothing(model_system, ar
         assert manager.prefault  # the model has KVM_PRE_FAULT_MEMORY
         assert manager.convert(DATA + MiB, PAGE_SIZE, True) == 0
         before = _vm_and_layer(mem), manager.stats.as_dict()
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match=f"^{name} must be"):
             manager.convert(*args, **kwargs)
         after = _vm_and_layer(mem), manager.stats.as_dict()
         assert after[0] == before[0]

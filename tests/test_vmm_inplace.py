@@ -95,6 +95,10 @@ def test_eagain_from_a_vmm_pin_releases_it_and_retries(inplace):
     assert (cm.stats.eagain_retries, cm.stats.pins_released) == (1, 1)
     pin.release()  # already dropped: idempotent
     assert mem.gmem("data").stats()["pins"] == 0
+    assert cm.handle_hypercall(vcpu, hc(DATA, 16, 0)) == 0
+    mem.pin(DATA + 8 * P, P), mem.pin(DATA + 10 * P, P)
+    assert cm.handle_hypercall(vcpu, hc(DATA, 16, ENC)) == 0
+    assert (cm.stats.eagain_retries, cm.stats.pins_released) == (2, 3)  # counted over conversions
 
 
 def test_eagain_from_a_reference_outside_the_vmm_fails_and_is_reported(inplace):
