@@ -180,6 +180,23 @@ def run_workload(work: Any, *, backend: str = "auto", vcpus: int = 2,
         raise ValueError(f"--vcpus must be at least 1, not {vcpus}")
     if conversion not in LAYOUTS:
         raise ValueError(f"unknown conversion layout {conversion!r}: choose one of {', '.join(LAYOUTS)}")
+    size, regions = _memory_regions(work, vcpus, memory)
+    chosen, reason = _backend_for(backend, work, conversion)
+    if on_backend is not None:
+        on_backend(chosen, reason)
+    with _open_system(chosen, conversion) as system:
+        with Machine(system, regions, vcpus=vcpus, conversion=conversion) as machine:
+            work.setup(machine)
+            return _run_machine(machine, work, progress, timeout,
+                                dict(workload=work.name, backend=chosen, backend_reason=reason, vcpus=vcpus,
+                                     memory=size))
+
+
+def _memory_regions(work: Any, vcpus: int, memory: int | None) -> tuple[int, list]:
+    """The guest memory size and regions (boot region first) of ``work`` on ``vcpus`` vCPUs.
+
+    :raises ValueError: a region would end past what any backend can map.
+    """
     # Without --memory, the default grows with the vCPUs so that every vCPU gets its minimum.
     size = max(work.default_memory, vcpus * getattr(work, "memory_per_vcpu", 0)) if memory is None else memory
     regions = [boot_region(), *work.regions(vcpus, size)]
@@ -188,6 +205,12 @@ def run_workload(work: Any, *, backend: str = "auto", vcpus: int = 2,
             raise ValueError(f"--memory {_size_text(size)} is more than any backend can map: region {r.name!r} at "
                              f"{r.gpa:#x} would end past {MAX_GPA:#x} (x86-64 guest physical addresses have 52 "
                              f"bits); --memory can be at most {MAX_GPA - r.gpa} bytes (2**52 - {format_size(r.gpa)})")
+    return size, regions
+
+
+def _backend_for(backend: str, work: Any, conversion: str) -> tuple[str, str]:
+    """``choose_backend``, then the conversion layout's say: in-place falls back to the model
+    when the kernel lacks it (an error if kvm was asked for by name)."""
     chosen, reason = choose_backend(backend, work)
     if conversion == "in-place" and chosen == "kvm":
         ok, why = _kernel_in_place()
@@ -197,36 +220,37 @@ def run_workload(work: Any, *, backend: str = "auto", vcpus: int = 2,
             chosen, reason = "model", f"--conversion in-place: {why}"
     if chosen == "model" and conversion == "in-place":
         reason += "; profile next (in-place conversion series v8)"
-    if on_backend is not None:
-        on_backend(chosen, reason)
+    return chosen, reason
+
+
+def _run_machine(machine: Machine, work: Any, progress: Callable[[int, int], None] | None,
+                 timeout: float | None, fields: dict) -> RunResult:
+    """Run the loaded machine to the end (or Ctrl-C), tracking peak host memory; the result
+    carries ``fields`` (what the run was asked for) and what the run measured."""
     interrupted = False
-    with _open_system(chosen, conversion) as system:
-        with Machine(system, regions, vcpus=vcpus, conversion=conversion) as machine:
-            work.setup(machine)
-            mem = machine.memory
-            assert mem is not None
-            peak = [0]
+    mem = machine.memory
+    assert mem is not None
+    peak = [0]
 
-            def poll() -> None:
-                peak[0] = max(peak[0], mem.host_memory()["total"])
-                if progress is not None:
-                    progress(work.done, work.total)
+    def poll() -> None:
+        peak[0] = max(peak[0], mem.host_memory()["total"])
+        if progress is not None:
+            progress(work.done, work.total)
 
-            t0 = time.perf_counter()
-            try:
-                machine.run(poll=poll, timeout=timeout)
-            except KeyboardInterrupt:
-                interrupted = True
-            wall = time.perf_counter() - t0
-            poll()
-            used = mem.host_memory()
-            if hasattr(work, "finish") and not interrupted:
-                work.finish()
-            return RunResult(
-                workload=work.name, backend=chosen, backend_reason=reason, vcpus=vcpus, memory=size,
-                ok=bool(work.ok) and not interrupted, wall_time=wall, exits=dict(machine.exits),
-                conversions=machine.conversions.stats.as_dict(), workload_results=work.results(),
-                memory_map=memory_map(machine), console=machine.console.decode(errors="replace"),
-                interrupted=interrupted, conversion=mem.conversion, host_memory=used,
-                host_memory_peak=max(peak[0], used["total"]),
-            )
+    t0 = time.perf_counter()
+    try:
+        machine.run(poll=poll, timeout=timeout)
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.perf_counter() - t0
+    poll()
+    used = mem.host_memory()
+    if hasattr(work, "finish") and not interrupted:
+        work.finish()
+    return RunResult(
+        **fields, ok=bool(work.ok) and not interrupted, wall_time=wall, exits=dict(machine.exits),
+        conversions=machine.conversions.stats.as_dict(), workload_results=work.results(),
+        memory_map=memory_map(machine), console=machine.console.decode(errors="replace"),
+        interrupted=interrupted, conversion=mem.conversion, host_memory=used,
+        host_memory_peak=max(peak[0], used["total"]),
+    )
