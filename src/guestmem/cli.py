@@ -163,7 +163,7 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import workloads
-    from .vmm import job, report
+    from .vmm import job
     from .vmm.runloop import GuestError
 
     console = Console()
@@ -174,21 +174,7 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
     if size is not None and size <= 0:
         raise click.BadParameter(f"{memory!r} is not a positive size", param_hint="--memory")
     _check_output(map_path, "--map", _IMAGE_FORMATS)
-    if iterations is not None and (workload or ("guest" if guest_path else "conversions")) != "conversions":
-        raise click.BadParameter("only the conversions workload has iterations", param_hint="--iterations")
-    if guest_path is not None:
-        if workload is not None:
-            raise click.UsageError(f"give either a WORKLOAD ({workload!r}) or --guest, not both")
-        if cpl not in (0, 3):
-            raise click.BadParameter("a guest starts at CPL 0 or 3", param_hint="--cpl")
-        workload = "guest"
-        options: dict = {"path": guest_path, "entry": entry, "load_address": load_address, "cpl": cpl}
-    else:
-        for name, value in (("--entry", entry), ("--load-address", load_address)):
-            if value is not None:
-                raise click.UsageError(f"{name} applies only to --guest")
-        workload = workload or "conversions"
-        options = {"iterations": iterations} if iterations and workload == "conversions" else {}
+    workload, options = _workload_options(workload, guest_path, entry, load_address, cpl, iterations)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, disable=as_json)
     task = progress.add_task(workload, total=None)
@@ -210,6 +196,35 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
         raise click.ClickException(exc.strerror or str(exc)) from None
     except (ValueError, GuestError) as exc:
         raise click.ClickException(str(exc)) from None
+    _print_results(console, results, as_json, map_path)
+    if any(r.interrupted for r in results):
+        raise click.exceptions.Exit(130)
+    if not all(r.ok for r in results):
+        raise click.exceptions.Exit(1)
+
+
+def _workload_options(workload: str | None, guest_path: str | None, entry: int | None,
+                      load_address: int | None, cpl: int, iterations: int | None) -> tuple[str, dict]:
+    """``run``'s workload name and its options, after the checks of the options that go with it."""
+    if iterations is not None and (workload or ("guest" if guest_path else "conversions")) != "conversions":
+        raise click.BadParameter("only the conversions workload has iterations", param_hint="--iterations")
+    if guest_path is not None:
+        if workload is not None:
+            raise click.UsageError(f"give either a WORKLOAD ({workload!r}) or --guest, not both")
+        if cpl not in (0, 3):
+            raise click.BadParameter("a guest starts at CPL 0 or 3", param_hint="--cpl")
+        return "guest", {"path": guest_path, "entry": entry, "load_address": load_address, "cpl": cpl}
+    for name, value in (("--entry", entry), ("--load-address", load_address)):
+        if value is not None:
+            raise click.UsageError(f"{name} applies only to --guest")
+    workload = workload or "conversions"
+    return workload, {"iterations": iterations} if iterations and workload == "conversions" else {}
+
+
+def _print_results(console, results: list, as_json: bool, map_path: str | None) -> None:
+    """``run``'s output: JSON, or a summary per layout and the memory map; the map as a PNG."""
+    from .vmm import report
+
     result = results[0]
     if as_json:
         click.echo(report.to_json(result) if len(results) == 1 else report.to_json_many(results))
@@ -223,10 +238,6 @@ def run(workload: str | None, guest_path: str | None, entry: int | None, load_ad
         report.plot_map(result, map_path)
         if not as_json:
             console.print(f"memory map written to {map_path}")
-    if any(r.interrupted for r in results):
-        raise click.exceptions.Exit(130)
-    if not all(r.ok for r in results):
-        raise click.exceptions.Exit(1)
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
