@@ -13,15 +13,20 @@ falling back to a page walk over the backing (``read_linear``).
 from __future__ import annotations
 
 import errno as _errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 from ..errors import oserror
-from ..types import HltExit, HypercallExit, InternalErrorExit, MmioExit, ShutdownExit
+from ..types import Exit, HltExit, HypercallExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit
 from ..uapi import PAGE_SIZE as PAGE, Hypercall, HypercallExitFlag, KvmHypercallError, MemFlag
 from . import fault
 from .paging import page_walk
 from .guest_phys import read_guest_phys
 from . import interrupts
 from .unicorn_cpu import unicorn as _unicorn
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
 
 HYPERCALL_INSNS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")  # VMCALL, VMMCALL
 # plain ints: enum operators cost microseconds on the hypercall exit path
@@ -30,14 +35,87 @@ _HC_EPERM, _HC_ENOSYS, _HC_EINVAL = (int(KvmHypercallError.EPERM), int(KvmHyperc
                                      int(KvmHypercallError.EINVAL))
 
 
-def read_linear(v, la: int, n: int) -> bytes | None:
+# --- what a stop leaves behind -------------------------------------------------------------
+# A hook records the first event of an ``emu_start`` (``Vcpu._hook_event``): an IN/OUT is
+# recorded as the ``IoExit`` it becomes (the OUT loop of ``guestmem bench exits`` makes
+# ~100,000 exits/s on the model, and an intermediate record would cost ~0.35 us of each),
+# anything else as one of the records below, which ``Vcpu._run_once`` hands to this module.
+
+@dataclass(slots=True)
+class MemoryEvent:
+    """UC_HOOK_MEM_UNMAPPED: an access to a guest-physical address the engine has not mapped
+    (a fault to resolve, or MMIO). ``access`` is Unicorn's UC_MEM_* kind; ``value`` the data
+    of a write."""
+
+    access: int
+    addr: int
+    size: int
+    value: int
+
+
+@dataclass(slots=True)
+class WriteProtEvent(MemoryEvent):
+    """UC_HOOK_MEM_WRITE_PROT: a write to a page mapped read-only (a READONLY slot, or a page
+    of a dirty-logged slot not yet written since the log was last read)."""
+
+
+@dataclass(slots=True)
+class FetchProtEvent(MemoryEvent):
+    """UC_HOOK_MEM_FETCH_PROT: a fetch from a window region not yet marked as code (``regions``)."""
+
+
+@dataclass(slots=True)
+class ExceptionEvent:
+    """UC_HOOK_INTR: an exception or INT n. ``info`` is (error code, software interrupt?, next
+    RIP) from ``hidden_state`` (None if uncalibrated) and ``cr2`` the engine's CR2, both read
+    in the hook: after the stop Unicorn 2.1.4 leaves error code 0 and CR2 = -2 (measured)."""
+
+    vector: int
+    info: tuple[int, bool, int] | None
+    cr2: int
+
+
+HookEvent = Union[IoExit, MemoryEvent, ExceptionEvent]
+
+
+# What the next KVM_RUN completes before it enters the guest (complete_userspace_io,
+# complete_hypercall_exit, complete_emulated_mmio): ``Vcpu._pending_completion``.
+
+@dataclass(slots=True)
+class PendingIn:
+    """An IN of ``size`` bytes: RAX takes the data userspace left (``Vcpu.complete_io``)."""
+
+    size: int
+
+
+@dataclass(slots=True)
+class PendingHypercall:
+    """A VMCALL/VMMCALL at ``rip``: RAX takes kvm_run.hypercall.ret (64 or 32 bits), RIP moves on."""
+
+    long_mode: bool
+    rip: int
+
+
+@dataclass(slots=True)
+class PendingMmio:
+    """An access to MMIO at ``addr``: re-executed against the data userspace left (``step_mmio``)."""
+
+    addr: int
+    size: int
+    is_write: bool
+
+
+PendingCompletion = Union[PendingIn, PendingHypercall, PendingMmio]
+
+
+def read_linear(v: Vcpu, la: int, n: int) -> bytes | None:
     """Guest memory at a linear address: Unicorn's view first, else our walk over the backing."""
     with v.uc_lock:
         data = v._engine.read_linear(la, n)
     return data if data is not None else _read_linear_backing(v, la, n)
 
 
-def _read_linear_backing(v, la: int, n: int) -> bytes | None:
+def _read_linear_backing(v: Vcpu, la: int, n: int) -> bytes | None:
     """Guest memory at a linear address through our own page walk over the backing."""
     vm = v._vm
     with vm._lock:
@@ -50,19 +128,17 @@ def _read_linear_backing(v, la: int, n: int) -> bytes | None:
         return None if pa is None else read_guest_phys(vm, pa, n)
 
 
-def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
+def step_mmio(v: Vcpu, pending: PendingMmio) -> None:
     """Re-execute the faulting instruction once against a one-page MMIO shim."""
-    data = v._mmio_data or bytes(size)
-    v._mmio_data = None
+    addr, size = pending.addr, pending.size
+    data = v._mmio_read_data or bytes(size)
+    v._mmio_read_data = None
     page = addr & ~(PAGE - 1)
     with v._vm._lock:
         v._lock_uc()
         try:
-            eng = v._engine
-            uc = eng.uc
-            if v._wr:
-                v._flush_wr()
-            v._map.unmap(uc, v._map.overlapping(page, page + PAGE))
+            uc = v._engine.uc
+            v._regions.unmap(uc, v._regions.overlapping(page, page + PAGE))
 
             def rd(uc_, off, sz, _):
                 rel = page + off - addr  # Unicorn may split the access
@@ -71,20 +147,16 @@ def step_mmio(v, addr: int, size: int, is_write: bool) -> None:
 
             uc.mmio_map(page, PAGE, rd, None, lambda *a: None, None)
             try:
-                v._event = None
-                eng.flush_tb()  # blocks translated without the count hook would run past it
-                eng.step(v._pc)
+                v._step_instruction()
             finally:
                 uc.mem_unmap(page, PAGE)
-                v._event = None
-            v._regs_stale = v._sregs_stale = True
-            v._pc = eng.read_pc()
         finally:
             v.uc_lock.release()
 
 
-def handle_fault(v, ev):
-    _, access, addr, size, value = ev
+def handle_fault(v: Vcpu, ev: MemoryEvent) -> Exit | None:
+    """An access the engine could not complete: map what backs it, or an exit (MMIO, memory fault)."""
+    access, addr, size, value = ev.access, ev.addr, ev.size, ev.value
     c = _unicorn().unicorn_const
     tdx = v._tdx()
     fault_private = None
@@ -94,7 +166,7 @@ def handle_fault(v, ev):
     gfn = gpa // PAGE
     is_write = access in (c.UC_MEM_WRITE_UNMAPPED, c.UC_MEM_WRITE_PROT)
     with v._vm._lock:
-        if ev[0] == "wprot":  # a write to a READONLY slot is emulated as MMIO
+        if ev.__class__ is WriteProtEvent:  # a write to a READONLY slot is emulated as MMIO
             b, ex = fault.lookup(v._vm, gfn, fault_private)
             if ex is None and b is not None and b.gmem is None and v._vm._log_dirty(b.slot, gfn):
                 map_backing(v, gfn, b, 0)  # a write-protected page of a dirty-logged slot: now dirty
@@ -109,12 +181,12 @@ def handle_fault(v, ev):
             return None
     if access == c.UC_MEM_FETCH_UNMAPPED:
         return InternalErrorExit(suberror=1, data=(gpa,))  # KVM_INTERNAL_ERROR_EMULATION
-    v._pending = ("mmio", addr, size, is_write)
+    v._pending_completion = PendingMmio(addr, size, is_write)
     data = (value & (2 ** (8 * size) - 1)).to_bytes(size, "little") if is_write else b""
     return MmioExit(phys_addr=gpa, data=data, len=size, is_write=is_write)
 
 
-def map_backing(v, gfn: int, b, alias: int) -> None:
+def map_backing(v: Vcpu, gfn: int, b: fault.Backing, alias: int) -> None:
     """Map the block holding gfn (caller holds Vm._lock); see ``regions`` for the two kinds."""
     start, n, level = fault.choose_block(v._vm, gfn, b)
     prot = _unicorn().unicorn_const.UC_PROT_ALL
@@ -125,22 +197,22 @@ def map_backing(v, gfn: int, b, alias: int) -> None:
         start, n, level = gfn, 1, 0
         if not v._vm._is_dirty(b.slot, gfn):
             prot &= ~_unicorn().unicorn_const.UC_PROT_WRITE
-    window = not v._tdx() and v._map.can_window(b)
+    window = not v._tdx() and v._regions.can_window(b)
     if not window and level == 2 and v._vm._private_mem:
         # A direct region cannot switch backing, so a conversion unmaps it, and Unicorn
         # unmaps at ~13 us per MiB: keep direct regions of convertible VMs at 2 MiB.
         start, n, level = (gfn & ~511, 512, 1) if fault.block_ok(v._vm, b, 1, gfn & ~511) else (gfn, 1, 0)
     v._lock_uc()
     try:
-        v._map.map(v._engine.uc, (start * PAGE) | alias, n * PAGE, level, b, start, prot, window)
+        v._regions.map(v._engine.uc, (start * PAGE) | alias, n * PAGE, level, b, start, prot, window)
     finally:
         v.uc_lock.release()
 
 
-def map_physical(v, pa: int) -> bool:
+def map_physical(v: Vcpu, pa: int) -> bool:
     """Map the block holding guest-physical ``pa`` in the engine unless it is mapped (caller
     holds Vm._lock, not uc_lock). False if ``pa`` is not backed memory."""
-    if v._map.containing(pa) is not None:
+    if v._regions.containing(pa) is not None:
         return True
     try:
         b, ex = fault.lookup(v._vm, pa // PAGE, None)
@@ -152,36 +224,37 @@ def map_physical(v, pa: int) -> bool:
     return True
 
 
-def handle_xprot(v, ev):
+def handle_xprot(v: Vcpu, ev: FetchProtEvent) -> Exit | None:
     """A fetch from a window region not yet marked as code (``regions`` module doc)."""
-    _, access, addr, size, value = ev
+    addr = ev.addr
     with v._vm._lock:
         v._lock_uc()
         try:
-            base = v._map.containing(addr)
-            r = v._map.regions.get(base) if base is not None else None
+            base = v._regions.containing(addr)
+            r = v._regions.regions.get(base) if base is not None else None
             if r is not None and r.window and not r.code:
-                v._map.mark_code(v._engine.uc, base)
+                v._regions.mark_code(v._engine.uc, base)
                 return None
         finally:
             v.uc_lock.release()
     return InternalErrorExit(suberror=1, data=(addr,))  # fetch from a non-executable mapping
 
 
-def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: int):
+def handle_exception(v: Vcpu, ev: ExceptionEvent) -> Exit | None:
     """An exception Unicorn raised: a #PF from a walk through page tables the model has not
     mapped yet is resolved (map them, retry); anything else goes to the guest's IDT
-    (``interrupts``), as on a real CPU. ``info`` is (error code, software interrupt?, next
-    RIP) and ``cr2`` CR2 as the engine had it when it raised (the faulting address of a #PF).
-    Unicorn leaves CR2 = -2 after the stop (``Vcpu._hook_intr``), so CR2 is always written
-    back: the value the exception gave it, or the one before a #PF the guest never sees.
+    (``interrupts``), as on a real CPU. ``ev.cr2`` is CR2 as the engine had it when it raised
+    (the faulting address of a #PF). Unicorn leaves CR2 = -2 after the stop
+    (``ExceptionEvent``), so CR2 is always written back: the value the exception gave it, or
+    the one before a #PF the guest never sees.
     """
+    vector, info, cr2 = ev.vector, ev.info, ev.cr2
     vm = v._vm
     if vector == 14:
         with vm._lock:
             s = v._read_sregs()
             pa, tables = page_walk(lambda a, w: read_guest_phys(vm, a, w), s.cr0, s.cr3, s.cr4, s.efer, cr2)
-            missing = [t for t in tables if not v._map.overlapping(t, t + 1)]
+            missing = [t for t in tables if not v._regions.overlapping(t, t + 1)]
             for t in missing:
                 b, ex = fault.lookup(vm, t // PAGE, None)
                 if ex is not None:
@@ -190,7 +263,7 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
                     return ShutdownExit()
                 map_backing(v, t // PAGE, b, 0)
             if missing:  # the guest never saw this #PF: give CR2 back its value
-                v._set_cr2(v._cr2)
+                v._set_cr2(v._guest_cr2)
                 return None
     if info is None:  # Unicorn's context layout unknown: no error code to push
         return ShutdownExit()
@@ -198,7 +271,7 @@ def handle_exception(v, vector: int, info: tuple[int, bool, int] | None, cr2: in
     return interrupts.deliver(v, vector, error_code, next_rip if software else None, software, cr2)
 
 
-def handle_ud(v, quiet: bool = False):
+def handle_ud(v: Vcpu, quiet: bool = False) -> Exit | None:
     """#UD: VMCALL/VMMCALL is a hypercall (kvm_emulate_hypercall); anything else goes to the
     guest's #UD handler. ``quiet``: emulation stopped with no event and no error, which is HLT
     or (once Unicorn has delivered an exception to a hook) a #UD it no longer reports; there a
@@ -210,8 +283,8 @@ def handle_ud(v, quiet: bool = False):
         eng = v._engine
         rax, rbx, rcx, rdx, rip, cs, cr0, cr3, cr4 = eng.read_hypercall_state()
         if quiet and v._mode == "64":
-            v._pc = rip  # the vCPU left it to us (see Vcpu._run_once)
-        pc = v._pc
+            v._next_pc = rip  # the vCPU left it to us (see Vcpu._run_once)
+        pc = v._next_pc
         code = eng.read_linear(pc, 3, (cr0, cr3, cr4))
     if (code or _read_linear_backing(v, pc, 3)) not in HYPERCALL_INSNS:  # Unicorn's view was tried
         if not quiet:
@@ -229,15 +302,15 @@ def handle_ud(v, quiet: bool = False):
         ret = -_HC_EINVAL
     else:
         if v._vm._profile.hypercall_ret_cleared:
-            v._hc_ret = 0  # else kvm_run.hypercall.ret keeps what userspace last wrote
-        v._pending = ("hc", long_mode, rip)
-        return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=v._hc_ret,
+            v._hypercall_ret = 0  # else kvm_run.hypercall.ret keeps what userspace last wrote
+        v._pending_completion = PendingHypercall(long_mode, rip)
+        return HypercallExit(nr=nr, args=(gpa, npages, attrs, 0, 0, 0), ret=v._hypercall_ret,
                              flags=_LONG_MODE if long_mode else 0)
     v._queue(rax=ret & m, rip=rip + 3)
     return None
 
 
-def pre_fault(v, gpa: int, size: int) -> tuple[int, int]:
+def pre_fault(v: Vcpu, gpa: int, size: int) -> tuple[int, int]:
     """The steps of KVM_PRE_FAULT_MEMORY after its checks (caller holds the ioctl lock)."""
     done = False
     while size:

@@ -29,12 +29,18 @@ All guest memory is reached through the guest's page tables and the memslots' ba
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from ..types import ShutdownExit
 from ..uapi import PAGE_SIZE as PAGE
 from .paging import page_walk
 from .guest_phys import read_guest_phys, write_guest_phys
 from .unicorn_cpu import unicorn
+
+if TYPE_CHECKING:
+    from ..types import Sregs
+    from .vcpu import Vcpu
+    from .vm import Vm
 
 DE, DF, TS, NP, SS, GP, PF = 0, 8, 10, 11, 12, 13, 14
 _WITH_ERROR_CODE = frozenset({DF, TS, NP, SS, GP, PF, 17, 21, 29, 30})
@@ -67,7 +73,7 @@ def _combine(first: int, second: int) -> int | None:
 class GuestMemory:
     """Linear-address reads and writes with the vCPU's current paging state (vm._lock held)."""
 
-    def __init__(self, vm, sregs, long_mode: bool) -> None:
+    def __init__(self, vm: Vm, sregs: Sregs, long_mode: bool) -> None:
         self.vm, self.s = vm, sregs
         self.efer = sregs.efer | ((1 << 10) if long_mode else 0)
 
@@ -100,8 +106,8 @@ class GuestMemory:
                    for pa, at, chunk in self._pages(la, len(data)))
 
 
-def deliver(v, vector: int, error_code: int | None = None, return_rip: int | None = None,
-            software: bool = False, cr2: int | None = None):
+def deliver(v: Vcpu, vector: int, error_code: int | None = None, return_rip: int | None = None,
+            software: bool = False, cr2: int | None = None) -> ShutdownExit | None:
     """Deliver ``vector`` to the guest of vCPU ``v``; returns None (resume) or ``ShutdownExit``.
 
     ``error_code`` is pushed for the vectors that have one; ``return_rip`` is the RIP to return
@@ -167,7 +173,7 @@ def _target_cpl(mem: GuestMemory, gdt_base: int, gdt_limit: int, selector: int, 
     return cpl if access & 0x4 else dpl
 
 
-def _read_gate(mem, s, vector: int, size: int, type_mask: int, cpl: int,
+def _read_gate(mem: GuestMemory, s: Sregs, vector: int, size: int, type_mask: int, cpl: int,
                software: bool) -> tuple[int, int, int]:
     """The IDT gate of ``vector`` (``size`` 16 in long mode, 8 in 32-bit mode) as (low qword,
     high qword or 0, gate type under ``type_mask``), with the checks every delivery makes in
@@ -188,7 +194,7 @@ def _read_gate(mem, s, vector: int, size: int, type_mask: int, cpl: int,
     return lo, hi, gate_type
 
 
-def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
+def _deliver_long(v: Vcpu, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, True)
     cpl = s.cs.selector & 3
@@ -213,17 +219,14 @@ def _deliver_long(v, vector: int, error_code: int, return_rip: int | None, softw
     if not mem.write(rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame))):
         raise _Fault(PF, _PF_WRITE, cr2=rsp)
     flags = r.rflags & ~(_TF | _NT | _RF | _VM | (_IF if gate_type == 0xE else 0))
-    with v.uc_lock:
-        eng = v._engine
-        eng.load_segment("cs", (target & ~3) | new_cpl)
-        if new_cpl != cpl:
-            eng.load_segment("ss", new_cpl)  # a null SS carrying the new CPL
-            eng.hidden.set_cpl(new_cpl)  # hidden_state: the API's segment loads keep CPL 0
-    v._sregs_stale = True
+    if new_cpl != cpl:  # a null SS carrying the new CPL
+        v._load_selectors([("cs", (target & ~3) | new_cpl), ("ss", new_cpl)], cpl=new_cpl)
+    else:
+        v._load_selectors([("cs", (target & ~3) | new_cpl)])
     v._queue(rip=handler, rsp=rsp, rflags=flags)
 
 
-def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
+def _deliver_protected(v: Vcpu, vector: int, error_code: int, return_rip: int | None, software: bool) -> None:
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, False)
     cpl = s.cs.selector & 3
@@ -251,19 +254,15 @@ def _deliver_protected(v, vector: int, error_code: int, return_rip: int | None, 
     gdt_page = mem.physical(s.gdt.base + (target & ~7))
     if gdt_page is None or not exits_map(v, gdt_page):
         raise _Fault(GP, target & ~7)
-    with v.uc_lock:
-        eng = v._engine
-        try:
-            if new_cpl != cpl:
-                eng.load_segment("ss", (ss & ~3) | new_cpl)
-            eng.load_segment("cs", (target & ~3) | new_cpl)
-        except unicorn().UcError:
-            raise _Fault(GP, target & ~7) from None
-    v._sregs_stale = True
+    loads = [("ss", (ss & ~3) | new_cpl)] if new_cpl != cpl else []
+    try:
+        v._load_selectors(loads + [("cs", (target & ~3) | new_cpl)])
+    except unicorn().UcError:
+        raise _Fault(GP, target & ~7) from None
     v._queue(rip=handler, rsp=(r.rsp & ~0xFFFF_FFFF) | esp, rflags=flags)
 
 
-def exits_map(v, pa: int) -> bool:
+def exits_map(v: Vcpu, pa: int) -> bool:
     """Map guest-physical ``pa`` in the engine (``exits.map_physical``; imported late: exits
     imports this module)."""
     from .exits import map_physical
@@ -271,7 +270,7 @@ def exits_map(v, pa: int) -> bool:
     return map_physical(v, pa)
 
 
-def _deliver_real(v, vector: int, return_rip: int | None, software: bool) -> None:
+def _deliver_real(v: Vcpu, vector: int, return_rip: int | None, software: bool) -> None:
     r, s = v._read_regs(), v._read_sregs()
     mem = GuestMemory(v._vm, s, False)
     if vector * 4 + 3 > s.idt.limit:
@@ -284,8 +283,6 @@ def _deliver_real(v, vector: int, return_rip: int | None, software: bool) -> Non
     ret_ip = (r.rip if return_rip is None else return_rip) & 0xFFFF
     if not mem.write((s.ss.selector << 4) + sp, struct.pack("<HHH", ret_ip, s.cs.selector, r.rflags & 0xFFFF)):
         raise _Fault(SS, 0)
-    with v.uc_lock:
-        v._engine.load_segment("cs", cs)
-    v._sregs_stale = True
+    v._load_selectors([("cs", cs)])
     v._read_sregs()  # the new CS base, before RIP is queued as a linear address
     v._queue(rip=ip, rsp=(r.rsp & ~0xFFFF) | sp, rflags=r.rflags & ~(_TF | _IF | _AC))

@@ -54,13 +54,16 @@ from __future__ import annotations
 import errno as _errno
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ..encoding import encode_unsigned
 from ..errors import oserror, refuse_copy
-from ..types import HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
+from ..types import Exit, HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import PAGE_SIZE as PAGE, IoDirection
 from . import fdtable
 from . import exits
+from .exits import (ExceptionEvent, FetchProtEvent, HookEvent, MemoryEvent, PendingCompletion, PendingHypercall,
+                    PendingIn, PendingMmio, WriteProtEvent)
 from . import fault
 from . import interrupts
 from .code_cache import CodeCache
@@ -71,44 +74,58 @@ from .unicorn_cpu import unicorn as _unicorn
 from .vcpu_checks import check_sregs, encode_regs, encode_sregs, reset_regs, reset_sregs
 from .vcpu_state import VcpuState
 
+if TYPE_CHECKING:
+    from .vm import Vm
+
 _REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
+_IN, _OUT = int(IoDirection.IN), int(IoDirection.OUT)
 
 
 class Vcpu(VcpuState):
-    """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls."""
+    """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls.
+
+    What ``exits`` and ``interrupts`` use (model-internal, not the KVM API): the VM
+    (``_vm``), the engine (``_engine``, a ``unicorn_cpu.Engine``) and what it maps
+    (``_regions``), the register cache (``_read_regs``, ``_read_sregs``, ``_queue``,
+    ``_set_cr2``, ``_load_selectors``), ``_step_instruction``, the typed records of
+    ``exits`` (``_hook_event``, ``_pending_completion``) and the kvm_run fields userspace
+    answers with (``_io_in_data``, ``_mmio_read_data``, ``_hypercall_ret``).
+    """
 
     __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
-    def __init__(self, vm, vcpu_id: int) -> None:
+    def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vcpu_id = vcpu_id
-        self._vm = vm
+        self._vm: Vm = vm
         self._closed = False
         self._ioctl_lock = threading.Lock()
         self.uc_lock = threading.Lock()
-        self._map = RegionMap()
+        self._regions = RegionMap()  # what the engine maps: Unicorn's physical space stands for the TDP tables
         self._regs = reset_regs()
         self._sregs = reset_sregs(vcpu_id)
         self._mode = mode_of(self._sregs)
         self._engine: Engine | None = None  # built on first run, rebuilt when the CPU mode changes
         self._sregs_dirty = True  # set_sregs happened: write everything before running
         self._regs_stale = False  # Unicorn's registers are newer than self._regs
-        self._sregs_stale = False
-        self._wr: dict[str, int] = {}  # register writes queued for the next emu_start
-        self._pc = 0  # linear address the next emu_start begins at
-        self._event = None
-        self._exc_dirty = False  # an exception or memory event since the last clear (unicorn_cpu)
-        self._io = IoSites()
-        self._code = CodeCache()
-        self._in_emu = False
-        self._kick = False
-        self._stop_gen = 0  # bumped by every invalidation that stopped and unmapped this vCPU
-        self._pending = None  # what the next run() completes first: ("io", size) / ("hc", lm) / ("mmio", ...)
-        self._last_exit = None
-        self._io_data = None
-        self._mmio_data = None
-        self._hc_ret = 0
-        self._cr2 = 0  # CR2 as the guest last saw it (Unicorn clobbers it: exits.handle_exception)
-        self._is_tdx: bool | None = None
+        self._sregs_stale = False  # Unicorn's special registers are newer than self._sregs
+        self._queued_regs: dict[str, int] = {}  # register writes queued for the next emu_start
+        self._next_pc = 0  # linear address the next emu_start begins at
+        self._hook_event: HookEvent | None = None  # what a hook saw in the current emu_start (exits)
+        # an exception or memory event since the engine's exception in flight was last cleared (hidden_state)
+        self._exception_maybe_in_flight = False
+        self._io_sites = IoSites()  # exact IN/OUT stops
+        self._code_cache = CodeCache()  # the code bytes the engine translated, checked on every entry
+        self._in_emu = False  # inside emu_start: a stop must go through the engine
+        self._kick = False  # kick() or close() asked the running (or next) KVM_RUN to return
+        self._invalidation_gen = 0  # bumped by every invalidation that stopped and unmapped this vCPU
+        self._pending_completion: PendingCompletion | None = None  # what the next run() completes first
+        self._last_exit: Exit | None = None  # what complete_io/complete_mmio/set_hypercall_ret answer
+        # the kvm_run fields userspace fills before the next KVM_RUN
+        self._io_in_data: bytes | None = None  # io data for an IN
+        self._mmio_read_data: bytes | None = None  # mmio.data for a read
+        self._hypercall_ret = 0  # hypercall.ret
+        self._guest_cr2 = 0  # CR2 as the guest last saw it (Unicorn clobbers it: exits.handle_exception)
+        self._is_tdx: bool | None = None  # a GUESTMEM_TDX_LIKE_VM (the shared bit aliases each GFN); set on first use
         self._mm = vm._mm  # vcpu->kvm->mm: ioctls from another process get EIO
         self._init_state(vcpu_id)  # CPUID, MSRs, MP state, TSC (vcpu_state)
         vm._get_kvm()  # the vCPU pins the VM (kvm_vm_ioctl_create_vcpu)
@@ -160,9 +177,9 @@ class Vcpu(VcpuState):
         self._kick = False
 
     def _stats(self) -> dict:
-        c = self._map.counts()
+        c = self._regions.counts()
         p = f"vcpu{self.vcpu_id}_mappings"
-        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._io)}
+        return {f"{p}_4k": c[0], f"{p}_2m": c[1], f"{p}_1g": c[2], f"vcpu{self.vcpu_id}_io_sites": len(self._io_sites)}
 
     def _build(self) -> Engine:
         """(Re)create the engine for the current CPU mode (caller holds both locks)."""
@@ -170,18 +187,18 @@ class Vcpu(VcpuState):
         c = u.unicorn_const
         x = u.x86_const
         if self._engine is not None:
-            self._map.clear(self._engine.uc)
+            self._regions.clear(self._engine.uc)
         eng = Engine(self._mode)
         uc = eng.uc
         uc.hook_add(c.UC_HOOK_EDGE_GENERATED, self._hook_tb)
-        self._code = CodeCache()
+        self._code_cache = CodeCache()
         uc.hook_add(c.UC_HOOK_MEM_UNMAPPED, self._hook_unmapped)
         uc.hook_add(c.UC_HOOK_MEM_WRITE_PROT, self._hook_wprot)
         uc.hook_add(c.UC_HOOK_MEM_FETCH_PROT, self._hook_xprot)
         uc.hook_add(c.UC_HOOK_INTR, self._hook_intr)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(c.UC_HOOK_INSN, self._hook_out, None, 1, 0, x.UC_X86_INS_OUT)
-        self._io.install(uc)
+        self._io_sites.install(uc)
         self._engine = eng
         return eng
 
@@ -200,9 +217,9 @@ class Vcpu(VcpuState):
             return
         lo, hi = gfn_start * PAGE, gfn_end * PAGE
         eng.forget_translation(lo, hi)
-        hit = self._map.overlapping(lo, hi)
+        hit = self._regions.overlapping(lo, hi)
         if self._tdx():
-            hit += self._map.overlapping(lo | fault.TDX_SHARED_BIT, hi | fault.TDX_SHARED_BIT)
+            hit += self._regions.overlapping(lo | fault.TDX_SHARED_BIT, hi | fault.TDX_SHARED_BIT)
         if not hit:
             return
         self._lock_uc()
@@ -213,37 +230,37 @@ class Vcpu(VcpuState):
             if self._tdx():
                 drop, flush = hit, False  # both views of a GFN: always fault again
             else:
-                drop, flush = self._map.refresh(uc, self._vm, hit)
-            self._map.unmap(uc, drop)
+                drop, flush = self._regions.refresh(uc, self._vm, hit)
+            self._regions.unmap(uc, drop)
             if flush:
                 uc.ctl_flush_tb()
-            self._stop_gen += 1
+            self._invalidation_gen += 1
         finally:
             self.uc_lock.release()
 
     # --- hooks (inside emu_start, uc_lock held; they never take Vm._lock) --------------------
 
     def _hook_unmapped(self, uc, access, addr, size, value, _):
-        if self._event is None:
-            self._event = ("fault", access, addr, size, value)
+        if self._hook_event is None:
+            self._hook_event = MemoryEvent(access, addr, size, value)
         return False
 
     def _hook_wprot(self, uc, access, addr, size, value, _):
-        if self._event is None:
-            self._event = ("wprot", access, addr, size, value)
+        if self._hook_event is None:
+            self._hook_event = WriteProtEvent(access, addr, size, value)
         return False
 
     def _hook_xprot(self, uc, access, addr, size, value, _):
-        if self._event is None:
-            self._event = ("xprot", access, addr, size, value)
+        if self._hook_event is None:
+            self._hook_event = FetchProtEvent(access, addr, size, value)
         return False
 
     def _hook_intr(self, uc, intno, _):
-        if self._event is None:
+        if self._hook_event is None:
             # The error code and CR2 are only right here: after emu_stop, Unicorn 2.1.4 leaves
             # error code 0 and CR2 = -2 behind (measured).
             eng = self._engine
-            self._event = ("intr", intno, eng.hidden.exception_info(), eng.read_cr2())
+            self._hook_event = ExceptionEvent(intno, eng.hidden.exception_info(), eng.read_cr2())
         uc.emu_stop()
 
     def _hook_tb(self, uc, tb, _prev, _):
@@ -253,31 +270,35 @@ class Vcpu(VcpuState):
             k = min(n, PAGE - la % PAGE)
             pa = self._engine.physical(la)
             if pa is not None:
-                self._code.record(pa, k, self._map)
+                self._code_cache.record(pa, k, self._regions)
             la, n = la + k, n - k
 
     def _flush_code(self, uc) -> None:
         """Drop everything derived from code bytes: translations and IN/OUT sites (uc_lock held)."""
         uc.ctl_flush_tb()
-        self._code.clear()
-        self._io.clear(uc)
+        self._code_cache.clear()
+        self._io_sites.clear(uc)
 
-    def _hook_io(self, uc, ev) -> None:
-        if self._event is not None:
-            return  # the rest of a block after a first-seen IN/OUT: discarded
-        self._event = ev
+    def _stop_at_io(self, uc, ex: IoExit) -> None:
+        """An IN/OUT: record the exit it becomes and stop (``io_sites`` makes the stop exact)."""
+        self._hook_event = ex
         eng = self._engine
         la = eng.read_pc()
-        if la not in self._io.sites:
-            self._io.first_seen(uc, la, eng.read_linear(la, 15), self._map)
+        if la not in self._io_sites.sites:
+            self._io_sites.first_seen(uc, la, eng.read_linear(la, 15), self._regions)
         uc.emu_stop()
 
+    # An IN/OUT after the first one of an emu_start is the rest of a block after a first-seen
+    # site, which ``io_sites`` discards: only the first makes an exit.
+
     def _hook_in(self, uc, port, size, _):
-        self._hook_io(uc, ("in", port, size))
+        if self._hook_event is None:
+            self._stop_at_io(uc, IoExit(_IN, size, port, 1, b""))
         return 0
 
     def _hook_out(self, uc, port, size, value, _):
-        self._hook_io(uc, ("out", port, size, value))
+        if self._hook_event is None:
+            self._stop_at_io(uc, IoExit(_OUT, size, port, 1, (value & (2 ** (8 * size) - 1)).to_bytes(size, "little")))
 
     # --- registers -------------------------------------------------------------------------
 
@@ -290,7 +311,7 @@ class Vcpu(VcpuState):
                 r = Regs(*vals)
             else:
                 r = self._regs.replace(**dict(zip(REGS[:8] + ("rip", "rflags"), vals)))
-            self._regs = r.replace(**self._wr) if self._wr else r
+            self._regs = r.replace(**self._queued_regs) if self._queued_regs else r
             self._regs_stale = False
         return self._regs
 
@@ -311,12 +332,24 @@ class Vcpu(VcpuState):
         """
         m = MASK[self._mode]
         for name, value in regs.items():
-            self._wr[name] = value & m
+            self._queued_regs[name] = value & m
         if not self._regs_stale:
             r = self._regs  # Regs(*...) rather than dataclasses.replace: ~5x cheaper on this hot path
             self._regs = Regs(*[regs.get(f, getattr(r, f)) for f in _REG_FIELDS])
         if "rip" in regs:
-            self._pc = self._linear(regs["rip"])
+            self._next_pc = self._linear(regs["rip"])
+
+    def _load_selectors(self, loads: list[tuple[str, int]], cpl: int | None = None) -> None:
+        """Load segment selectors (("cs", selector), ...) in order, as a far transfer does
+        (``interrupts``), and make ``cpl`` the engine's CPL (``hidden_state``: the API's loads
+        keep CPL 0). UcError if the engine refuses one; those before it stay loaded."""
+        with self.uc_lock:
+            eng = self._engine
+            for seg, selector in loads:
+                eng.load_segment(seg, selector)
+            if cpl is not None:
+                eng.hidden.set_cpl(cpl)
+        self._sregs_stale = True
 
     def _linear(self, rip: int) -> int:
         return (self._sregs.cs.selector << 4) + (rip & 0xFFFF) if self._mode == "16" else rip
@@ -329,9 +362,9 @@ class Vcpu(VcpuState):
             eng = self._build()
         r = self._regs
         eng.load(r, self._sregs)
-        self._pc = self._linear(r.rip)
-        self._wr.clear()
-        self._cr2 = self._sregs.cr2
+        self._next_pc = self._linear(r.rip)
+        self._queued_regs.clear()
+        self._guest_cr2 = self._sregs.cr2
         self._sregs_dirty = False
 
     def _load_segments(self) -> None:
@@ -362,7 +395,7 @@ class Vcpu(VcpuState):
         """Write CR2 into the engine and remember it as the guest's (caller holds no uc_lock)."""
         with self.uc_lock:
             self._engine.write_cr2(value)
-        self._cr2 = value
+        self._guest_cr2 = value
         self._sregs_stale = True
 
     # Every ioctl checks for close() under _ioctl_lock: close() takes that lock before it drops
@@ -430,7 +463,7 @@ class Vcpu(VcpuState):
             raise TypeError("complete_io: data must be bytes-like after an IN, not None")
         if len(data) > ex.size * ex.count:
             raise oserror(_errno.EINVAL, f"complete_io: {len(data)} bytes for a {ex.size}x{ex.count}-byte IN")
-        self._io_data = bytes(data)
+        self._io_in_data = bytes(data)
 
     def complete_mmio(self, data: bytes | None) -> None:
         """Fill kvm_run.mmio.data for the pending MMIO read.
@@ -449,7 +482,7 @@ class Vcpu(VcpuState):
             raise TypeError("complete_mmio: data must be bytes-like after a read, not None")
         if len(data) > ex.len:
             raise oserror(_errno.EINVAL, f"complete_mmio: {len(data)} bytes for a {ex.len}-byte access")
-        self._mmio_data = bytes(data)
+        self._mmio_read_data = bytes(data)
 
     def set_hypercall_ret(self, value: int) -> None:
         """Set kvm_run.hypercall.ret, written to RAX by the next KVM_RUN.
@@ -462,7 +495,7 @@ class Vcpu(VcpuState):
             raise oserror(_errno.EINVAL, "set_hypercall_ret: the last exit was not KVM_EXIT_HYPERCALL")
         if not -(2**63) <= value < 2**64:
             raise oserror(_errno.EINVAL, f"ret {value:#x} does not fit in a u64")
-        self._hc_ret = value & (2**64 - 1)
+        self._hypercall_ret = value & (2**64 - 1)
 
     def kick(self) -> None:
         """Make a running (or the next) KVM_RUN return KVM_EXIT_INTR, like a signal. Errors: EBADF."""
@@ -492,7 +525,7 @@ class Vcpu(VcpuState):
                     self._vm._stats_providers.remove(self._stats)
                 with self.uc_lock:
                     if self._engine is not None:
-                        self._map.clear(self._engine.uc)
+                        self._regions.clear(self._engine.uc)
                     self._engine = None
                 fd, self._fd = self._fd, None
                 if fd is not None:
@@ -512,30 +545,45 @@ class Vcpu(VcpuState):
 
     # --- KVM_RUN ---------------------------------------------------------------------------
 
-    def _flush_wr(self) -> None:
+    def _flush_queued_regs(self) -> None:
         """Write the queued registers in one batch (caller holds uc_lock)."""
-        wr = self._wr
+        wr = self._queued_regs
         self._engine.write_named(wr)
         wr.clear()
 
+    def _step_instruction(self) -> None:
+        """Execute the next instruction alone (complete_emulated_mmio re-executes the one that
+        faulted; ``exits.step_mmio``). Caller holds uc_lock."""
+        eng = self._engine
+        if self._queued_regs:
+            self._flush_queued_regs()
+        try:
+            self._hook_event = None
+            eng.flush_tb()  # blocks translated without the count hook would run past it
+            eng.step(self._next_pc)
+        finally:
+            self._hook_event = None
+        self._regs_stale = self._sregs_stale = True
+        self._next_pc = eng.read_pc()
+
     def _complete_pending(self) -> None:
         """Finish the instruction the last exit left half done (complete_userspace_io & co)."""
-        p, self._pending = self._pending, None
+        p, self._pending_completion = self._pending_completion, None
         if p is None:
             return
-        if p[0] == "io":
-            size = p[1]
-            data = (self._io_data or b"").ljust(size, b"\0")[:size]
+        if type(p) is PendingIn:
+            size = p.size
+            data = (self._io_in_data or b"").ljust(size, b"\0")[:size]
             r = self._read_regs()
             keep = {1: ~0xFF, 2: ~0xFFFF, 4: 0}[size]
             self._queue(rax=(r.rax & keep) | int.from_bytes(data, "little"))
-        elif p[0] == "hc":  # ("hc", long mode, rip of the VMCALL)
-            self._queue(rax=self._hc_ret & (2**64 - 1 if p[1] else 0xFFFF_FFFF), rip=p[2] + 3)
-        elif p[0] == "mmio":
-            exits.step_mmio(self, p[1], p[2], p[3])
-        self._io_data = None
+        elif type(p) is PendingHypercall:
+            self._queue(rax=self._hypercall_ret & (2**64 - 1 if p.long_mode else 0xFFFF_FFFF), rip=p.rip + 3)
+        elif type(p) is PendingMmio:
+            exits.step_mmio(self, p)
+        self._io_in_data = None
 
-    def run(self):
+    def run(self) -> Exit:
         """KVM_RUN (api.rst 4.10): run until an exit; mirrors vcpu_run/vcpu_enter_guest.
 
         Returns an exit dataclass. ``MemoryFaultExit`` stands for KVM_RUN failing with EFAULT or
@@ -556,7 +604,7 @@ class Vcpu(VcpuState):
                     self._last_exit = ex
                     return ex
 
-    def _run_once(self):
+    def _run_once(self) -> Exit | None:
         u = _unicorn()
         if self._engine is None or self._sregs_dirty:
             self._read_regs()
@@ -572,53 +620,50 @@ class Vcpu(VcpuState):
                 return IntrExit()
             eng = self._engine
             uc = eng.uc
-            if self._wr:
-                self._flush_wr()
-            if self._code.pages and self._code.stale(self._map):
+            if self._queued_regs:
+                self._flush_queued_regs()
+            if self._code_cache.pages and self._code_cache.stale(self._regions):
                 self._flush_code(uc)
-            gen = self._stop_gen
-            self._event = None
-            if self._exc_dirty or self._map.unmapped:  # else a later #PF is a silent triple fault
-                self._exc_dirty = self._map.unmapped = not eng.hidden.clear_exception_in_flight()
+            gen = self._invalidation_gen
+            self._hook_event = None
+            if self._exception_maybe_in_flight or self._regions.unmapped:  # else a later #PF is a silent triple fault
+                self._exception_maybe_in_flight = self._regions.unmapped = not eng.hidden.clear_exception_in_flight()
             self._in_emu = True
             try:
-                err = eng.emu_start(self._pc) or None
+                err = eng.emu_start(self._next_pc) or None
             finally:
                 self._in_emu = False
             self._regs_stale = self._sregs_stale = True
-            ev, self._event = self._event, None
-            if ev is not None and ev[0] not in ("in", "out"):
-                self._exc_dirty = True
-            if self._io.settle(uc, self._map, eng.rip_id, eng.cs_base):
+            ev, self._hook_event = self._hook_event, None
+            if ev is not None and ev.__class__ is not IoExit:
+                self._exception_maybe_in_flight = True
+            if self._io_sites.settle(uc, self._regions, eng.rip_id, eng.cs_base):
                 err = None
             quiet = ev is None and err is None and self._mode == "64"
             if not quiet:  # a quiet stop in long mode: exits.handle_ud reads RIP with the rest
-                self._pc = eng.read_pc()
+                self._next_pc = eng.read_pc()
         c = u.unicorn_const
         if ev is not None:
-            kind = ev[0]
-            if kind == "out":
-                _, port, size, value = ev
-                return IoExit(int(IoDirection.OUT), size, port, 1, (value & (2 ** (8 * size) - 1)).to_bytes(size, "little"))
-            if kind == "in":
-                self._pending = ("io", ev[2])
-                return IoExit(int(IoDirection.IN), ev[2], ev[1], 1, b"")
-            if kind in ("fault", "wprot"):
-                return exits.handle_fault(self, ev)
-            if kind == "xprot":
+            cls = type(ev)
+            if cls is IoExit:
+                if ev.direction == _IN:
+                    self._pending_completion = PendingIn(ev.size)
+                return ev
+            if cls is ExceptionEvent:
+                return exits.handle_exception(self, ev)
+            if cls is FetchProtEvent:
                 return exits.handle_xprot(self, ev)
-            if kind == "intr":
-                return exits.handle_exception(self, ev[1], ev[2], ev[3])
+            return exits.handle_fault(self, ev)  # MemoryEvent, WriteProtEvent
         if err == c.UC_ERR_INSN_INVALID:
             return exits.handle_ud(self)
         if err is not None:
             return ShutdownExit()
         with self._vm._lock:  # an invalidation that stopped us has finished once we hold it
-            stopped = self._stop_gen != gen
+            stopped = self._invalidation_gen != gen
         if self._kick or stopped:
             if quiet:
                 with self.uc_lock:
-                    self._pc = self._engine.read_pc()
+                    self._next_pc = self._engine.read_pc()
             if self._kick:
                 self._kick = False
                 return IntrExit()
