@@ -222,3 +222,34 @@ def test_get_memory_attributes_encodes_before_the_support_check(backend):
             vm.get_memory_attributes(2**64, P)
         assert info.value.errno == errno.EINVAL and "address" in str(info.value)
         vm.close()
+
+
+@pytest.mark.parametrize("bits", [8, 32, 64])
+def test_encoders_agree_with_twos_complement_at_the_width_boundaries(bits) -> None:
+    """encode_unsigned/encode_signed return what a C field of ``bits`` holds, on and off their
+    fast path for plain in-range ints (bools and IntEnums take the full path: same value)."""
+    import enum
+
+    from guestmem.encoding import encode_signed, encode_unsigned
+
+    limit = 1 << bits
+
+    def signed(v: int) -> int:
+        v %= limit
+        return v - limit if v >> (bits - 1) else v
+
+    Big = enum.IntEnum("Big", {"TOP": limit - 1})
+    edges = [0, 1, (limit >> 1) - 1, limit >> 1, limit - 1, -1, -(limit >> 1), True, Big.TOP]
+    for v in edges:
+        got_u, got_s = encode_unsigned(v, bits, "x"), encode_signed(v, bits, "x")
+        assert (got_u, got_s) == (v % limit, signed(v)), v
+        assert type(got_u) is int and type(got_s) is int
+    for v in (limit, -(limit >> 1) - 1):
+        for encode in (encode_unsigned, encode_signed):
+            with pytest.raises(OSError) as exc:
+                encode(v, bits, "x")
+            assert exc.value.errno == errno.EINVAL and "x=" in str(exc.value)
+    for v in (1.0, "1", None):
+        for encode in (encode_unsigned, encode_signed):
+            with pytest.raises(TypeError, match="x must be an int"):
+                encode(v, bits, "x")

@@ -17,9 +17,6 @@ from typing import Any, Iterable
 
 from .errors import oserror
 
-_U64_LIMIT = 1 << 64
-
-
 def check_int(value: Any, field: str) -> None:
     """TypeError naming ``field`` unless ``value`` is an int (bool included): no ``int()`` of
     floats, strings or bytes."""
@@ -65,17 +62,12 @@ def encode_unsigned(value: int, bits: int, field: str) -> int:
 
     :raises OSError: EINVAL if ``value < -2**(bits-1)`` or ``value >= 2**bits``.
     """
+    if value.__class__ is int and value >= 0 and not value >> bits:
+        return value  # a plain int in range, as nearly every call passes: no further work
     check_int(value, field)
     if not -(1 << (bits - 1)) <= value < (1 << bits):
         raise oserror(errno.EINVAL, f"{field}={value:#x} does not fit in a u{bits}")
     return value & ((1 << bits) - 1)
-
-
-def encode_u64(value: int, field: str) -> int:
-    """``encode_unsigned(value, 64, field)`` with a fast path for an int already in range."""
-    if value.__class__ is int and 0 <= value < _U64_LIMIT:
-        return value
-    return encode_unsigned(value, 64, field)
 
 
 def encode_signed(value: int, bits: int, field: str) -> int:
@@ -84,6 +76,8 @@ def encode_signed(value: int, bits: int, field: str) -> int:
 
     :raises OSError: EINVAL if no ``bits``-wide field can hold ``value``.
     """
+    if value.__class__ is int and value >= 0 and not value >> (bits - 1):
+        return value  # a plain int that is non-negative as the field reads it
     value = encode_unsigned(value, bits, field)
     return value - (1 << bits) if value >> (bits - 1) else value
 

@@ -65,7 +65,7 @@ def encode_mmap_args(length: int, offset: int, prot: int, flags: int) -> tuple[i
             and 0 <= length < _S64_LIMIT and 0 <= offset < _S64_LIMIT and 0 <= prot < _S32_LIMIT
             and 0 <= flags < _S32_LIMIT):
         # Already as C passes them (every internal window switch of the model's vCPUs comes here:
-        # the checks below measured ~0.8 µs of a ~40 µs conversion round trip).
+        # the checks below measured ~0.8 µs of the ~40 µs round trip `guestmem bench conversion` times).
         return length, offset, prot, flags
     check_int(length, "length")
     check_int(offset, "offset")
@@ -122,7 +122,8 @@ def fallocate_encoded(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) for arguments the caller has already encoded (s32 mode, loff_t offset and len).
 
     For the model's own memfds, whose arguments passed the guest_memfd checks; same errors
-    as ``fallocate``.
+    as ``fallocate``. Skipping the encoders saves ~0.2 us of the ~5 us 4 KiB allocate and punch
+    that `guestmem bench fileops` times.
     """
     if _fallocate(fd, mode, offset, length):
         err = ctypes.get_errno()

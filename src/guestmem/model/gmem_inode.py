@@ -36,7 +36,7 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from ..encoding import encode_array, encode_signed, encode_u64
+from ..encoding import encode_array, encode_signed, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..uapi import PAGE_SHIFT, PAGE_SIZE, GuestMemfdFlag, MemoryAttribute
@@ -44,7 +44,7 @@ from ..uapi import PAGE_SHIFT, PAGE_SIZE, GuestMemfdFlag, MemoryAttribute
 if TYPE_CHECKING:
     from .vm import Vm
 
-PRIVATE = int(MemoryAttribute.PRIVATE)
+PRIVATE = int(MemoryAttribute.PRIVATE)  # stored in the attribute maps, which the fault path tests with &
 _U64 = (1 << 64) - 1
 
 
@@ -272,8 +272,8 @@ class FileOps:
         """
         with self.vm._lock:
             self._check()
-            offset, size = encode_u64(offset, "offset"), encode_u64(size, "size")
-            attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
+            offset, size = encode_unsigned(offset, 64, "offset"), encode_unsigned(size, 64, "size")
+            attributes, flags = encode_unsigned(attributes, 64, "attributes"), encode_unsigned(flags, 64, "flags")
             words = () if reserved is None else encode_array(reserved, 11, 64, "reserved")
             if not self._in_place:
                 raise oserror(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2 needs kvm.gmem_in_place_conversion")
@@ -321,7 +321,7 @@ class FileOps:
         """
         with self.vm._lock:
             self._check()
-            offset, length = encode_u64(offset, "offset"), encode_u64(length, "length")
+            offset, length = encode_unsigned(offset, 64, "offset"), encode_unsigned(length, 64, "length")
             if length == 0 or (offset | length) & (PAGE_SIZE - 1) or offset + length > self.size:
                 raise oserror(errno.EINVAL, f"pin [{offset:#x}, +{length:#x}) is not whole pages of the file")
             start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from ..encoding import encode_u64, encode_unsigned
+from ..encoding import encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..types import CpuidEntry
 from ..uapi import (KVM_ADDRESS_SPACE_NUM, KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_USER_MEM_SLOTS,
@@ -88,7 +88,7 @@ class System:
         :raises OSError: EBADF if closed. Mirrors kvm_vm_ioctl_check_extension_generic (kvm == NULL).
         """
         self._check()
-        return self._extension(encode_u64(cap, "cap"), None)
+        return self._extension(encode_unsigned(cap, 64, "cap"), None)
 
     def _extension(self, cap: int, vm: "Vm | None") -> int:
         """Capability values of spec 1.2 for the profile, on /dev/kvm (vm None) or a VM."""

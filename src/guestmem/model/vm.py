@@ -29,7 +29,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..encoding import encode_array, encode_fd, encode_u64, encode_unsigned
+from ..encoding import encode_array, encode_fd, encode_unsigned
 from ..errors import oserror, refuse_copy
 from ..rangemap import RangeMap
 from ..types import MemoryRegion
@@ -163,7 +163,7 @@ class Vm(VmState):
         :raises OSError: EBADF if the VM fd is closed. Mirrors kvm_vm_ioctl_check_extension_generic.
         """
         self._check()
-        return self.system._extension(encode_u64(cap, "cap"), self)
+        return self.system._extension(encode_unsigned(cap, 64, "cap"), self)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM (api.rst 4.37): KVM_CAP_EXIT_HYPERCALL and KVM_CAP_DISABLE_QUIRKS2.
@@ -203,11 +203,7 @@ class Vm(VmState):
         """
         with self._lock:
             self._check()
-            # Plain ints already in range encode to themselves; anything else takes the full encoder.
-            if type(size) is not int or not 0 <= size <= _U64:
-                size = encode_unsigned(size, 64, "size")
-            if type(flags) is not int or not 0 <= flags <= _U64:
-                flags = encode_unsigned(flags, 64, "flags")
+            size, flags = encode_unsigned(size, 64, "size"), encode_unsigned(flags, 64, "flags")
             if reserved is not None:
                 encode_array(reserved, 6, 64, "reserved")  # never checked, but must fit the struct
             if flags:
@@ -499,8 +495,8 @@ class Vm(VmState):
         """
         with self._lock:
             self._check()
-            address, size = encode_u64(address, "address"), encode_u64(size, "size")
-            attributes, flags = encode_u64(attributes, "attributes"), encode_u64(flags, "flags")
+            address, size = encode_unsigned(address, 64, "address"), encode_unsigned(size, 64, "size")
+            attributes, flags = encode_unsigned(attributes, 64, "attributes"), encode_unsigned(flags, 64, "flags")
             if not self._profile.memory_attributes:
                 raise oserror(errno.ENOTTY, "this kernel has no KVM_SET_MEMORY_ATTRIBUTES")
             if flags:
