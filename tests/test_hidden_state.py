@@ -45,3 +45,46 @@ def test_set_cpl_makes_privileged_instructions_fault_at_cpl3(cpl, vectors):
     uc.reg_write(hidden_state.unicorn().x86_const.UC_X86_REG_RFLAGS, 0x2)
     assert hidden_state.HiddenState(uc).set_cpl(cpl)
     assert run() == vectors
+
+
+# --- the versions the layout was verified on ------------------------------------------------
+
+def test_the_installed_unicorn_is_a_verified_one():
+    lo, hi = hidden_state.VERIFIED_UNICORN
+    assert lo <= hidden_state.unicorn_version() <= hi
+
+
+def test_pyproject_pins_unicorn_to_the_verified_range():
+    """The dependency pin and the runtime fence name the same versions, so they cannot drift."""
+    import pathlib
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = [Requirement(d) for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    (spec,) = [d.specifier for d in deps if d.name == "unicorn"]
+    lo, hi = hidden_state.VERIFIED_UNICORN
+    assert spec.contains(".".join(map(str, lo))) and spec.contains(".".join(map(str, hi)))
+    below = ".".join(map(str, (*lo[:2], lo[2] - 1))) if lo[2] else f"{lo[0]}.{lo[1] - 1}.99"
+    above = ".".join(map(str, (*hi[:2], hi[2] + 1)))
+    assert not spec.contains(below) and not spec.contains(above), f"{spec} allows unverified versions"
+
+
+@pytest.mark.parametrize("version", [(2, 1, 3), (2, 1, 5), (2, 2, 0), (3, 0, 0)])
+def test_an_unverified_unicorn_is_refused_with_a_clear_error(monkeypatch, version):
+    """Outside the verified range the patches could write into QEMU's CPU state at random (a
+    crash); the engine is refused before any patch, with both versions in the message."""
+    monkeypatch.setattr(hidden_state, "unicorn_version", lambda: version)
+    uc, _ = hidden_state._paged_engine()
+    with pytest.raises(ImportError, match=r"verified on Unicorn 2\.1\.4.*is " + r"\.".join(map(str, version))):
+        hidden_state.HiddenState(uc)
+
+
+def test_a_model_vcpu_on_an_unverified_unicorn_fails_its_run_with_the_error(monkeypatch):
+    import guestmem
+
+    monkeypatch.setattr(hidden_state, "unicorn_version", lambda: (2, 2, 0))
+    with guestmem.open_system("model") as system, system.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        with pytest.raises(ImportError, match="pip install 'unicorn==2.1.4'"):
+            vcpu.run()

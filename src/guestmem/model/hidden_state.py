@@ -27,6 +27,13 @@ Why each field:
   Found from the general registers at the start of the copy (RAX is the first field; hflags
   follows regs[16], eip, eflags, cc_dst/src/src2, cc_op and df); confirmed by ``cli`` raising
   #GP at CPL 3 with IOPL 0.
+
+Versions. The offsets between fields (``_OLD_EXCEPTION_TO_ERROR_CODE``, ``_REGS_TO_HFLAGS``)
+and the behaviour the calibration relies on were verified on the libunicorn versions in
+``VERIFIED_UNICORN``, and pyproject.toml pins the same range. On another version a wrong
+offset would make the vCPU write into QEMU's CPU state at random, which can crash the process,
+so ``HiddenState`` refuses to start (ImportError naming both versions); widen the range only
+after ``tests/test_hidden_state.py`` and the vCPU tests pass on the new version.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import threading
 from .unicorn_cpu import EFER, unicorn
 
 _UNKNOWN = -2
+# Inclusive range of libunicorn versions (major, minor, patch) the layout above was verified on.
+VERIFIED_UNICORN = ((2, 1, 4), (2, 1, 4))
 _offsets: dict[str, int | None] = {}
 _lock = threading.Lock()
 
@@ -55,6 +64,22 @@ _OLD_EXCEPTION_TO_ERROR_CODE = 4 + 4 + 8 + 8 * 8 + 4 * 8
 _REGS_TO_HFLAGS = 16 * 8 + 8 + 8 + 3 * 8 + 4 + 4
 _HF_CPL_MASK = 3
 _RAX_MARK, _RBX_MARK = 0x6775_6573_746D_656D, 0x1357_9BDF_2468_ACE0
+
+
+def unicorn_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the libunicorn the binding loaded (``uc_version``'s combined word)."""
+    combined = unicorn().uc_version()[2]
+    return (combined >> 24) & 0xFF, (combined >> 16) & 0xFF, (combined >> 8) & 0xFF
+
+
+def check_unicorn_version() -> None:
+    """ImportError unless the loaded libunicorn is in ``VERIFIED_UNICORN`` (module doc)."""
+    version = unicorn_version()
+    lo, hi = VERIFIED_UNICORN
+    if not lo <= version <= hi:
+        found, want = ".".join(map(str, version)), "-".join(".".join(map(str, v)) for v in dict.fromkeys((lo, hi)))
+        raise ImportError(f"model vCPUs patch Unicorn's private CPU layout, verified on Unicorn {want}; "
+                          f"the loaded libunicorn is {found}: pip install 'unicorn=={'.'.join(map(str, hi))}'")
 
 
 def _context_bytes(ctx) -> bytes:
@@ -149,9 +174,10 @@ class HiddenState:
     def __init__(self, uc) -> None:
         from unicorn.unicorn_py3 import unicorn as binding
 
+        self._ctx = ctypes.c_void_p()
+        check_unicorn_version()
         self._lib = binding.uclib
         self._h = uc._uch
-        self._ctx = ctypes.c_void_p()
 
     def __del__(self) -> None:
         if self._ctx.value:
