@@ -36,8 +36,13 @@ its next exit, or when kicked (``kick``), as the SDM allows until it serialises.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..uapi import PAGE_SIZE as PAGE
+
+if TYPE_CHECKING:
+    from .regions import Region, RegionMap
 
 _string_at = ctypes.string_at
 _PAGE_MASK = PAGE - 1
@@ -49,13 +54,23 @@ def _view(host: int, n: int):
     return (ctypes.c_char * n).from_address(host)
 
 
+@dataclass(slots=True)
+class CodeSpan:
+    """The bytes [lo, hi) of one guest-physical page that TBs were translated from."""
+
+    lo: int
+    hi: int
+    copy: bytes  # the bytes when they were translated
+    view: ctypes.Array  # the same bytes in memory now, through the engine region's host pointer
+    gen: int  # ``RegionMap.gen`` when ``view`` was made: a later unmap may leave it dangling
+    found: tuple[int, Region]  # (base, region) of the engine region the page was found in
+
+
 class CodeCache:
     """Byte spans of guest-physical pages that the engine's TBs were translated from."""
 
     def __init__(self) -> None:
-        # physical page -> [low offset, high offset, copy of the bytes, view of memory, regions.gen,
-        #                   the Region it was found in]
-        self.pages: dict[int, list] = {}
+        self.pages: dict[int, CodeSpan] = {}  # physical page -> its span
 
     def __len__(self) -> int:
         return len(self.pages)
@@ -64,7 +79,7 @@ class CodeCache:
         """Forget every span (the caller just flushed every TB)."""
         self.pages.clear()
 
-    def record(self, pa: int, n: int, regions) -> None:
+    def record(self, pa: int, n: int, regions: RegionMap) -> None:
         """A TB covers [pa, pa+n) (within one page) of guest-physical memory."""
         page, lo = pa & ~_PAGE_MASK, pa & _PAGE_MASK
         hi = lo + n
@@ -74,28 +89,28 @@ class CodeCache:
         host = found[1].ptr + page - found[0]
         e = self.pages.get(page)
         if e is None:
-            self.pages[page] = [lo, hi, _string_at(host + lo, n), _view(host + lo, n), regions.gen, found]
+            self.pages[page] = CodeSpan(lo, hi, _string_at(host + lo, n), _view(host + lo, n), regions.gen, found)
             return
-        old_lo, old_hi, old = e[0], e[1], e[2]
+        old_lo, old_hi = e.lo, e.hi
         if lo >= old_lo and hi <= old_hi:
             return
         new_lo, new_hi = min(lo, old_lo), max(hi, old_hi)
         # keep the old copy for the old span: a change already made there must still show
-        copy = _string_at(host + new_lo, old_lo - new_lo) + old + _string_at(host + old_hi, new_hi - old_hi)
-        e[:] = [new_lo, new_hi, copy, _view(host + new_lo, new_hi - new_lo), regions.gen, found]
+        e.copy = _string_at(host + new_lo, old_lo - new_lo) + e.copy + _string_at(host + old_hi, new_hi - old_hi)
+        e.lo, e.hi, e.view, e.gen, e.found = new_lo, new_hi, _view(host + new_lo, new_hi - new_lo), regions.gen, found
 
-    def stale(self, regions) -> bool:
+    def stale(self, regions: RegionMap) -> bool:
         """Whether memory under a recorded span differs from its copy, or is no longer mapped."""
         gen = regions.gen
         for page, e in self.pages.items():
-            if e[4] != gen:  # a region was unmapped since: the view may dangle
-                base, region = e[5]
+            if e.gen != gen:  # a region was unmapped since: the view may dangle
+                base, region = e.found
                 if regions.regions.get(base) is not region:  # its region went: find the page again
                     found = regions.region_of(page)
                     if found is None:
                         return True
-                    e[3], e[5] = _view(found[1].ptr + page - found[0] + e[0], e[1] - e[0]), found
-                e[4] = gen
-            if e[3].raw != e[2]:
+                    e.view, e.found = _view(found[1].ptr + page - found[0] + e.lo, e.hi - e.lo), found
+                e.gen = gen
+            if e.view.raw != e.copy:
                 return True
         return False
