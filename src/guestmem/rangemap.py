@@ -252,14 +252,15 @@ class RangeMap(Generic[V]):
         # The runs to replace are those overlapping or touching [start, end]: from L, the
         # first run with end >= start, through R, the last run with start <= end. They are
         # [(cl, il), (cr, jr)) in (chunk, index) positions; (cr, jr) is exclusive.
-        left = right = None
+        left_s = None
+        left_v: Any = None
         cl = bisect_right(firsts, start - 1) - 1
         if cl < 0:
             cl = il = 0
         else:
             il = bisect_right(S[cl], start - 1) - 1  # the last run starting before `start`
             if E[cl][il] >= start:
-                left = (S[cl][il], Vs[cl][il])
+                left_s, left_v = S[cl][il], Vs[cl][il]
             else:
                 il += 1
         cr = bisect_right(firsts, end) - 1
@@ -268,42 +269,44 @@ class RangeMap(Generic[V]):
         else:
             jr = bisect_right(S[cr], end)
         # cl < cr implies chunk cr's first run starts in [start, end], so the set is non-empty
-        if cl != cr or il != jr:
-            right = (S[cr][jr - 1], E[cr][jr - 1], Vs[cr][jr - 1])
-        self._splice(cl, il, cr, jr, *self._replacement(start, end, value, left, right))
+        # and jr >= 1; so is a non-empty set inside one chunk (jr > il >= 0).
+        covered = cl != cr or il != jr
+        ns, ne, nv = self._replacement(start, end, value, left_s, left_v, S[cr], E[cr], Vs[cr], jr if covered else 0)
+        self._splice(cl, il, cr, jr, ns, ne, nv)
 
-    def _replacement(self, start: int, end: int, value: V, left: tuple[int, Any] | None,
-                     right: tuple[int, int, Any] | None) -> tuple[array, array, list[Any]]:
+    def _replacement(self, start: int, end: int, value: V, left_s: int | None, left_v: Any,
+                     rs: array, re: array, rv: list[Any], jr: int) -> tuple[array, array, list[Any]]:
         """The (at most three) runs that replace the covered ones when ``[start, end)`` gets
-        ``value``: what is left of the first covered run ``left`` (start, value) before
-        ``start``, the new run merged with equal neighbours, what is left of the last covered
-        run ``right`` (start, end, value) after ``end``. As (starts, ends, values)."""
+        ``value``: what is left of the first covered run (``left_s``, ``left_v``; None if it
+        starts at or after ``start``) before ``start``, the new run merged with equal
+        neighbours, and what is left after ``end`` of the last covered run, ``jr - 1`` in the
+        chunk ``rs``/``re``/``rv`` (``jr`` 0: nothing is covered). As (starts, ends, values)."""
         new_start, new_end = start, end
         ns = array("q")
         ne = array("q")
         nv: list[Any] = []
-        tail = None
-        if left is not None:
-            if left[1] == value:
-                new_start = left[0]
+        tail = False
+        if left_s is not None:
+            if left_v == value:
+                new_start = left_s
             else:  # keep the part before `start` (the whole run if it only touches)
-                ns.append(left[0])
+                ns.append(left_s)
                 ne.append(start)
-                nv.append(left[1])
-        if right is not None:
-            right_s, right_e, right_v = right
+                nv.append(left_v)
+        if jr:
+            right_e, right_v = re[jr - 1], rv[jr - 1]
             if right_v == value:
                 new_end = max(end, right_e)
             elif right_e > end:  # keep the part after `end` (the whole run if it only touches)
-                tail = (max(right_s, end), right_e, right_v)
+                tail = True
         if value != self.default:
             ns.append(new_start)
             ne.append(new_end)
             nv.append(value)
-        if tail is not None:
-            ns.append(tail[0])
-            ne.append(tail[1])
-            nv.append(tail[2])
+        if tail:
+            ns.append(max(rs[jr - 1], end))
+            ne.append(right_e)
+            nv.append(right_v)
         return ns, ne, nv
 
     def _splice(self, cl: int, il: int, cr: int, jr: int, ns: array, ne: array, nv: list[Any]) -> None:
