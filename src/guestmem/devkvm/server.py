@@ -4,7 +4,8 @@ This module runs inside the KVM program (embedded by the native library, ``nativ
 It is the mirror image of ``guestmem.kvm``: where ``kvm`` encodes a Python call into an
 ioctl on a uapi struct, this decodes the ioctl's struct (``guestmem.uapi`` layouts, read
 and written in place at the program's pointer) into the same call on a ``guestmem.model``
-object, and encodes the result back. It uses only the model's public methods.
+object, and encodes the result back (the struct codecs are ``devkvm.structs``). It uses only
+the model's public methods.
 
 Data model
 ----------
@@ -39,8 +40,9 @@ from typing import Any, Callable
 from .. import hostmem, uapi
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
-from ..types import (CpuidEntry, DTable, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
-                     IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs, ShutdownExit, UnknownExit)
+from ..types import HypercallExit, IntrExit, IoExit, MmioExit
+from .structs import (get_cpuid, get_regs, get_sregs, msr_entries, put_cpuid, put_exit, put_msr_list, put_regs,
+                      put_sregs, put_u32, s32, s64, struct_at)
 
 # Operation numbers of interpose.c
 IOCTL, MMAP, MUNMAP, FALLOCATE, FSTAT, READ, WRITE, PREAD, PWRITE, LSEEK, FTRUNCATE, CLOSE, DUP, DUP3 = range(1, 15)
@@ -53,7 +55,6 @@ PASS = 1  # munmap/fstat: not the model's, let the C library do it
 # kvm_arch_vcpu_ioctl defaults; measured on the host by tests/c/gmem_vm.c). guest_memfd files
 # have no ioctls: the VFS answers ENOTTY.
 _UNKNOWN_IOCTL_ERRNO = {"system": errno.EINVAL, "vm": errno.ENOTTY, "vcpu": errno.EINVAL, "gmem": errno.ENOTTY}
-_PIO_OFFSET = uapi.PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE
 _IOCTL_NAMES = {getattr(uapi, n): n for n in dir(uapi) if n.startswith("KVM_") and isinstance(getattr(uapi, n), int)
                 and (getattr(uapi, n) >> 8) & 0xFF == uapi.KVMIO}
 
@@ -100,9 +101,9 @@ class Server:
                 uapi.KVM_CREATE_VM: self._create_vm,
                 uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg),
                 uapi.KVM_GET_VCPU_MMAP_SIZE: lambda f, arg: f.obj.vcpu_mmap_size(),
-                uapi.KVM_GET_SUPPORTED_CPUID: lambda f, arg: _put_cpuid(arg, f.obj.get_supported_cpuid()),
-                uapi.KVM_GET_MSR_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_index_list()),
-                uapi.KVM_GET_MSR_FEATURE_INDEX_LIST: lambda f, arg: _put_msr_list(arg, f.obj.get_msr_feature_index_list()),
+                uapi.KVM_GET_SUPPORTED_CPUID: lambda f, arg: put_cpuid(arg, f.obj.get_supported_cpuid()),
+                uapi.KVM_GET_MSR_INDEX_LIST: lambda f, arg: put_msr_list(arg, f.obj.get_msr_index_list()),
+                uapi.KVM_GET_MSR_FEATURE_INDEX_LIST: lambda f, arg: put_msr_list(arg, f.obj.get_msr_feature_index_list()),
             },
             "vm": {
                 uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg),
@@ -121,16 +122,16 @@ class Server:
             "gmem": {},
             "vcpu": {
                 uapi.KVM_RUN: self._run,
-                uapi.KVM_GET_REGS: lambda f, arg: _put_regs(arg, f.obj.get_regs()),
-                uapi.KVM_SET_REGS: lambda f, arg: f.obj.set_regs(_get_regs(arg)) or 0,
-                uapi.KVM_GET_SREGS: lambda f, arg: _put_sregs(arg, f.obj.get_sregs()),
-                uapi.KVM_SET_SREGS: lambda f, arg: f.obj.set_sregs(_get_sregs(arg)) or 0,
-                uapi.KVM_GET_CPUID2: lambda f, arg: _put_cpuid(arg, f.obj.get_cpuid2()),
-                uapi.KVM_SET_CPUID2: lambda f, arg: f.obj.set_cpuid2(_get_cpuid(arg)) or 0,
+                uapi.KVM_GET_REGS: lambda f, arg: put_regs(arg, f.obj.get_regs()),
+                uapi.KVM_SET_REGS: lambda f, arg: f.obj.set_regs(get_regs(arg)) or 0,
+                uapi.KVM_GET_SREGS: lambda f, arg: put_sregs(arg, f.obj.get_sregs()),
+                uapi.KVM_SET_SREGS: lambda f, arg: f.obj.set_sregs(get_sregs(arg)) or 0,
+                uapi.KVM_GET_CPUID2: lambda f, arg: put_cpuid(arg, f.obj.get_cpuid2()),
+                uapi.KVM_SET_CPUID2: lambda f, arg: f.obj.set_cpuid2(get_cpuid(arg)) or 0,
                 uapi.KVM_GET_MSRS: _get_msrs,
                 uapi.KVM_SET_MSRS: _set_msrs,
-                uapi.KVM_GET_MP_STATE: lambda f, arg: _put_u32(arg, f.obj.get_mp_state()),
-                uapi.KVM_SET_MP_STATE: lambda f, arg: f.obj.set_mp_state(_struct(uapi.kvm_mp_state, arg).mp_state) or 0,
+                uapi.KVM_GET_MP_STATE: lambda f, arg: put_u32(arg, f.obj.get_mp_state()),
+                uapi.KVM_SET_MP_STATE: lambda f, arg: f.obj.set_mp_state(struct_at(uapi.kvm_mp_state, arg).mp_state) or 0,
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
                 uapi.KVM_SET_TSC_KHZ: lambda f, arg: f.obj.set_tsc_khz(arg) or 0,
                 uapi.KVM_PRE_FAULT_MEMORY: _pre_fault_memory,
@@ -227,7 +228,7 @@ class Server:
         return fd
 
     def _create_guest_memfd(self, f: _File, arg: int) -> int:
-        s = _struct(uapi.kvm_create_guest_memfd, arg)
+        s = struct_at(uapi.kvm_create_guest_memfd, arg)
         gmem = f.obj.create_guest_memfd(s.size, s.flags, list(s.reserved))
         return self._install(gmem, "gmem")
 
@@ -261,7 +262,7 @@ class Server:
                 return -errno.EINTR
         else:
             ex = vcpu.run()
-        return _put_exit(page, ex)
+        return put_exit(page, ex)
 
     # --- other file operations ------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class Server:
         if f.kind != "gmem":
             return PASS
         st = f.obj.fstat()
-        s = _struct(uapi.stat, buf)
+        s = struct_at(uapi.stat, buf)
         ctypes.memset(buf, 0, ctypes.sizeof(uapi.stat))
         for name in ("st_mode", "st_ino", "st_size", "st_blksize", "st_blocks", "st_nlink", "st_uid", "st_gid"):
             setattr(s, name, getattr(st, name))
@@ -312,20 +313,20 @@ class Server:
             raise oserror(errno.EINVAL, f"{OP_NAMES[op]} on a KVM {f.kind} fd")
         g = f.obj
         if op == FALLOCATE:
-            g.fallocate(_s32(a), _s64(b), _s64(c))
+            g.fallocate(s32(a), s64(b), s64(c))
             return 0
         if op == READ:
             return len(g.read(b))
         if op == WRITE:
             return g.write(ctypes.string_at(a, b))
         if op == PREAD:
-            return len(g.pread(b, _s64(c)))
+            return len(g.pread(b, s64(c)))
         if op == PWRITE:
-            return g.pwrite(ctypes.string_at(a, b), _s64(c))
+            return g.pwrite(ctypes.string_at(a, b), s64(c))
         if op == LSEEK:
-            return g.lseek(_s64(a), _s32(b))
+            return g.lseek(s64(a), s32(b))
         if op == FTRUNCATE:
-            g.truncate(_s64(a))
+            g.truncate(s64(a))
             return 0
         raise oserror(errno.EINVAL, f"operation {op}")
 
@@ -349,7 +350,7 @@ class Server:
         if op == DUP:
             return self.dup(fd)
         if op == DUP3:
-            return self.dup(fd, _s32(a), b)
+            return self.dup(fd, s32(a), b)
         return self.fileop(op, f, a, b, c)
 
     def trace(self, op: int, fd: int, args: tuple[int, ...], result: int, t0: float, detail: str = "") -> None:
@@ -364,23 +365,7 @@ class Server:
                           f"({(time.perf_counter() - t0) * 1e6:.1f} us)\n")
 
 
-# --- struct codecs (uapi layouts at the program's pointers) -------------------------------------
-
-
-def _struct(cls: type, addr: int) -> Any:
-    if not addr:
-        raise oserror(errno.EFAULT, f"NULL {cls.__name__} pointer")
-    return cls.from_address(addr)
-
-
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >> 31 else v
-
-
-def _s64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
+# --- ioctl handlers that take a struct --------------------------------------------------------
 
 
 def _obj_fd(obj: Any) -> int | None:
@@ -390,98 +375,8 @@ def _obj_fd(obj: Any) -> int | None:
         return None
 
 
-def _put_u32(addr: int, value: int) -> int:
-    _struct(ctypes.c_uint32, addr).value = value
-    return 0
-
-
-_REG_NAMES = [n for n, _ in uapi.kvm_regs._fields_]
-_SEG_NAMES = [n for n, _ in uapi.kvm_segment._fields_ if n != "padding"]
-_SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-
-
-def _get_regs(addr: int) -> Regs:
-    s = _struct(uapi.kvm_regs, addr)
-    return Regs(*[getattr(s, n) for n in _REG_NAMES])
-
-
-def _put_regs(addr: int, regs: Regs) -> int:
-    s = _struct(uapi.kvm_regs, addr)
-    for n in _REG_NAMES:
-        setattr(s, n, getattr(regs, n))
-    return 0
-
-
-def _get_sregs(addr: int) -> Sregs:
-    s = _struct(uapi.kvm_sregs, addr)
-    segs = {n: Segment(*[getattr(getattr(s, n), f) for f in _SEG_NAMES]) for n in _SEGS}
-    return Sregs(**segs, gdt=DTable(s.gdt.base, s.gdt.limit), idt=DTable(s.idt.base, s.idt.limit),
-                 cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
-                 interrupt_bitmap=tuple(s.interrupt_bitmap))
-
-
-def _put_sregs(addr: int, sr: Sregs) -> int:
-    s = _struct(uapi.kvm_sregs, addr)
-    ctypes.memset(addr, 0, ctypes.sizeof(uapi.kvm_sregs))
-    for n in _SEGS:
-        seg, src = getattr(s, n), getattr(sr, n)
-        for f in _SEG_NAMES:
-            setattr(seg, f, getattr(src, f))
-    for n in ("gdt", "idt"):
-        getattr(s, n).base, getattr(s, n).limit = getattr(sr, n).base, getattr(sr, n).limit
-    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-        setattr(s, n, getattr(sr, n))
-    for i, v in enumerate(sr.interrupt_bitmap):
-        s.interrupt_bitmap[i] = v
-    return 0
-
-
-_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
-_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
-
-
-def _get_cpuid(addr: int) -> list[CpuidEntry]:
-    hdr = _struct(uapi.kvm_cpuid2, addr)
-    if hdr.nent > 256:
-        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} > 256")
-    entries = (uapi.kvm_cpuid_entry2 * hdr.nent).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
-    return [CpuidEntry(*[getattr(e, n) for n in _CPUID_FIELDS]) for e in entries]
-
-
-def _put_cpuid(addr: int, table: tuple[CpuidEntry, ...]) -> int:
-    """Write ``table`` after the header; E2BIG (nent unchanged) if nent is too small."""
-    hdr = _struct(uapi.kvm_cpuid2, addr)
-    if hdr.nent < len(table):
-        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} < {len(table)} entries")
-    entries = (uapi.kvm_cpuid_entry2 * len(table)).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
-    ctypes.memset(ctypes.addressof(entries), 0, ctypes.sizeof(entries))
-    for e, src in zip(entries, table):
-        for n in _CPUID_FIELDS:
-            setattr(e, n, getattr(src, n))
-    hdr.nent = len(table)
-    return 0
-
-
-def _put_msr_list(addr: int, indices: tuple[int, ...]) -> int:
-    """kvm_msr_list: E2BIG with nmsrs set to the count if the buffer is too small."""
-    hdr = _struct(uapi.kvm_msr_list, addr)
-    n, hdr.nmsrs = hdr.nmsrs, len(indices)
-    if n < len(indices):
-        raise oserror(errno.E2BIG, f"kvm_msr_list.nmsrs {n} < {len(indices)}")
-    arr = (ctypes.c_uint32 * len(indices)).from_address(addr + ctypes.sizeof(uapi.kvm_msr_list))
-    arr[:] = indices
-    return 0
-
-
-def _msr_entries(addr: int) -> Any:
-    hdr = _struct(uapi.kvm_msrs, addr)
-    if hdr.nmsrs >= 0x4000:  # MAX_IO_MSRS
-        raise oserror(errno.E2BIG, f"kvm_msrs.nmsrs {hdr.nmsrs} too large")
-    return (uapi.kvm_msr_entry * hdr.nmsrs).from_address(addr + ctypes.sizeof(uapi.kvm_msrs))
-
-
 def _get_msrs(f: _File, addr: int) -> int:
-    entries = _msr_entries(addr)
+    entries = msr_entries(addr)
     got = f.obj.get_msrs([e.index for e in entries])
     for e, (_, value) in zip(entries, got):
         e.data = value
@@ -489,17 +384,17 @@ def _get_msrs(f: _File, addr: int) -> int:
 
 
 def _set_msrs(f: _File, addr: int) -> int:
-    return f.obj.set_msrs([(e.index, e.data) for e in _msr_entries(addr)])
+    return f.obj.set_msrs([(e.index, e.data) for e in msr_entries(addr)])
 
 
 def _set_user_memory_region(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_userspace_memory_region, addr)
+    s = struct_at(uapi.kvm_userspace_memory_region, addr)
     f.obj.set_user_memory_region(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
     return 0
 
 
 def _set_user_memory_region2(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_userspace_memory_region2, addr)
+    s = struct_at(uapi.kvm_userspace_memory_region2, addr)
     f.obj.set_user_memory_region2(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr,
                                   _model_fd(s.guest_memfd), s.guest_memfd_offset, s.pad1, list(s.pad2))
     return 0
@@ -519,19 +414,19 @@ def _model_fd(fd: int) -> int:
 
 
 def _set_memory_attributes(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_memory_attributes, addr)
+    s = struct_at(uapi.kvm_memory_attributes, addr)
     f.obj.set_memory_attributes(s.address, s.size, s.attributes, s.flags)
     return 0
 
 
 def _enable_cap(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_enable_cap, addr)
+    s = struct_at(uapi.kvm_enable_cap, addr)
     f.obj.enable_cap(s.cap, *s.args, flags=s.flags)
     return 0
 
 
 def _get_dirty_log(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_dirty_log, addr)
+    s = struct_at(uapi.kvm_dirty_log, addr)
     log = f.obj.get_dirty_log(s.slot)
     if not s.dirty_bitmap:
         raise oserror(errno.EFAULT, "kvm_dirty_log.dirty_bitmap is NULL")
@@ -540,7 +435,7 @@ def _get_dirty_log(f: _File, addr: int) -> int:
 
 
 def _clear_dirty_log(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_clear_dirty_log, addr)
+    s = struct_at(uapi.kvm_clear_dirty_log, addr)
     if not s.dirty_bitmap:
         raise oserror(errno.EFAULT, "kvm_clear_dirty_log.dirty_bitmap is NULL")
     bitmap = ctypes.string_at(s.dirty_bitmap, (s.num_pages + 63) // 64 * 8)
@@ -560,7 +455,7 @@ def _set_signal_mask(f: _File, addr: int) -> int:
     if not addr:
         f.sigmask = None
         return 0
-    n = _struct(ctypes.c_uint32, addr).value
+    n = struct_at(ctypes.c_uint32, addr).value
     if n != _KERNEL_SIGSET_BYTES:
         raise oserror(errno.EINVAL, f"kvm_signal_mask.len {n} != {_KERNEL_SIGSET_BYTES}")
     bits = int.from_bytes(ctypes.string_at(addr + 4, n), "little")
@@ -569,68 +464,12 @@ def _set_signal_mask(f: _File, addr: int) -> int:
 
 
 def _pre_fault_memory(f: _File, addr: int) -> int:
-    s = _struct(uapi.kvm_pre_fault_memory, addr)
+    s = struct_at(uapi.kvm_pre_fault_memory, addr)
     try:
         s.gpa, s.size = f.obj.pre_fault_memory(s.gpa, s.size, s.flags)
     except OSError:
         raise
     return 0
-
-
-def _put_exit(page: _RunPage, ex: Any) -> int:
-    """Fill kvm_run for ``ex``; returns KVM_RUN's result (0, or -errno for EINTR/EFAULT exits)."""
-    run = page.run
-    x = run.exit
-    R = uapi.ExitReason
-    if isinstance(ex, IoExit):
-        run.exit_reason = R.IO
-        x.io.direction, x.io.size, x.io.port, x.io.count = ex.direction, ex.size, ex.port, ex.count
-        x.io.data_offset = _PIO_OFFSET
-        if ex.data:
-            ctypes.memmove(page.address + _PIO_OFFSET, ex.data, len(ex.data))
-        page.pending = ex
-        return 0
-    if isinstance(ex, MmioExit):
-        run.exit_reason = R.MMIO
-        x.mmio.phys_addr, x.mmio.len, x.mmio.is_write = ex.phys_addr, ex.len, int(ex.is_write)
-        ctypes.memmove(ctypes.addressof(x.mmio.data), ex.data.ljust(8, b"\0")[:8], 8)
-        page.pending = ex
-        return 0
-    if isinstance(ex, HypercallExit):
-        run.exit_reason = R.HYPERCALL
-        h = x.hypercall
-        h.nr, h.ret, h.flags = ex.nr, ex.ret, ex.flags
-        for i, v in enumerate(ex.args[:6]):
-            h.args[i] = v
-        page.pending = ex
-        return 0
-    if isinstance(ex, MemoryFaultExit):
-        run.exit_reason = R.MEMORY_FAULT
-        x.memory_fault.flags, x.memory_fault.gpa, x.memory_fault.size = ex.flags, ex.gpa, ex.size
-        return -ex.errno
-    if isinstance(ex, HltExit):
-        run.exit_reason = R.HLT
-        return 0
-    if isinstance(ex, IntrExit):
-        run.exit_reason = R.INTR
-        return -errno.EINTR
-    if isinstance(ex, ShutdownExit):
-        run.exit_reason = R.SHUTDOWN
-        return 0
-    if isinstance(ex, InternalErrorExit):
-        run.exit_reason = R.INTERNAL_ERROR
-        x.internal.suberror, x.internal.ndata = ex.suberror, min(len(ex.data), 16)
-        for i, v in enumerate(ex.data[:16]):
-            x.internal.data[i] = v
-        return 0
-    if isinstance(ex, FailEntryExit):
-        run.exit_reason = R.FAIL_ENTRY
-        x.fail_entry.hardware_entry_failure_reason, x.fail_entry.cpu = ex.hardware_entry_failure_reason, ex.cpu
-        return 0
-    if isinstance(ex, UnknownExit):
-        run.exit_reason = ex.reason
-        return 0
-    raise AssertionError(f"unexpected exit {ex!r}")
 
 
 def _mremap_fixed(old: int, length: int, new: int) -> int:

@@ -1,0 +1,185 @@
+"""The drop-in's struct codecs: KVM's uapi structs at a program's pointers <-> guestmem values.
+
+``devkvm.server`` decodes an ioctl's argument struct with these (read and written in place,
+at the address the program passed) and encodes results and exits back. A NULL pointer is
+EFAULT; array headers whose count the kernel bounds give E2BIG as the kernel does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from typing import Any
+
+from .. import uapi
+from ..errors import oserror
+from ..types import (CpuidEntry, DTable, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
+                     IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs, ShutdownExit, UnknownExit)
+
+PIO_OFFSET = uapi.PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: the PIO data follows kvm_run
+
+
+def struct_at(cls: type, addr: int) -> Any:
+    """The ``cls`` struct at ``addr``, in place; EFAULT for NULL."""
+    if not addr:
+        raise oserror(errno.EFAULT, f"NULL {cls.__name__} pointer")
+    return cls.from_address(addr)
+
+
+def s32(v: int) -> int:
+    """A C int argument as the callee sees it (the low 32 bits, signed)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+def s64(v: int) -> int:
+    """A C long argument as the callee sees it (the low 64 bits, signed)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def put_u32(addr: int, value: int) -> int:
+    struct_at(ctypes.c_uint32, addr).value = value
+    return 0
+
+
+_REG_NAMES = [n for n, _ in uapi.kvm_regs._fields_]
+_SEG_NAMES = [n for n, _ in uapi.kvm_segment._fields_ if n != "padding"]
+_SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+def get_regs(addr: int) -> Regs:
+    s = struct_at(uapi.kvm_regs, addr)
+    return Regs(*[getattr(s, n) for n in _REG_NAMES])
+
+
+def put_regs(addr: int, regs: Regs) -> int:
+    s = struct_at(uapi.kvm_regs, addr)
+    for n in _REG_NAMES:
+        setattr(s, n, getattr(regs, n))
+    return 0
+
+
+def get_sregs(addr: int) -> Sregs:
+    s = struct_at(uapi.kvm_sregs, addr)
+    segs = {n: Segment(*[getattr(getattr(s, n), f) for f in _SEG_NAMES]) for n in _SEGS}
+    return Sregs(**segs, gdt=DTable(s.gdt.base, s.gdt.limit), idt=DTable(s.idt.base, s.idt.limit),
+                 cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
+                 interrupt_bitmap=tuple(s.interrupt_bitmap))
+
+
+def put_sregs(addr: int, sr: Sregs) -> int:
+    s = struct_at(uapi.kvm_sregs, addr)
+    ctypes.memset(addr, 0, ctypes.sizeof(uapi.kvm_sregs))
+    for n in _SEGS:
+        seg, src = getattr(s, n), getattr(sr, n)
+        for f in _SEG_NAMES:
+            setattr(seg, f, getattr(src, f))
+    for n in ("gdt", "idt"):
+        getattr(s, n).base, getattr(s, n).limit = getattr(sr, n).base, getattr(sr, n).limit
+    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, n, getattr(sr, n))
+    for i, v in enumerate(sr.interrupt_bitmap):
+        s.interrupt_bitmap[i] = v
+    return 0
+
+
+_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def get_cpuid(addr: int) -> list[CpuidEntry]:
+    hdr = struct_at(uapi.kvm_cpuid2, addr)
+    if hdr.nent > 256:
+        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} > 256")
+    entries = (uapi.kvm_cpuid_entry2 * hdr.nent).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
+    return [CpuidEntry(*[getattr(e, n) for n in _CPUID_FIELDS]) for e in entries]
+
+
+def put_cpuid(addr: int, table: tuple[CpuidEntry, ...]) -> int:
+    """Write ``table`` after the header; E2BIG (nent unchanged) if nent is too small."""
+    hdr = struct_at(uapi.kvm_cpuid2, addr)
+    if hdr.nent < len(table):
+        raise oserror(errno.E2BIG, f"kvm_cpuid2.nent {hdr.nent} < {len(table)} entries")
+    entries = (uapi.kvm_cpuid_entry2 * len(table)).from_address(addr + ctypes.sizeof(uapi.kvm_cpuid2))
+    ctypes.memset(ctypes.addressof(entries), 0, ctypes.sizeof(entries))
+    for e, src in zip(entries, table):
+        for n in _CPUID_FIELDS:
+            setattr(e, n, getattr(src, n))
+    hdr.nent = len(table)
+    return 0
+
+
+def put_msr_list(addr: int, indices: tuple[int, ...]) -> int:
+    """kvm_msr_list: E2BIG with nmsrs set to the count if the buffer is too small."""
+    hdr = struct_at(uapi.kvm_msr_list, addr)
+    n, hdr.nmsrs = hdr.nmsrs, len(indices)
+    if n < len(indices):
+        raise oserror(errno.E2BIG, f"kvm_msr_list.nmsrs {n} < {len(indices)}")
+    arr = (ctypes.c_uint32 * len(indices)).from_address(addr + ctypes.sizeof(uapi.kvm_msr_list))
+    arr[:] = indices
+    return 0
+
+
+def msr_entries(addr: int) -> Any:
+    hdr = struct_at(uapi.kvm_msrs, addr)
+    if hdr.nmsrs >= 0x4000:  # MAX_IO_MSRS
+        raise oserror(errno.E2BIG, f"kvm_msrs.nmsrs {hdr.nmsrs} too large")
+    return (uapi.kvm_msr_entry * hdr.nmsrs).from_address(addr + ctypes.sizeof(uapi.kvm_msrs))
+
+
+def put_exit(page: Any, ex: Any) -> int:
+    """Fill the vCPU's kvm_run page (``page.run``, ``page.address``; ``page.pending`` gets the exit
+    userspace must answer) for ``ex``; returns KVM_RUN's result (0, or -errno for EINTR/EFAULT exits)."""
+    run = page.run
+    x = run.exit
+    R = uapi.ExitReason
+    if isinstance(ex, IoExit):
+        run.exit_reason = R.IO
+        x.io.direction, x.io.size, x.io.port, x.io.count = ex.direction, ex.size, ex.port, ex.count
+        x.io.data_offset = PIO_OFFSET
+        if ex.data:
+            ctypes.memmove(page.address + PIO_OFFSET, ex.data, len(ex.data))
+        page.pending = ex
+        return 0
+    if isinstance(ex, MmioExit):
+        run.exit_reason = R.MMIO
+        x.mmio.phys_addr, x.mmio.len, x.mmio.is_write = ex.phys_addr, ex.len, int(ex.is_write)
+        ctypes.memmove(ctypes.addressof(x.mmio.data), ex.data.ljust(8, b"\0")[:8], 8)
+        page.pending = ex
+        return 0
+    if isinstance(ex, HypercallExit):
+        run.exit_reason = R.HYPERCALL
+        h = x.hypercall
+        h.nr, h.ret, h.flags = ex.nr, ex.ret, ex.flags
+        for i, v in enumerate(ex.args[:6]):
+            h.args[i] = v
+        page.pending = ex
+        return 0
+    if isinstance(ex, MemoryFaultExit):
+        run.exit_reason = R.MEMORY_FAULT
+        x.memory_fault.flags, x.memory_fault.gpa, x.memory_fault.size = ex.flags, ex.gpa, ex.size
+        return -ex.errno
+    if isinstance(ex, HltExit):
+        run.exit_reason = R.HLT
+        return 0
+    if isinstance(ex, IntrExit):
+        run.exit_reason = R.INTR
+        return -errno.EINTR
+    if isinstance(ex, ShutdownExit):
+        run.exit_reason = R.SHUTDOWN
+        return 0
+    if isinstance(ex, InternalErrorExit):
+        run.exit_reason = R.INTERNAL_ERROR
+        x.internal.suberror, x.internal.ndata = ex.suberror, min(len(ex.data), 16)
+        for i, v in enumerate(ex.data[:16]):
+            x.internal.data[i] = v
+        return 0
+    if isinstance(ex, FailEntryExit):
+        run.exit_reason = R.FAIL_ENTRY
+        x.fail_entry.hardware_entry_failure_reason, x.fail_entry.cpu = ex.hardware_entry_failure_reason, ex.cpu
+        return 0
+    if isinstance(ex, UnknownExit):
+        run.exit_reason = ex.reason
+        return 0
+    raise AssertionError(f"unexpected exit {ex!r}")
