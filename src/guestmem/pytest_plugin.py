@@ -151,6 +151,7 @@ def run_until(vcpu: Any, kind: type, *, limit: int = 1000) -> Any:
     (IN and MMIO reads see zeros). :raises AssertionError: no such exit within ``limit`` runs."""
     __tracebackhide__ = True
     from .types import IoExit, MmioExit
+    from .uapi import IoDirection
 
     seen = []
     for _ in range(limit):
@@ -158,7 +159,7 @@ def run_until(vcpu: Any, kind: type, *, limit: int = 1000) -> Any:
         if isinstance(exit, kind):
             return exit
         seen.append(type(exit).__name__)
-        if isinstance(exit, IoExit) and exit.direction == 0:
+        if isinstance(exit, IoExit) and exit.direction == IoDirection.IN:
             vcpu.complete_io(bytes(exit.size * exit.count))
         elif isinstance(exit, MmioExit) and not exit.is_write:
             vcpu.complete_mmio(bytes(exit.len))

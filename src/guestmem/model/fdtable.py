@@ -34,7 +34,7 @@ import threading
 import weakref
 from typing import Any, TypeVar
 
-from ..errors import oserror
+from ..errors import oserror, refuse_copy
 
 T = TypeVar("T")
 
@@ -120,3 +120,50 @@ def lookup(fd: int) -> Any:
     """The table entry for ``fd`` or None (no errors; for tests and diagnostics)."""
     with _lock:
         return _table.get(fd)
+
+
+class FdObject:
+    """What every model object that owns an fd shares, as ``kvm._fd.FdObject`` does for the kvm
+    objects: ``closed``, ``fileno``, the EBADF check and the context manager.
+
+    ``_check()`` is the check every call on the fd makes first (EBADF closed; returns the fd);
+    the VM and vCPU add their ioctls' mm check to it, while ``_check_fd()`` stays EBADF only,
+    for what is not an ioctl. Subclasses set ``_fd`` from ``fd_install`` and name themselves in
+    ``_what`` for messages; ``close`` releases the fd once.
+    """
+
+    _fd: int | None
+
+    __reduce_ex__ = refuse_copy  # a copy would close (or use) the fd a second time
+
+    def _what(self) -> str:
+        return type(self).__name__
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def _check_fd(self) -> int:
+        fd = self._fd
+        if fd is None:
+            raise oserror(errno.EBADF, f"{self._what()} is closed")
+        return fd
+
+    _check = _check_fd
+
+    def fileno(self) -> int:
+        """The file descriptor. :raises OSError: EBADF once closed."""
+        return self._check_fd()
+
+    def close(self) -> None:
+        """close(2); a second close is a no-op."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fd_close(fd)
+
+    def __enter__(self):
+        self._check_fd()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from .. import hostmem
 from ..encoding import bytes_arg, check_int, encode_signed, encode_unsigned
-from ..errors import oserror, refuse_copy
+from ..errors import oserror
 from ..hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE, Mapping
 from ..rangemap import RangeMap
 from ..types import FileStat, StatFs
@@ -108,10 +108,9 @@ def _sigbus_fd() -> int:
     return _empty_fd
 
 
-class GuestMemfd(FileOps):
+class GuestMemfd(FileOps, fdtable.FdObject):
     """A model guest_memfd, returned by ``Vm.create_guest_memfd`` (KVM_CREATE_GUEST_MEMFD)."""
 
-    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, vm: "Vm", size: int, flags: int, folio_size: int = PAGE_SIZE) -> None:
         self.vm = vm
@@ -174,20 +173,8 @@ class GuestMemfd(FileOps):
 
     # --- fd ---------------------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def fileno(self) -> int:
-        """The guest_memfd's file descriptor. :raises OSError: EBADF once closed."""
-        return self._check()
-
-    def _check(self) -> int:
-        """The check every call on the file makes first: EBADF closed; returns the fd."""
-        fd = self._fd
-        if fd is None:
-            raise oserror(errno.EBADF, "guest_memfd is closed")
-        return fd
+    def _what(self) -> str:
+        return "guest_memfd"
 
     def close(self) -> None:
         """close(2): drop the fd's file reference; release runs once no mapping remains either.
@@ -200,13 +187,6 @@ class GuestMemfd(FileOps):
                 return
             fdtable.fd_close(fd)
             self._fput()
-
-    def __enter__(self) -> "GuestMemfd":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _fput(self) -> None:
         with self.vm._lock:

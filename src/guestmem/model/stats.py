@@ -10,16 +10,14 @@ kernel's ``kvm-<pid>`` and ``kvm-<pid>/vcpu-<id>``.
 
 from __future__ import annotations
 
-import errno
 from typing import Any, Callable
 
-from ..errors import oserror
 from ..types import Stats, StatsDesc
 from ..uapi import StatsType
 from . import fdtable
 
 
-class StatsFd:
+class StatsFd(fdtable.FdObject):
     """An open model stats fd."""
 
     def __init__(self, stats_id: str, source: Callable[[], dict[str, Any]]) -> None:
@@ -30,34 +28,14 @@ class StatsFd:
     def __repr__(self) -> str:
         return f"<model StatsFd {self._id} fd={self._fd}>"
 
-    def fileno(self) -> int:
-        """The fd. :raises OSError: EBADF once closed."""
-        if self._fd is None:
-            raise oserror(errno.EBADF, f"stats fd of {self._id} is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
+    def _what(self) -> str:
+        return f"stats fd of {self._id}"
 
     def read(self) -> Stats:
         """The current counters. :raises OSError: EBADF once closed."""
-        self.fileno()
+        self._check()
         counters = sorted((k, v) for k, v in self._source().items()
                           if isinstance(v, int) and not isinstance(v, bool))
         descs = tuple(StatsDesc(name=k, flags=int(StatsType.INSTANT), exponent=0, size=1, offset=8 * i,
                                 bucket_size=0) for i, (k, _) in enumerate(counters))
         return Stats(id=self._id, descriptors=descs, values=tuple((v,) for _, v in counters))
-
-    def close(self) -> None:
-        """close(2); a second close is a no-op."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fdtable.fd_close(fd)
-
-    def __enter__(self) -> "StatsFd":
-        self.fileno()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

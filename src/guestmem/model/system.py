@@ -15,7 +15,7 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import encode_unsigned
-from ..errors import oserror, refuse_copy
+from ..errors import oserror
 from ..types import CpuidEntry
 from ..uapi import (KVM_ADDRESS_SPACE_NUM, KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_USER_MEM_SLOTS,
                     KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap)
@@ -25,10 +25,11 @@ from .profile import DEFAULT_PROFILE, GUESTMEM_TDX_LIKE_VM, HOST_CAPS, HOST_VM_C
 if TYPE_CHECKING:
     from .vm import Vm
 
-class System:
-    """A model KVM system handle, returned by ``open_system(backend="model")``."""
+class System(fdtable.FdObject):
+    """A model KVM system handle, returned by ``open_system(backend="model")``.
 
-    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
+    ``close()`` closes the system fd; existing VMs stay usable.
+    """
 
     backend = "model"
 
@@ -44,33 +45,8 @@ class System:
     def __repr__(self) -> str:
         return f"<model System profile={self._profile.name!r} fd={self._fd}>"
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def fileno(self) -> int:
-        """The /dev/kvm-like file descriptor. :raises OSError: EBADF once closed."""
-        return self._check()
-
-    def _check(self) -> int:
-        """The check every /dev/kvm ioctl makes first: EBADF closed; returns the fd."""
-        fd = self._fd
-        if fd is None:
-            raise oserror(errno.EBADF, "KVM system fd is closed")
-        return fd
-
-    def close(self) -> None:
-        """close(2) on the system fd; existing VMs stay usable. Idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fdtable.fd_close(fd)
-
-    def __enter__(self) -> "System":
-        self._check()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _what(self) -> str:
+        return "KVM system fd"
 
     def api_version(self) -> int:
         """KVM_GET_API_VERSION (api.rst 4.1): always 12. :raises OSError: EBADF if closed."""

@@ -57,7 +57,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..encoding import encode_unsigned
-from ..errors import oserror, refuse_copy
+from ..errors import oserror
 from ..types import Exit, HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
 from ..uapi import PAGE_SIZE as PAGE, IoDirection
 from . import fdtable
@@ -81,7 +81,7 @@ _REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
 _IN, _OUT = int(IoDirection.IN), int(IoDirection.OUT)
 
 
-class Vcpu(VcpuState):
+class Vcpu(VcpuState, fdtable.FdObject):
     """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls.
 
     What ``exits`` and ``interrupts`` use (model-internal, not the KVM API): the VM
@@ -91,8 +91,6 @@ class Vcpu(VcpuState):
     ``exits`` (``_hook_event``, ``_pending_completion``) and the kvm_run fields userspace
     answers with (``_io_in_data``, ``_mmio_read_data``, ``_hypercall_ret``).
     """
-
-    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vcpu_id = vcpu_id
@@ -141,18 +139,7 @@ class Vcpu(VcpuState):
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "Vcpu":
-        self._check_fd()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # --- plumbing --------------------------------------------------------------------------
-
-    def fileno(self) -> int:
-        """The vCPU file descriptor. :raises OSError: EBADF once closed."""
-        return self._check_fd()
 
     def _check_fd(self) -> int:
         """EBADF closed; returns the fd (for what is not an ioctl: no mm check)."""

@@ -30,7 +30,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..encoding import encode_array, encode_fd, encode_unsigned
-from ..errors import oserror, refuse_copy
+from ..errors import oserror
 from ..rangemap import RangeMap
 from ..types import MemoryRegion
 from ..uapi import (KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
@@ -51,10 +51,9 @@ _V1_FLAGS = int(MemFlag.LOG_DIRTY_PAGES | MemFlag.READONLY)  # int: ~ on IntFlag
 InvalidationListener = Callable[[int, int], None]
 
 
-class Vm(VmState):
+class Vm(VmState, fdtable.FdObject):
     """A model VM, returned by ``System.create_vm`` (KVM_CREATE_VM)."""
 
-    __reduce_ex__ = refuse_copy  # it owns an fd (copy.copy, deepcopy and pickle: TypeError)
 
     def __init__(self, system: "System", type: int) -> None:
         self.type = type
@@ -89,20 +88,8 @@ class Vm(VmState):
 
     # --- fd and lifetime ----------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def fileno(self) -> int:
-        """The VM file descriptor. :raises OSError: EBADF once closed."""
-        return self._check_fd()
-
-    def _check_fd(self) -> int:
-        """EBADF closed; returns the fd (for what is not an ioctl: no mm check)."""
-        fd = self._fd
-        if fd is None:
-            raise oserror(errno.EBADF, "VM fd is closed")
-        return fd
+    def _what(self) -> str:
+        return "VM fd"
 
     def _check(self) -> int:
         """The checks every VM ioctl makes first (kvm_vm_ioctl): EBADF closed, EIO from another mm;
@@ -125,13 +112,6 @@ class Vm(VmState):
                 return
             fdtable.fd_close(fd)
         self._put_kvm()
-
-    def __enter__(self) -> "Vm":
-        self._check_fd()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _get_kvm(self) -> None:
         """Take a VM reference (kvm_get_kvm); vCPUs and guest_memfds hold one each."""
