@@ -263,7 +263,7 @@ def handle_exception(v: Vcpu, ev: ExceptionEvent) -> Exit | None:
                     return ShutdownExit()
                 map_backing(v, t // PAGE, b, 0)
             if missing:  # the guest never saw this #PF: give CR2 back its value
-                v._set_cr2(v._guest_cr2)
+                v._restore_cr2()
                 return None
     if info is None:  # Unicorn's context layout unknown: no error code to push
         return ShutdownExit()

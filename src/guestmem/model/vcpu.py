@@ -326,6 +326,11 @@ class Vcpu(VcpuState, fdtable.FdObject):
         if "rip" in regs:
             self._next_pc = self._linear(regs["rip"])
 
+    def _restore_cr2(self) -> None:
+        """Give CR2 back the value the guest last saw (an exception the guest never sees
+        clobbered it in the engine: ``exits.handle_exception``)."""
+        self._set_cr2(self._guest_cr2)
+
     def _load_selectors(self, loads: list[tuple[str, int]], cpl: int | None = None) -> None:
         """Load segment selectors (("cs", selector), ...) in order, as a far transfer does
         (``interrupts``), and make ``cpl`` the engine's CPL (``hidden_state``: the API's loads
