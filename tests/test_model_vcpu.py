@@ -44,6 +44,17 @@ def machines(model_system):
     yield make
     for m in made:
         m.close()
+        for obj in m.keep:  # guest_memfds and shared mappings
+            obj.close()
+
+
+def private_slot(m: Machine, size: int):
+    """A guest_memfd of ``size`` bound as slot 10 at GPA and made private: (gmem, shared mapping)."""
+    gmem = m.vm.create_guest_memfd(size)
+    m.keep.append(gmem)
+    shared = m.add_slot(10, GPA, size, gmem)
+    m.vm.set_memory_attributes(GPA, size, PRIVATE)
+    return gmem, shared
 
 
 def test_io_mmio_hlt_exits(machines):
@@ -110,9 +121,7 @@ def test_punch_attribute_flip_and_delete_reach_a_running_vcpu(machines):
     zero page, a page made shared reads the slot's userspace memory, a mixed 2 MiB block is
     mapped with 4 KiB pages, and a deleted slot's shared access is MMIO."""
     m = machines()
-    gmem = m.vm.create_guest_memfd(4 << 20)
-    shared = m.add_slot(10, GPA, 4 << 20, gmem)
-    m.vm.set_memory_attributes(GPA, 4 << 20, PRIVATE)
+    gmem, shared = private_slot(m, 4 << 20)
     v, = m.load(f"""
         mov rdi, {GPA:#x}; mov byte ptr [rdi], 0x5a; out 0x10, al
         again: mov bl, [rdi]; out 0x11, al; jmp again""", identity_map=[(GPA, 4 << 20)])
@@ -134,28 +143,22 @@ def test_punch_attribute_flip_and_delete_reach_a_running_vcpu(machines):
     assert v.get_regs().rbx & 0xFF == 0x33
     m.vm.set_user_memory_region2(10, GMEM, GPA, 0, 0)
     assert v.run() == MmioExit(GPA, b"", 1, False)
-    gmem.close()
 
 
 def test_hwpoison_faults_until_the_page_is_punched(machines):
     m = machines()
-    gmem = m.vm.create_guest_memfd(2 << 20)
-    m.add_slot(10, GPA, 2 << 20, gmem)
-    m.vm.set_memory_attributes(GPA, 2 << 20, PRIVATE)
+    gmem, _ = private_slot(m, 2 << 20)
     gmem.inject_hwpoison(0)
     v, = m.load(f"mov rdi, {GPA:#x}; mov al, [rdi]", identity_map=[(GPA, PAGE)])
     assert v.run() == private_fault(GPA, Errno.EHWPOISON)
     gmem.punch_hole(0, PAGE)
     assert done(v.run())
-    gmem.close()
 
 
 def test_private_access_after_the_gmem_is_released_is_efault(machines):
     """Closing the last reference releases the file: its slots stay but lose their binding."""
     m = machines()
-    gmem = m.vm.create_guest_memfd(2 << 20)
-    m.add_slot(10, GPA, 2 << 20, gmem)
-    m.vm.set_memory_attributes(GPA, 2 << 20, PRIVATE)
+    gmem, _ = private_slot(m, 2 << 20)
     gmem.close()
     v, = m.load(f"mov rdi, {GPA:#x}; mov al, [rdi]", identity_map=[(GPA, PAGE)])
     assert v.run() == private_fault(GPA)
@@ -173,9 +176,7 @@ def test_kick_makes_run_return_intr(machines):
 
 def test_pre_fault_memory_rules(machines):
     m = machines()
-    gmem = m.vm.create_guest_memfd((2 << 20) + PAGE)
-    m.add_slot(10, GPA, (2 << 20) + PAGE, gmem)
-    m.vm.set_memory_attributes(GPA, (2 << 20) + PAGE, PRIVATE)
+    private_slot(m, (2 << 20) + PAGE)
     v, = m.load("hlt")
     for args in ((GPA, PAGE, 1), (GPA + 1, PAGE, 0), (GPA, 0, 0), (U64 - PAGE, 2 * PAGE, 0)):
         with pytest.raises(OSError) as exc:
@@ -186,15 +187,12 @@ def test_pre_fault_memory_rules(machines):
     with pytest.raises(OSError) as exc:
         v.pre_fault_memory(GPA + (2 << 20) + PAGE, PAGE)  # PF-03: no memslot
     assert exc.value.errno == errno.ENOENT
-    gmem.close()
 
 
 def test_concurrent_vcpus_with_host_punching(machines):
     """4 vCPUs write and verify private pages while the host punches: no stale data, no deadlock."""
     m = machines()
-    gmem = m.vm.create_guest_memfd(4 << 20)
-    m.add_slot(10, GPA, 4 << 20, gmem)
-    m.vm.set_memory_attributes(GPA, 4 << 20, PRIVATE)
+    gmem, _ = private_slot(m, 4 << 20)
     vcpus = m.load(f"""
         mov rdi, {GPA:#x}; add rdi, r12
         l: mov byte ptr [rdi], r13b; mov al, [rdi]; cmp al, r13b; jne bad; out 0x10, al; jmp l
@@ -226,4 +224,3 @@ def test_concurrent_vcpus_with_host_punching(machines):
     p.join(timeout=5)
     assert not any(t.is_alive() for t in threads) and not p.is_alive()
     assert not errors
-    gmem.close()
