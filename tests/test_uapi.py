@@ -205,3 +205,4 @@ def test_constants_match_spec() -> None:
     assert uapi.Errno.EHWPOISON == 133 and uapi.Errno.ENOTTY == 25 and uapi.Errno.ESPIPE == 29
     assert uapi.KVM_USER_MEM_SLOTS == 32764 and uapi.KVM_MEM_MAX_NR_PAGES == 2**31 - 1
     assert uapi.KVM_EXIT_HYPERCALL_VALID_MASK == 0x1000 and uapi.KVM_ADDRESS_SPACE_NUM == 2
+    assert (uapi.StatsType.LOG_HIST, uapi.StatsUnit.SECONDS, uapi.StatsUnit.BOOLEAN, uapi.StatsBase.POW2) == (4, 2, 4, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar, dataclass_transform
 
-from .uapi import PAGE_SHIFT, PAGE_SIZE
+from .uapi import PAGE_SHIFT, PAGE_SIZE, MemFlag
 
 _T = TypeVar("_T")
 
@@ -319,7 +319,7 @@ class MemoryRegion:
 
     @property
     def is_gmem(self) -> bool:
-        return bool(self.flags & 4)  # KVM_MEM_GUEST_MEMFD
+        return bool(self.flags & MemFlag.GUEST_MEMFD)
 
 
 

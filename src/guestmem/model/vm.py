@@ -34,7 +34,7 @@ from ..errors import oserror
 from ..rangemap import RangeMap
 from ..types import MemoryRegion
 from ..uapi import (KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
-                    KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX, Cap, MemFlag, MemoryAttribute)
+                    KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE_MAX, Cap, GuestMemfdFlag, MemFlag, MemoryAttribute)
 from . import fdtable
 from .guest_memfd import GuestMemfd
 from .memslot import LEVEL_PAGES, Memslot
@@ -409,7 +409,7 @@ class Vm(VmState, fdtable.FdObject):
         """Record a validated binding (kvm_gmem_bind's commit); takes no file reference."""
         slot.gmem, slot.pgoff = gmem, pgoff
         # 6.18+: GMEM_ONLY with GUEST_MEMFD_FLAG_MMAP; in-place conversion: every binding.
-        slot.gmem_only = self._profile.gmem_mmap and (bool(gmem.flags & 1) or self._in_place)
+        slot.gmem_only = self._profile.gmem_mmap and (bool(gmem.flags & GuestMemfdFlag.MMAP) or self._in_place)
         gmem._bindings.set(pgoff, pgoff + slot.npages, slot)
 
     def _unbind(self, slot: Memslot) -> None:
