@@ -23,10 +23,9 @@ Locks (order: ``Vm._lock`` -> ``uc_lock``):
   invalidation exclude each other on ``Vm._lock``, which is what KVM's mmu_invalidate_seq
   retry achieves without a global lock.
 
-Registers. Unicorn holds the truth while the vCPU runs; ``get_regs``/``get_sregs`` read it
-lazily, ``set_regs`` and exit completions queue only the registers that change, and the
-queue is written in one batch before the next ``emu_start``. An exit therefore costs a RIP
-read, not a full register round trip; reads and writes go through ``unicorn_cpu.Engine``.
+Registers. Unicorn holds the truth while the vCPU runs; ``vcpu_regs`` keeps the cache over
+it (read lazily, writes queued and written in one batch before the next ``emu_start``), so an
+exit costs a RIP read, not a full register round trip.
 
 Exact IN/OUT exits: ``io_sites`` hooks the instruction after each IN/OUT the guest executes.
 
@@ -58,7 +57,7 @@ from typing import TYPE_CHECKING
 
 from ..encoding import encode_unsigned
 from ..errors import oserror
-from ..types import Exit, HypercallExit, IntrExit, IoExit, MmioExit, Regs, Sregs, ShutdownExit
+from ..types import Exit, HypercallExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from ..uapi import PAGE_SIZE as PAGE, IoDirection
 from . import fdtable
 from . import exits
@@ -69,19 +68,19 @@ from . import interrupts
 from .code_cache import CodeCache
 from .io_sites import IoSites
 from .regions import RegionMap
-from .unicorn_cpu import MASK, REGS, Engine, mode_of
+from .unicorn_cpu import Engine, mode_of
 from .unicorn_cpu import unicorn as _unicorn
-from .vcpu_checks import check_sregs, encode_regs, encode_sregs, reset_regs, reset_sregs
+from .vcpu_checks import reset_regs, reset_sregs
+from .vcpu_regs import VcpuRegisters
 from .vcpu_state import VcpuState
 
 if TYPE_CHECKING:
     from .vm import Vm
 
-_REG_FIELDS = REGS + ("rip", "rflags")  # Regs' field order
 _IN, _OUT = int(IoDirection.IN), int(IoDirection.OUT)
 
 
-class Vcpu(VcpuState, fdtable.FdObject):
+class Vcpu(VcpuRegisters, VcpuState, fdtable.FdObject):
     """A model vCPU (KVM_CREATE_VCPU); methods mirror the vCPU ioctls.
 
     What ``exits`` and ``interrupts`` use (model-internal, not the KVM API): the VM
@@ -287,64 +286,7 @@ class Vcpu(VcpuState, fdtable.FdObject):
         if self._hook_event is None:
             self._stop_at_io(uc, IoExit(_OUT, size, port, 1, (value & (2 ** (8 * size) - 1)).to_bytes(size, "little")))
 
-    # --- registers -------------------------------------------------------------------------
-
-    def _read_regs(self) -> Regs:
-        """The registers: Unicorn's if it is newer, with queued writes on top (caller holds _ioctl_lock)."""
-        if self._regs_stale:
-            with self.uc_lock:
-                vals = self._engine.read(self._engine.regs_ids)
-            if len(vals) == 18:
-                r = Regs(*vals)
-            else:
-                r = self._regs.replace(**dict(zip(REGS[:8] + ("rip", "rflags"), vals)))
-            self._regs = r.replace(**self._queued_regs) if self._queued_regs else r
-            self._regs_stale = False
-        return self._regs
-
-    def _read_sregs(self) -> Sregs:
-        """The special registers, read from Unicorn if it is newer (caller holds _ioctl_lock)."""
-        if not self._sregs_stale:
-            return self._sregs
-        with self.uc_lock:
-            self._sregs = self._engine.read_sregs(self._sregs)
-        self._sregs_stale = False
-        return self._sregs
-
-    def _queue(self, **regs: int) -> None:
-        """Change registers for the next run (caller holds _ioctl_lock).
-
-        The writes wait in ``_wr`` until the next ``emu_start``; while the cache is stale
-        (Unicorn is newer) they are not read back, ``_read_regs`` lays them over Unicorn's.
-        """
-        m = MASK[self._mode]
-        for name, value in regs.items():
-            self._queued_regs[name] = value & m
-        if not self._regs_stale:
-            r = self._regs  # Regs(*...) rather than dataclasses.replace: ~5x cheaper on this hot path
-            self._regs = Regs(*[regs.get(f, getattr(r, f)) for f in _REG_FIELDS])
-        if "rip" in regs:
-            self._next_pc = self._linear(regs["rip"])
-
-    def _restore_cr2(self) -> None:
-        """Give CR2 back the value the guest last saw (an exception the guest never sees
-        clobbered it in the engine: ``exits.handle_exception``)."""
-        self._set_cr2(self._guest_cr2)
-
-    def _load_selectors(self, loads: list[tuple[str, int]], cpl: int | None = None) -> None:
-        """Load segment selectors (("cs", selector), ...) in order, as a far transfer does
-        (``interrupts``), and make ``cpl`` the engine's CPL (``hidden_state``: the API's loads
-        keep CPL 0). UcError if the engine refuses one; those before it stay loaded."""
-        with self.uc_lock:
-            eng = self._engine
-            for seg, selector in loads:
-                eng.load_segment(seg, selector)
-            if cpl is not None:
-                eng.hidden.set_cpl(cpl)
-        self._sregs_stale = True
-
-    def _linear(self, rip: int) -> int:
-        return (self._sregs.cs.selector << 4) + (rip & 0xFFFF) if self._mode == "16" else rip
+    # --- entering the engine ------------------------------------------------------------
 
     def _sync_out(self) -> None:
         """Write all cached regs/sregs into Unicorn (caller holds uc_lock and Vm._lock)."""
@@ -382,58 +324,6 @@ class Vcpu(VcpuState, fdtable.FdObject):
                         eng.load_segment(seg, selector)
                     except error:
                         pass
-
-    def _set_cr2(self, value: int) -> None:
-        """Write CR2 into the engine and remember it as the guest's (caller holds no uc_lock)."""
-        with self.uc_lock:
-            self._engine.write_cr2(value)
-        self._guest_cr2 = value
-        self._sregs_stale = True
-
-    # Every ioctl checks for close() under _ioctl_lock: close() takes that lock before it drops
-    # the engine, so a call racing it either completes or fails with EBADF.
-
-    def get_regs(self) -> Regs:
-        """KVM_GET_REGS (api.rst 4.11). Errors: EBADF (closed)."""
-        with self._ioctl_lock:
-            self._check()
-            return self._read_regs()
-
-    def set_regs(self, regs: Regs) -> None:
-        """KVM_SET_REGS (api.rst 4.12); mirrors __set_regs. Only changed registers are written.
-
-        Errors: EBADF (closed); EINVAL for a value that does not fit in a u64 (``vcpu_checks``).
-        """
-        with self._ioctl_lock:
-            self._check()
-            regs = encode_regs(regs)
-            old = self._read_regs()
-            self._queue(**{n: getattr(regs, n) for n in REGS + ("rip", "rflags")
-                           if getattr(regs, n) != getattr(old, n)})
-            self._regs = regs
-
-    def get_sregs(self) -> Sregs:
-        """KVM_GET_SREGS (api.rst 4.13). Errors: EBADF (closed)."""
-        with self._ioctl_lock:
-            self._check()
-            return self._read_sregs()
-
-    def set_sregs(self, sregs: Sregs) -> None:
-        """KVM_SET_SREGS (api.rst 4.14); mirrors __set_sregs_common's checks (``vcpu_checks``).
-
-        Errors: EBADF (closed); EINVAL for a field too wide for struct kvm_sregs or a state
-        KVM refuses (kvm_is_valid_sregs, kvm_set_apic_base). The model takes CR0/CR3/CR4/EFER,
-        GDT/IDT bases and selectors from ``sregs``; hidden segment state is Unicorn's flat
-        state for the mode (real, 32-bit, 64-bit).
-        """
-        with self._ioctl_lock:
-            self._check()
-            sregs = encode_sregs(sregs)
-            check_sregs(sregs)
-            self._read_regs()
-            self._sregs = sregs
-            self._sregs_stale = False
-            self._sregs_dirty = True
 
     # --- completions -----------------------------------------------------------------------
 
