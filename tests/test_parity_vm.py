@@ -145,6 +145,28 @@ def test_enable_cap_with_flags_is_einval(vm, cap) -> None:
     assert _errno(vm.enable_cap, cap, 0, flags=1 << 31) == errno.EINVAL
 
 
+def test_set_nr_mmu_pages_minimum_is_64(vm) -> None:
+    """KVM_MIN_ALLOC_MMU_PAGES is 64: one less is EINVAL; the argument is an unsigned long
+    (-1 is 2**64 - 1, a valid count), and a value no u64 holds is refused before the ioctl."""
+    assert _errno(vm.set_nr_mmu_pages, 63) == errno.EINVAL
+    vm.set_nr_mmu_pages(64)
+    vm.set_nr_mmu_pages(-1)
+    assert _errno(vm.set_nr_mmu_pages, 1 << 64) == errno.EINVAL
+
+
+def test_disable_quirks2_takes_only_the_quirks_it_reports(vm) -> None:
+    """KVM_CAP_DISABLE_QUIRKS2 (x86 kvm_vm_ioctl_enable_cap): args[0] outside the cap's value
+    is EINVAL; any subset of it is accepted."""
+    valid = vm.check_extension(Cap.DISABLE_QUIRKS2)
+    if not valid:
+        pytest.skip("KVM_CAP_DISABLE_QUIRKS2 is 0 on this VM")
+    outside = ~valid & ((1 << 64) - 1)
+    assert _errno(vm.enable_cap, Cap.DISABLE_QUIRKS2, outside & -outside) == errno.EINVAL  # its lowest bit
+    assert _errno(vm.enable_cap, Cap.DISABLE_QUIRKS2, 1 << 63) == errno.EINVAL
+    vm.enable_cap(Cap.DISABLE_QUIRKS2, valid & -valid)
+    vm.enable_cap(Cap.DISABLE_QUIRKS2, valid)
+
+
 def test_model_vm_error_messages_name_the_rule() -> None:
     """guestmem.errors: after the strerror the model's message names what was refused (the
     kvm side can only repeat its arguments)."""
@@ -158,6 +180,7 @@ def test_model_vm_error_messages_name_the_rule() -> None:
     with guestmem.open_system("model", profile="6.18-host") as system:
         vm = system.create_vm()
         assert "flags" in message(vm.enable_cap, Cap.EXIT_HYPERCALL, 0, flags=1)
+        assert "kvm_set_user_memory_region flags" in message(vm.set_user_memory_region, 0, MemFlag.GUEST_MEMFD, 0, P)
         assert "nr_mmu_pages" in message(vm.set_nr_mmu_pages, 63)
         assert "memory attributes" in message(vm.get_memory_attributes, 0, P)
         vm.create_irqchip()
@@ -165,6 +188,11 @@ def test_model_vm_error_messages_name_the_rule() -> None:
         vcpu = vm.create_vcpu(3)
         assert "vcpu_id 3" in message(vm.create_vcpu, 3)
         vcpu.close()
+        gmem = vm.create_guest_memfd(2 * P)
+        vm.set_user_memory_region2(5, MemFlag.GUEST_MEMFD, 0, 2 * P, guest_memfd=gmem)
+        assert "slot 5" in message(vm.set_user_memory_region2, 5, MemFlag.GUEST_MEMFD, 4 * P, 2 * P,
+                                   guest_memfd=gmem)  # a move: gmem slots are immutable
+        gmem.close()
         vm.close()
         assert "closed" in message(vm.fileno)
         assert "closed" in message(vm.memslots)
