@@ -119,6 +119,31 @@ def test_file_calls_with_ints_too_wide_are_einval(gmem, call, name):
     assert info.value.errno == errno.EINVAL and name in str(info.value)
 
 
+@pytest.mark.parametrize("call, name, bits", [
+    (lambda vm, v: vm.set_user_memory_region2(v, 0, 0, P, 0), "slot", 32),
+    (lambda vm, v: vm.set_user_memory_region2(1, v, 0, P, 0), "flags", 32),
+    (lambda vm, v: vm.set_user_memory_region2(1, 0, v, P, 0), "guest_phys_addr", 64),
+    (lambda vm, v: vm.set_user_memory_region2(1, 0, 0, v, 0), "memory_size", 64),
+    (lambda vm, v: vm.set_user_memory_region2(1, 0, 0, P, 0, pad1=v), "pad1", 32),
+    (lambda vm, v: vm.create_guest_memfd(P, v), "flags", 64),
+    (lambda vm, v: vm.enable_cap(v), "cap", 32),
+    (lambda vm, v: vm.enable_cap(Cap.EXIT_HYPERCALL, 0, flags=v), "flags", 32),
+    (lambda vm, v: vm.set_nr_mmu_pages(v), "nr_mmu_pages", 64),
+], ids=["slot", "memslot-flags", "gpa", "memory_size", "pad1", "gmem-flags", "cap", "cap-flags", "nr_mmu_pages"])
+def test_vm_calls_refuse_ints_wider_than_their_c_field(vm, call, name, bits):
+    """Each ioctl field has the width of its uapi struct member (kvm_userspace_memory_region2,
+    kvm_create_guest_memfd, kvm_enable_cap; the unsigned long argument of KVM_SET_NR_MMU_PAGES):
+    2**bits is EINVAL naming the field and its width before the ioctl, and 2**bits - 1 reaches
+    the kernel's own rules (whatever they answer, it is not the width)."""
+    with pytest.raises(OSError) as info:
+        call(vm, 1 << bits)
+    assert info.value.errno == errno.EINVAL and f"{name}=" in str(info.value) and f"u{bits}" in str(info.value)
+    try:
+        call(vm, (1 << bits) - 1)
+    except OSError as exc:
+        assert "does not fit" not in str(exc), exc
+
+
 @pytest.mark.parametrize("call, err", [
     (lambda g: g.pread(1, -1), errno.EINVAL),   # ksys_pread64 checks pos < 0 before the file
     (lambda g: g.pread(-1, 0), errno.ESPIPE),   # count is a size_t: -1 wraps
