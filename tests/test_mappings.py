@@ -281,7 +281,8 @@ def test_mapping_copy_and_pickle_are_refused(backend, how):
 def _backend_objects(system):
     vm = system.create_vm()
     g = vm.create_guest_memfd(4 * P, SHARED)
-    return vm, g, {"System": system, "Vm": vm, "GuestMemfd": g, "Vcpu": vm.create_vcpu(0)}
+    return vm, g, {"System": system, "Vm": vm, "GuestMemfd": g, "Vcpu": vm.create_vcpu(0),
+                   "StatsFd": vm.get_stats_fd()}
 
 
 @pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
@@ -293,6 +294,7 @@ def test_backend_objects_refuse_copy_and_pickle(system, how):
             with pytest.raises(TypeError, match="copy or pickle"):
                 how(obj)
     finally:
+        objects["StatsFd"].close()
         objects["Vcpu"].close()
         g.close()
         vm.close()
