@@ -63,3 +63,18 @@ def test_the_checker_sees_relative_imports():
     assert "workloads" in imported_packages_of_source("from .. import workloads\n", "vmm/job.py")
     assert "workloads" not in imported_packages(PACKAGE / "vmm" / "job.py")
 
+
+
+def test_one_libc_loader():
+    """The C library is loaded once, in hostmem (``hostmem.libc``, every prototype declared
+    there); a module that loads it again, or any library through the global scope
+    (``CDLL(None)`` resolves symbols a preloaded library interposes), is named here."""
+    loaders = ("CDLL", "PyDLL", "LoadLibrary", "find_library")
+    bad = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", None)
+            if name in loaders and rel != "hostmem.py":
+                bad.setdefault(rel, []).append(node.lineno)
+    assert not bad, f"libc loaded outside hostmem: {bad}"
