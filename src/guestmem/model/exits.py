@@ -2,12 +2,19 @@
 
 Data model. These functions are the vCPU's half of the kernel's fault and exit paths
 (``kvm_mmu_page_fault``/``kvm_mmu_faultin_pfn``, ``kvm_emulate_hypercall``,
-``kvm_arch_vcpu_pre_fault_memory``); they work on one ``vcpu.Vcpu`` and its private state and
-follow its lock order (``Vm._lock`` -> ``uc_lock``). Resolution rules live in
-``fault`` (what backs a GFN) and ``regions`` (how a block is mapped in the engine); this
-module decides which exit an event becomes. Instruction bytes are read through the engine's
-own mapped memory with the last code translation cached (``unicorn_cpu.Engine.read_linear``),
-falling back to a page walk over the backing (``read_linear``).
+``kvm_arch_vcpu_pre_fault_memory``); they work on one ``vcpu.Vcpu`` through the members its
+class docstring lists and follow its lock order (``Vm._lock`` -> ``uc_lock``). Resolution
+rules live in ``fault`` (what backs a GFN) and ``regions`` (how a block is mapped in the
+engine); this module decides which exit an event becomes.
+
+The records: a hook of the engine leaves one ``HookEvent`` per ``emu_start`` (the first event
+wins; ``Vcpu._run_once`` dispatches on its type), and an exit that leaves an instruction half
+done leaves one ``PendingCompletion``, finished at the start of the next KVM_RUN
+(``Vcpu._complete_pending``). Both are slots dataclasses, made once per exit.
+
+Instruction bytes are read through the engine's own mapped memory with the last code
+translation cached (``unicorn_cpu.Engine.read_linear``), falling back to a page walk over the
+backing (``read_linear``).
 """
 
 from __future__ import annotations

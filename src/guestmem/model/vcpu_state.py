@@ -45,6 +45,7 @@ from . import cpuid as _cpuid
 
 if TYPE_CHECKING:
     from .stats import StatsFd
+    from .unicorn_cpu import Engine
 
 KVM_MAX_CPUID_ENTRIES = 256
 XSAVE_SIZE = 4096
@@ -105,7 +106,7 @@ class VcpuState:
 
         vcpu_id: int
         _vm: Any
-        _engine: Any
+        _engine: Engine | None
         _ioctl_lock: threading.Lock
 
         def _check(self) -> int: ...
