@@ -78,7 +78,7 @@ import os
 import re
 from typing import Any
 
-from ..uapi import KVM_ADDRESS_SPACE_NUM, VmType
+from ..uapi import ANON_INODE_FS_MAGIC, GUEST_MEMFD_MAGIC, KVM_ADDRESS_SPACE_NUM, Cap, GuestMemfdFlag, VmType
 
 GUESTMEM_TDX_LIKE_VM = 0x100
 """guestmem extension: a model-only VM type with private memory and TDX-style implicit conversions."""
@@ -99,15 +99,14 @@ HOST_CAPS: dict[int, int] = {
 }
 HOST_VM_CAPS: dict[int, int] = {129: 11}
 
-UNCLAIMED_CAPS = frozenset({192, 223})
+UNCLAIMED_CAPS = frozenset({int(Cap.DIRTY_LOG_RING), int(Cap.DIRTY_LOG_RING_ACQ_REL)})
 """Caps the host has that the model answers 0 because it does not implement the feature, so it
 never claims it: KVM_CAP_DIRTY_LOG_RING and _ACQ_REL (the model logs dirty pages in bitmaps only,
 ``model.vm_state``). The differential and host-cap tests compare every other cap with /dev/kvm."""
 
-GUEST_MEMFD_MAGIC = 0x474D454D
-"""fstatfs f_type of guest_memfd's own pseudo-filesystem (6.19+, "GMEM")."""
-
 PRIVATE_MEM_VM_TYPES = frozenset({int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM})
+_MMAP = int(GuestMemfdFlag.MMAP)
+_MMAP_INIT_SHARED = int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,7 +156,7 @@ class Profile:
     """kvm_pvm (the project host): KVM_PRE_FAULT_MEMORY on a VM that never had a memslot fails
     with ENOSPC when the vCPU's MMU is loaded, before the no-TDP EOPNOTSUPP (measured; once
     any memslot existed, even if deleted, EOPNOTSUPP). 0: no such rule."""
-    gmem_fs_magic: int = 0x09041934
+    gmem_fs_magic: int = ANON_INODE_FS_MAGIC
     """fstatfs f_type of a guest_memfd: ANON_INODE_FS_MAGIC until 6.18, GUEST_MEMFD_MAGIC
     ("GMEM", 0x474d454d) from 6.19, when guest_memfd got its own pseudo-filesystem."""
     gmem_mempolicy_per_file: bool = False
@@ -203,7 +202,7 @@ class Profile:
         except for VMs with hardware-protected memory (``protected``: TDX/SNP-like)."""
         if not self.gmem_mmap:
             return 0
-        flags = 0b01 if private_mem and not self.gmem_in_place_conversion else 0b11
+        flags = _MMAP if private_mem and not self.gmem_in_place_conversion else _MMAP_INIT_SHARED
         return flags | self.gmem_hugetlb_flag | (0 if protected else self.gmem_no_direct_map_flag)
 
     def address_spaces(self, private_mem: bool) -> int:

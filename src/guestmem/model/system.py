@@ -18,12 +18,15 @@ from ..encoding import encode_unsigned
 from ..errors import oserror
 from ..types import CpuidEntry
 from ..uapi import (KVM_ADDRESS_SPACE_NUM, KVM_API_VERSION, KVM_EXIT_HYPERCALL_VALID_MASK, KVM_USER_MEM_SLOTS,
-                    KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap)
+                    KVM_VCPU_MMAP_PAGES, PAGE_SIZE, Cap, MemoryAttribute)
 from . import fdtable
 from .profile import DEFAULT_PROFILE, GUESTMEM_TDX_LIKE_VM, HOST_CAPS, HOST_VM_CAPS, UNCLAIMED_CAPS, Profile, resolve_profile
 
 if TYPE_CHECKING:
     from .vm import Vm
+
+_PRIVATE = int(MemoryAttribute.PRIVATE)  # KVM_CAP_MEMORY_ATTRIBUTES' value: the attribute bits, a plain int
+
 
 class System(fdtable.FdObject):
     """A model KVM system handle, returned by ``open_system(backend="model")``.
@@ -85,9 +88,9 @@ class System(fdtable.FdObject):
         if cap == Cap.MEMORY_ATTRIBUTES:
             if not p.memory_attributes or p.gmem_in_place_conversion:
                 return 0  # in-place conversion: attributes are set on the guest_memfd instead
-            return 8 if vm is None or private else 0
+            return _PRIVATE if vm is None or private else 0
         if cap == p.gmem_attributes_cap and p.gmem_in_place_conversion:
-            return 8 if vm is None or private else 0
+            return _PRIVATE if vm is None or private else 0
         if cap == Cap.GUEST_MEMFD:
             if p.gmem_private_only and vm is not None and not private:
                 return 0
