@@ -106,6 +106,15 @@ def test_private_capable_region_binds_a_guest_memfd_and_a_shared_memfd(sw_memory
     assert sw_memory.gmem("data") is not None and sw_memory.gmem("boot") is None
 
 
+def test_region_at_names_the_region_holding_an_address(sw_memory):
+    boot, data = sw_memory.regions
+    assert sw_memory.region_at(0) == boot and sw_memory.region_at(2 * MiB - 1) == boot
+    assert sw_memory.region_at(2 * MiB) is None  # the hole between the regions
+    assert sw_memory.region_at(DATA - 1) is None
+    assert sw_memory.region_at(DATA) == data and sw_memory.region_at(DATA + 64 * MiB - 1) == data
+    assert sw_memory.region_at(DATA + 64 * MiB) is None
+
+
 def test_attribute_map_queries_ranges(sw_memory):
     mem = sw_memory
     mem.set_attributes(DATA + 2 * MiB, 2 * MiB + PAGE_SIZE, True)
@@ -197,6 +206,7 @@ def test_gmem_only_region_host_view_is_the_guest_memfd_the_guest_uses(model_syst
         mem = m.memory
         snap = mem.snapshot()
         assert snap.backings[1] == "gmem-mmap"
+        assert mem.host_accessible("boot") and not mem.host_accessible("data")
         view = mem.shared_mapping("data")
         assert snap.slots[1].userspace_addr == view.address
         assert probe_mapping_in_child(view, 0, 8) == ("SIGBUS", b"")  # the guest_memfd's mapping, not a memfd

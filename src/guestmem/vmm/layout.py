@@ -101,15 +101,6 @@ class Snapshot:
                 out.append((max(s, start), min(e, end)))
         return out
 
-    @property
-    def private_bytes(self) -> int:
-        return sum(e - s for s, e in self.private)
-
-    @property
-    def memory_size(self) -> int:
-        return sum(r.size for r in self.regions)
-
-
 
 def validate(regions: Iterable[Region]) -> tuple[Region, ...]:
     """The regions sorted by address; EINVAL (empty, unaligned, past MAX_GPA, unknown backing,

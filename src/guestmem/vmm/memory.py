@@ -165,7 +165,7 @@ class GuestMemory:
             if r.private and not self.has_private:
                 raise oserror(errno.EOPNOTSUPP, f"region {r.name!r} needs private memory, but this VM (type {vm.type}) "
                                                 "has none: KVM_CAP_MEMORY_ATTRIBUTES lacks PRIVATE")
-            if r.backing == "gmem" and not r.private and (gmem_flags & 3) != 3:
+            if r.backing == "gmem" and not r.private and gmem_flags & _INIT_SHARED_MMAP != _INIT_SHARED_MMAP:
                 raise oserror(errno.EOPNOTSUPP, f"region {r.name!r}: a shared guest_memfd needs MMAP|INIT_SHARED in "
                                                 "KVM_CAP_GUEST_MEMFD_FLAGS")
         nr = vm.check_extension(Cap.NR_MEMSLOTS) or 32
@@ -196,7 +196,7 @@ class GuestMemory:
 
     def _create_backing(self, r: Region) -> _Backed:
         b = _Backed(r)
-        want_gmem = r.backing == "gmem" or (r.backing == "auto" and (self._gmem_flags & 3) == 3)
+        want_gmem = r.backing == "gmem" or (r.backing == "auto" and self._gmem_flags & _INIT_SHARED_MMAP == _INIT_SHARED_MMAP)
         if r.private and self.in_place:
             # One guest_memfd for both kinds; it starts shared like the attribute map.
             b.gmem = self.vm.create_guest_memfd(r.size, _INIT_SHARED_MMAP)
