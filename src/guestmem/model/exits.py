@@ -135,11 +135,11 @@ def _read_linear_backing(v: Vcpu, la: int, n: int) -> bytes | None:
         return None if pa is None else read_guest_phys(vm, pa, n)
 
 
-def step_mmio(v: Vcpu, pending: PendingMmio) -> None:
-    """Re-execute the faulting instruction once against a one-page MMIO shim."""
+def step_mmio(v: Vcpu, pending: PendingMmio, read_data: bytes | None) -> None:
+    """Re-execute the faulting instruction once against a one-page MMIO shim that answers a
+    read with ``read_data`` (kvm_run.mmio.data; zeros if userspace left none)."""
     addr, size = pending.addr, pending.size
-    data = v._mmio_read_data or bytes(size)
-    v._mmio_read_data = None
+    data = read_data or bytes(size)
     page = addr & ~(PAGE - 1)
     with v._vm._lock:
         v._lock_uc()

@@ -21,7 +21,7 @@ All methods run with the vCPU's uc_lock held (inside a hook or around ``emu_star
 
 from __future__ import annotations
 
-from .unicorn_cpu import decode_io, unicorn
+from .unicorn_cpu import IoInsn, decode_io, unicorn
 
 
 def _stop_check(uc, address, size, _) -> None:
@@ -29,12 +29,12 @@ def _stop_check(uc, address, size, _) -> None:
 
 
 class IoSites:
-    """The IN/OUT sites of one vCPU: linear address -> (length, is string op, has REP)."""
+    """The IN/OUT sites of one vCPU: linear address -> its instruction."""
 
     def __init__(self) -> None:
-        self.sites: dict[int, tuple[int, bool, bool]] = {}
+        self.sites: dict[int, IoInsn] = {}
         self._hooks: dict[int, int] = {}  # site -> handle of its code hook
-        self._new: tuple[int, tuple[int, bool, bool]] | None = None
+        self._new: tuple[int, IoInsn] | None = None  # (site, its instruction) first seen in this run
         self._discard = None  # (CPU context at the first-seen site, RIP after it)
 
     def __len__(self) -> int:
@@ -46,8 +46,8 @@ class IoSites:
     def install(self, uc) -> None:
         """Hook every known site on a freshly built engine."""
         self._hooks.clear()
-        for la, (n, _, _) in self.sites.items():
-            self._hook(uc, la, n)
+        for la, insn in self.sites.items():
+            self._hook(uc, la, insn.length)
 
     def clear(self, uc) -> None:
         """Forget every site and remove its hook (the code they were decoded from changed)."""
@@ -62,11 +62,11 @@ class IoSites:
             return
         site = decode_io(code) if code else None
         if site is None:
-            site = (1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
+            site = IoInsn(1, False, False)  # cannot happen for a fetched IN/OUT; stay safe
         self._new = (la, site)
-        if not site[2]:  # a REP string op ends its block after each iteration anyway
+        if not site.rep:  # a REP string op ends its block after each iteration anyway
             c = unicorn().unicorn_const
-            self._discard = (uc.context_save(), la + site[0])
+            self._discard = (uc.context_save(), la + site.length)
             regions.protect(uc, c.UC_PROT_READ | c.UC_PROT_EXEC)
 
     def settle(self, uc, regions, rip_id: int, cs_base) -> bool:
@@ -87,6 +87,6 @@ class IoSites:
             la, site = self._new
             self._new = None
             self.sites[la] = site
-            self._hook(uc, la, site[0])
+            self._hook(uc, la, site.length)
             uc.ctl_flush_tb()  # retranslate with the stop check after the site
         return undone

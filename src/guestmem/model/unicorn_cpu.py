@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..types import DTable, Regs, Sregs
 from ..uapi import PAGE_SIZE as _PAGE
@@ -69,8 +70,16 @@ def reg_id(mode: str, name: str) -> int:
     return getattr(x, "UC_X86_REG_" + name.upper())
 
 
-def decode_io(code: bytes) -> tuple[int, bool, bool] | None:
-    """(length, is_string, has_rep) of the IN/OUT/INS/OUTS at the start of ``code``, or None."""
+class IoInsn(NamedTuple):
+    """An IN/OUT/INS/OUTS instruction as ``io_sites`` needs it."""
+
+    length: int
+    string: bool  # INS/OUTS
+    rep: bool  # with a REP prefix
+
+
+def decode_io(code: bytes) -> IoInsn | None:
+    """The IN/OUT/INS/OUTS at the start of ``code``, or None."""
     n, rep = 0, False
     while n < len(code) and (code[n] in _IO_PREFIXES or 0x40 <= code[n] <= 0x4F):
         rep |= code[n] in (0xF2, 0xF3)
@@ -79,11 +88,11 @@ def decode_io(code: bytes) -> tuple[int, bool, bool] | None:
         return None
     op = code[n]
     if 0xE4 <= op <= 0xE7:
-        return n + 2, False, False
+        return IoInsn(n + 2, False, False)
     if 0xEC <= op <= 0xEF:
-        return n + 1, False, False
+        return IoInsn(n + 1, False, False)
     if 0x6C <= op <= 0x6F:
-        return n + 1, True, rep
+        return IoInsn(n + 1, True, rep)
     return None
 
 

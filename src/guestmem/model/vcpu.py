@@ -86,9 +86,9 @@ class Vcpu(VcpuRegisters, VcpuState, fdtable.FdObject):
     What ``exits`` and ``interrupts`` use (model-internal, not the KVM API): the VM
     (``_vm``), the engine (``_engine``, a ``unicorn_cpu.Engine``) and what it maps
     (``_regions``), the register cache (``_read_regs``, ``_read_sregs``, ``_queue``,
-    ``_set_cr2``, ``_load_selectors``), ``_step_instruction``, the typed records of
-    ``exits`` (``_hook_event``, ``_pending_completion``) and the kvm_run fields userspace
-    answers with (``_io_in_data``, ``_mmio_read_data``, ``_hypercall_ret``).
+    ``_set_cr2``, ``_restore_cr2``, ``_load_selectors``), ``_step_instruction``, the typed
+    records of ``exits`` (``_hook_event``, ``_pending_completion``) and kvm_run's
+    hypercall.ret (``_hypercall_ret``).
     """
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
@@ -462,7 +462,8 @@ class Vcpu(VcpuRegisters, VcpuState, fdtable.FdObject):
         elif type(p) is PendingHypercall:
             self._queue(rax=self._hypercall_ret & (2**64 - 1 if p.long_mode else 0xFFFF_FFFF), rip=p.rip + 3)
         elif type(p) is PendingMmio:
-            exits.step_mmio(self, p)
+            data, self._mmio_read_data = self._mmio_read_data, None
+            exits.step_mmio(self, p, data)
         self._io_in_data = None
 
     def run(self) -> Exit:
