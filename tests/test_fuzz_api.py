@@ -445,3 +445,201 @@ def test_fuzz_public_api(worker):
         fuzz()
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(_stats["outcomes"].items(), key=lambda kv: -kv[1]))
     print(f"\nfuzz: {_stats['examples']} examples, {_stats['calls']} calls on {'+'.join(backends)} ({outcomes})")
+
+
+# --- findings: each was a failed example of the fuzzer (or, the last, of reading its code) ------------
+
+from guestmem.types import CpuidEntry, DebugRegs, Fpu, NmiEvent  # noqa: E402
+from guestmem.uapi import MpState  # noqa: E402
+
+
+def _errno_of(fn, *args) -> int:
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    return exc.value.errno
+
+
+def test_set_cpuid2_fields_are_u32_ints(system):
+    """The model stored CpuidEntry fields as given; kvm encodes each as the u32 the struct holds."""
+    vcpu = system.create_vm().create_vcpu(0)
+    assert _errno_of(vcpu.set_cpuid2, [CpuidEntry(1, eax=1 << 32)]) == errno.EINVAL
+    with pytest.raises(TypeError):
+        vcpu.set_cpuid2([CpuidEntry(1, eax="1")])
+    vcpu.set_cpuid2([CpuidEntry(1, eax=-1)])  # wraps, as C would pass it
+    assert [e.eax for e in vcpu.get_cpuid2() if e.function == 1] == [0xFFFFFFFF]
+
+
+def test_msr_lists_of_256_or_more_are_e2big(system):
+    """msr_io refuses nmsrs >= MAX_IO_MSRS (256) with E2BIG; the model read and wrote them all."""
+    vcpu = system.create_vm().create_vcpu(0)
+    assert len(vcpu.get_msrs([0x174] * 255)) == 255
+    assert _errno_of(vcpu.get_msrs, [0x174] * 256) == errno.E2BIG
+    assert _errno_of(vcpu.set_msrs, [(0x174, 0)] * 256) == errno.E2BIG
+
+
+def test_set_msrs_checks_every_entry_before_setting_any(system):
+    """A bad entry after a good one: kvm let ValueError escape for a non-pair, the model set the
+    good entry first (a failed call that changed state) or stopped quietly at a value too wide."""
+    vcpu = system.create_vm().create_vcpu(0)
+    with pytest.raises(TypeError):
+        vcpu.set_msrs([(0x174, 5), "abc"])
+    assert _errno_of(vcpu.set_msrs, [(0x174, 5), (0x174, 1 << 64)]) == errno.EINVAL
+    assert vcpu.get_msrs([0x174]) == [(0x174, 0)]
+    with pytest.raises(TypeError):
+        vcpu.get_msrs([float(0x174)])
+
+
+def test_set_mp_state_needs_an_in_kernel_irqchip_for_all_but_runnable(system):
+    """kvm_arch_vcpu_ioctl_set_mpstate: without a LAPIC in the kernel only RUNNABLE (the model
+    took all five x86 states); with one also AP_RESET_HOLD (9), and SIPI_RECEIVED delivers the
+    SIPI at the next KVM_GET_MP_STATE: RUNNABLE at vector:0000 (measured on the host)."""
+    vcpu = system.create_vm().create_vcpu(0)
+    for state in (1, 2, 3, 4, 9):
+        assert _errno_of(vcpu.set_mp_state, state) == errno.EINVAL
+    vcpu.set_mp_state(MpState.RUNNABLE)
+    vm = system.create_vm()
+    vm.create_irqchip()
+    vcpu = vm.create_vcpu(0)
+    for state in (1, 2, 3, 9):
+        vcpu.set_mp_state(state)
+        assert vcpu.get_mp_state() == state
+    for state in (5, 6, 7, 8, 10, 1 << 31):
+        assert _errno_of(vcpu.set_mp_state, state) == errno.EINVAL
+    vcpu.set_mp_state(MpState.INIT_RECEIVED)
+    vcpu.set_mp_state(MpState.SIPI_RECEIVED)
+    assert vcpu.get_mp_state() == MpState.RUNNABLE
+    cs = vcpu.get_sregs().cs
+    assert (cs.selector, cs.base, vcpu.get_regs().rip) == (0, 0, 0)
+
+
+def test_set_mp_state_on_a_closed_vcpu_is_ebadf_before_the_argument(system):
+    """kvm encoded the argument first (EINVAL) where every closed object says EBADF first."""
+    vcpu = system.create_vm().create_vcpu(0)
+    vcpu.close()
+    assert _errno_of(vcpu.set_mp_state, 1 << 40) == errno.EBADF
+
+
+def test_set_tsc_khz_without_tsc_scaling(system):
+    """KVM_SET_TSC_KHZ without KVM_CAP_TSC_CONTROL (this host, and the model): 0 means the host
+    rate, a rate within 250 ppm or above the host's is taken, one below is EINVAL yet recorded
+    (kvm_set_tsc_khz). The model took only the host rate exactly."""
+    if system.check_extension(60):  # KVM_CAP_TSC_CONTROL: the kernel would scale
+        pytest.skip("this kernel scales the guest TSC")
+    vcpu = system.create_vm().create_vcpu(0)
+    khz = vcpu.get_tsc_khz()
+    vcpu.set_tsc_khz(khz + 1)
+    assert vcpu.get_tsc_khz() == khz + 1
+    vcpu.set_tsc_khz(0)
+    assert vcpu.get_tsc_khz() == khz
+    vcpu.set_tsc_khz(2 * khz)
+    assert _errno_of(vcpu.set_tsc_khz, khz // 2) == errno.EINVAL
+    assert vcpu.get_tsc_khz() == khz // 2
+
+
+def test_get_tsc_khz_reads_rates_above_int_max(system):
+    """The kernel returns the u32 rate through the ioctl's int: kvm raised OSError(errno 0) for
+    2**31 (fcntl.ioctl saw a negative return); a rate within 4095 of 2**32 reads as -errno."""
+    if system.check_extension(60):
+        pytest.skip("this kernel scales the guest TSC and refuses such rates")
+    vcpu = system.create_vm().create_vcpu(0)
+    vcpu.set_tsc_khz(1 << 31)
+    assert vcpu.get_tsc_khz() == 1 << 31
+    vcpu.set_tsc_khz((1 << 32) - 1)
+    assert _errno_of(vcpu.get_tsc_khz) == errno.EPERM
+
+
+def test_set_fpu_and_set_debugregs_check_fields_in_struct_order(system):
+    """kvm fills the struct field by field (a tuple's length before its elements); the model
+    checked all scalars, then all register types: another exception for the same argument."""
+    vcpu = system.create_vm().create_vcpu(0)
+    fpr = list(Fpu().fpr)
+    fpr[2], fpr[4] = bytes(1024), object()
+    assert _errno_of(vcpu.set_fpu, Fpu(fpr=tuple(fpr), fcw="x")) == errno.EINVAL
+    assert _errno_of(vcpu.set_debugregs, DebugRegs(db=(object(),))) == errno.EINVAL
+    with pytest.raises(TypeError):
+        vcpu.set_debugregs(DebugRegs(db=[0, 0, 0, 0]))
+
+
+def test_set_vcpu_events_nested_fields_take_their_dataclass(system):
+    """An int or another event in place of a nested event: the model took the int (or raised
+    AttributeError), kvm raised KeyError for another event."""
+    vcpu = system.create_vm().create_vcpu(0)
+    events = vcpu.get_vcpu_events()
+    for bad in (events.replace(interrupt=1), events.replace(exception=NmiEvent())):
+        with pytest.raises(TypeError):
+            vcpu.set_vcpu_events(bad)
+    assert vcpu.get_vcpu_events() == events
+
+
+def test_vm_eventfd_and_dirty_log_calls_on_a_closed_vm_are_ebadf_first(system):
+    """The model encoded the arguments first (TypeError, EINVAL, EFAULT)."""
+    vm = system.create_vm()
+    vm.close()
+    assert _errno_of(vm.irq_line, 1 << 40, 0) == errno.EBADF
+    assert _errno_of(vm.irqfd, None, 1 << 40) == errno.EBADF
+    assert _errno_of(vm.ioeventfd, None, 1 << 64, 0) == errno.EBADF
+    assert _errno_of(vm.get_dirty_log, 1 << 40) == errno.EBADF
+    assert _errno_of(vm.clear_dirty_log, 0, 0, 64, b"") == errno.EBADF
+
+
+def test_vm_ioctl_arguments_are_encoded_in_struct_order_and_take_bools(system):
+    """KVM_IOEVENTFD's datamatch comes first in its struct (the model checked fd, addr, len
+    first); get_dirty_log's npages is encoded before the kernel looks at the slot (the model
+    said ENOENT); bool is an int (the model's VM ioctls said TypeError)."""
+    vm = system.create_vm()
+    efd = os.eventfd(0)
+    try:
+        assert _errno_of(vm.ioeventfd, efd, "x", 0, 1 << 64) == errno.EINVAL
+    finally:
+        os.close(efd)
+    with pytest.raises(TypeError):
+        vm.get_dirty_log(0, "x")
+    vm.create_irqchip()
+    vm.irq_line(True, True)
+
+
+def test_manual_dirty_log_initially_set_needs_manual_protect(system):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 takes INITIALLY_SET only with MANUAL_PROTECT_ENABLE."""
+    vm = system.create_vm()
+    assert _errno_of(vm.enable_cap, Cap.MANUAL_DIRTY_LOG_PROTECT2, 2) == errno.EINVAL
+    vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, 3)
+
+
+_OVERFLOW = """
+import ctypes, mmap, guestmem
+from guestmem.uapi import Cap
+vm = guestmem.open_system("kvm").create_vm(0)
+vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, 3)  # the log starts all set: the kernel writes 0xff
+size = 64 << 20
+backing = mmap.mmap(-1, size)
+vm.set_user_memory_region(0, 1, 0, size, ctypes.addressof(ctypes.c_char.from_buffer(backing)))
+for _ in range(2000):
+    log = vm.get_dirty_log(0, 1)
+    junk = [bytes(100) for _ in range(100)]
+print(log.npages, log.bitmap.hex())
+"""
+
+
+def test_get_dirty_log_with_npages_below_the_slot_size_does_not_overflow(kvm_system):
+    """kvm sized the bitmap buffer from ``npages`` alone, and the kernel writes the whole slot's
+    bitmap: 2 KiB of 0xff over an 8-byte buffer, a segfault within 2000 calls (measured)."""
+    proc = subprocess.run([sys.executable, "-c", _OVERFLOW], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "ff" * 8]
+
+
+def test_ioeventfd_flags_outside_the_mask_are_refused_only_when_assigning(system):
+    """kvm_ioeventfd takes the DEASSIGN path before any flag check (it ignores the others) and
+    kvm_assign_ioeventfd checks len and wrap-around before flags; the model refused unknown
+    flags first."""
+    vm = system.create_vm()
+    efd = os.eventfd(0)
+    try:
+        assert _errno_of(vm.ioeventfd, efd, 0x1000, 4, 0, 0xFFFFFFFE) == errno.ENOENT  # DEASSIGN | junk
+        assert _errno_of(vm.ioeventfd, efd, 2**64 - 1, 4, 0, 1 << 31) == errno.EINVAL
+        vm.ioeventfd(efd, 0x1000, 4)
+        vm.ioeventfd(efd, 0x1000, 4, 0, 0xFFFFFFE4)  # DEASSIGN | junk removes it
+        assert _errno_of(vm.ioeventfd, efd, 0x1000, 4, 0, 4) == errno.ENOENT
+    finally:
+        os.close(efd)

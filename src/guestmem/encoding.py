@@ -117,3 +117,23 @@ def encode_array(values: Iterable[int] | None, length: int, bits: int, field: st
     if len(items) > length:
         raise oserror(errno.EINVAL, f"{field} has {len(items)} elements; the struct holds {length}")
     return [encode_unsigned(v, bits, f"{field}[{i}]") for i, v in enumerate(items)] + [0] * (length - len(items))
+
+
+def msr_indices(indices: Iterable[int]) -> list[int]:
+    """KVM_GET_MSRS's indices as the u32 ``index`` fields of struct kvm_msr_entry."""
+    if isinstance(indices, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"MSR indices must be a sequence of ints, not {type(indices).__name__}")
+    return [encode_unsigned(i, 32, "index") for i in indices]
+
+
+def msr_entries(entries: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """KVM_SET_MSRS's (index, value) pairs as u32 ``index`` and u64 ``data`` fields, entry by
+    entry; TypeError for an entry that is not a 2-tuple or 2-list."""
+    if isinstance(entries, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"MSR entries must be a sequence of (index, value) pairs, not {type(entries).__name__}")
+    out = []
+    for e in entries:
+        if not isinstance(e, (tuple, list)) or len(e) != 2:
+            raise TypeError(f"an MSR entry is an (index, value) pair, not {type(e).__name__} {e!r:.40}")
+        out.append((encode_unsigned(e[0], 32, "index"), encode_unsigned(e[1], 64, "data")))
+    return out

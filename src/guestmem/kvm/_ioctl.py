@@ -38,6 +38,22 @@ def ioctl(fd: int, request: int, name: str, arg: Any = _NO_ARG, detail: str = ""
         raise oserror(exc.errno, f"{name}({detail})") from None
 
 
+_SYS_ioctl = 16  # x86-64
+_syscall = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_ulong, use_errno=True)(
+    ("syscall", libc))
+
+
+def ioctl_u32(fd: int, request: int, name: str) -> int:
+    """ioctl(fd, request) without an argument whose return value is a u32 the kernel passes
+    through its int ``r`` (KVM_GET_TSC_KHZ): a value of 2**31 or more arrives negative (masked
+    back here; ``fcntl.ioctl`` would raise OSError with errno 0), and one of 2**32 - 4095 or
+    more arrives as -errno, a failure for every caller (syscall(2) returns -1)."""
+    r = _syscall(_SYS_ioctl, fd, request)
+    if r == -1:
+        raise oserror(ctypes.get_errno(), f"{name}()")
+    return r & 0xFFFFFFFF
+
+
 def closed_error(what: str) -> OSError:
     """EBADF for a method called on a closed object."""
     return oserror(errno.EBADF, f"{what} is closed")

@@ -18,11 +18,11 @@ import struct
 from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 from .. import uapi
-from ..encoding import encode_unsigned
+from ..encoding import encode_unsigned, msr_entries, msr_indices
 from ..errors import oserror
 from ..types import (CpuidEntry, DebugRegs, DirtyGfn, ExceptionEvent, Fpu, InterruptEvent, LapicState, NmiEvent,
                      SmiEvent, TripleFaultEvent, VcpuEvents, Xcr, Xsave)
-from ._ioctl import int_arg, ioctl
+from ._ioctl import int_arg, ioctl, ioctl_u32
 from .stats import StatsFd
 
 _T = TypeVar("_T")
@@ -58,7 +58,9 @@ def value_to_struct(value: Any, s: ctypes.Structure, what: str) -> ctypes.Struct
     ctypes_of: dict[str, Any] = {f[0]: f[1] for f in type(s)._fields_}
     for f in dataclasses.fields(value):
         v, name, ctype = getattr(value, f.name), f"{what}.{f.name}", ctypes_of[f.name]
-        if dataclasses.is_dataclass(v):
+        if issubclass(ctype, ctypes.Structure):  # a nested struct: its dataclass only
+            if type(v) is not _NESTED[f.name]:
+                raise TypeError(f"{name} must be a {_NESTED[f.name].__name__}, not {type(v).__name__}")
             value_to_struct(v, getattr(s, f.name), name)
         elif issubclass(ctype, ctypes.Array):
             arr = getattr(s, f.name)
@@ -177,23 +179,24 @@ class VcpuState:
         :raises OSError: EBADF if closed.
         """
         fd = self._check()
-        idx = list(indices)
+        idx = msr_indices(indices)
         buf = _msrs_buffer(len(idx))
         for e, i in zip(buf.entries, idx):
-            e.index = encode_unsigned(i, 32, "index")
+            e.index = i
         n = ioctl(fd, uapi.KVM_GET_MSRS, "KVM_GET_MSRS", buf, f"nmsrs={len(idx)}")
         return [(e.index, e.data) for e in buf.entries[:n]]
 
     def set_msrs(self, entries: Iterable[tuple[int, int]]) -> int:
         """KVM_SET_MSRS (api.rst 4.19): returns how many MSRs were set (it stops at the first refusal).
 
+        :raises TypeError: an entry that is not an (index, value) pair.
         :raises OSError: EBADF if closed.
         """
         fd = self._check()
-        pairs = list(entries)
+        pairs = msr_entries(entries)
         buf = _msrs_buffer(len(pairs))
         for e, (i, v) in zip(buf.entries, pairs):
-            e.index, e.data = encode_unsigned(i, 32, "index"), encode_unsigned(v, 64, "data")
+            e.index, e.data = i, v
         return ioctl(fd, uapi.KVM_SET_MSRS, "KVM_SET_MSRS", buf, f"nmsrs={len(pairs)}")
 
     def get_mp_state(self) -> int:
@@ -204,14 +207,17 @@ class VcpuState:
 
     def set_mp_state(self, mp_state: int) -> None:
         """KVM_SET_MP_STATE (api.rst 4.39). :raises OSError: EBADF if closed; EINVAL unknown state."""
-        if not isinstance(mp_state, int):
-            raise TypeError(f"mp_state must be an int, not {type(mp_state).__name__}")
+        fd = self._check()
         s = uapi.kvm_mp_state(encode_unsigned(mp_state, 32, "mp_state"))
-        ioctl(self._check(), uapi.KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s, f"mp_state={mp_state}")
+        ioctl(fd, uapi.KVM_SET_MP_STATE, "KVM_SET_MP_STATE", s, f"mp_state={mp_state}")
 
     def get_tsc_khz(self) -> int:
-        """KVM_GET_TSC_KHZ on the vCPU (api.rst 4.56). :raises OSError: EBADF if closed."""
-        return ioctl(self._check(), uapi.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+        """KVM_GET_TSC_KHZ on the vCPU (api.rst 4.56).
+
+        :raises OSError: EBADF if closed; errno 2**32 - khz for a rate set within 4095 of
+            2**32 (the kernel returns the rate as an int: -errno).
+        """
+        return ioctl_u32(self._check(), uapi.KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
 
     def set_tsc_khz(self, khz: int) -> None:
         """KVM_SET_TSC_KHZ on the vCPU (api.rst 4.55). :raises OSError: EBADF if closed; EINVAL."""

@@ -204,9 +204,7 @@ class VmState:
 
     # --- dirty log ----------------------------------------------------------------------------
 
-    def _slot_pages(self, slot: int, npages: int | None) -> int:
-        if npages is not None:
-            return encode_unsigned(_int(npages, "npages"), 32, "npages")
+    def _slot_pages(self, slot: int) -> int:
         with self._shadow_lock:
             region = self._regions.get(slot)
         return region.npages if region is not None else 0
@@ -216,7 +214,8 @@ class VmState:
         the last call (without manual protect, the call also clears and re-protects them).
 
         The bitmap is sized from the memslot shadow; pass ``npages`` for a slot set behind
-        this Vm's back.
+        this Vm's back (at least its size: the kernel writes the slot's whole bitmap). The
+        result holds ``npages`` pages.
 
         :raises OSError: EBADF if closed; EINVAL for an as_id or id out of range; ENOENT for
             a slot that does not exist or lacks KVM_MEM_LOG_DIRTY_PAGES; ENXIO when the VM
@@ -224,8 +223,10 @@ class VmState:
         """
         fd = self._check()  # type: ignore[attr-defined]
         slot = encode_unsigned(_int(slot, "slot"), 32, "slot")
-        n = self._slot_pages(slot, npages)
-        buf = (ctypes.c_uint8 * max(bitmap_bytes(n), 8))()
+        known = self._slot_pages(slot)
+        n = known if npages is None else encode_unsigned(_int(npages, "npages"), 32, "npages")
+        # The kernel writes the whole slot's bitmap whatever npages says: never less room than that.
+        buf = (ctypes.c_uint8 * max(bitmap_bytes(n), bitmap_bytes(known), 8))()
         s = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(buf))
         ioctl(fd, uapi.KVM_GET_DIRTY_LOG, "KVM_GET_DIRTY_LOG", s, f"slot={slot:#x}")
         return DirtyLog(slot=slot, npages=n, bitmap=bytes(buf)[:bitmap_bytes(n)])

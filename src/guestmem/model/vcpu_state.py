@@ -11,7 +11,9 @@ Data model
   emulated CPU itself (Unicorn), whose leaves are what KVM_GET_SUPPORTED_CPUID reports.
 * ``_msrs``: index -> value for the MSRs of ``cpuid.MSRS``; any other index is refused,
   which ends KVM_GET_MSRS/KVM_SET_MSRS at that entry, as kvm_get_msr/kvm_set_msr do.
-* ``_mp_state``: KVM_MP_STATE_*; vCPU 0 (the BSP) starts RUNNABLE, others UNINITIALIZED.
+* ``_mp_state``: KVM_MP_STATE_*; vCPU 0 (the BSP) starts RUNNABLE, others UNINITIALIZED
+  (with an in-kernel irqchip; RUNNABLE without). ``_sipi_pending``: a SIPI set with
+  KVM_SET_MP_STATE, delivered at the next KVM_GET_MP_STATE (apic->pending_events).
 * ``_tsc_khz``: the guest TSC frequency, the host's by default (Unicorn reads the host TSC).
 * ``_fpstate``: the guest FPU buffer in the uabi XSAVE layout (4096 bytes, the kernel's
   guest_fpu.fpstate): KVM_GET/SET_FPU read and write its legacy area raw; KVM_GET_XSAVE
@@ -36,7 +38,7 @@ import functools
 import os
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..encoding import encode_unsigned
+from ..encoding import encode_unsigned, msr_entries, msr_indices
 
 from ..errors import oserror
 from ..types import CpuidEntry, DebugRegs, Fpu, LapicState, VcpuEvents, Xcr, Xsave
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
     from .unicorn_cpu import Engine
 
 KVM_MAX_CPUID_ENTRIES = 256
+MAX_IO_MSRS = 256  # msr_io refuses this many or more
+TSC_TOLERANCE_PPM = 250  # kvm.tsc_tolerance_ppm's default
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+# KVM_SET_MP_STATE's states beyond RUNNABLE, each needing an in-kernel LAPIC.
+_LAPIC_MP_STATES = (1, 2, 3, 4, 9)  # UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED, AP_RESET_HOLD
 XSAVE_SIZE = 4096
 MXCSR_DEFAULT, MXCSR_MASK = 0x1F80, 0xFFFF  # Unicorn's FXSAVE mask: every MXCSR bit but DAZ's neighbours
 XFEATURE_FP, XFEATURE_SSE, XFEATURE_YMM = 1, 2, 4
@@ -121,6 +128,7 @@ class VcpuState:
         # would send it INIT/SIPI); with one, only the BSP (measured on this host)
         bsp_only = getattr(self._vm, "_irqchip", False)
         self._mp_state = int(MpState.RUNNABLE if vcpu_id == 0 or not bsp_only else MpState.UNINITIALIZED)
+        self._sipi_pending = False
         self._tsc_khz = host_tsc_khz()
         self._fpstate = bytearray(_INIT_FPSTATE)
         self._xcr0 = XFEATURE_FP
@@ -146,14 +154,17 @@ class VcpuState:
     def set_cpuid2(self, entries: Iterable[CpuidEntry]) -> None:
         """KVM_SET_CPUID2 (api.rst 4.20): the CPUID table userspace chose for this vCPU.
 
-        Errors, in order: EBADF (closed); E2BIG more than 256 entries; EINVAL a different
-        table after the vCPU has run (kvm_set_cpuid). Mirrors kvm_vcpu_ioctl_set_cpuid2.
+        Errors, in order: EBADF (closed); TypeError an entry that is not a CpuidEntry, then
+        (entry by entry) TypeError/EINVAL a field that is not an int of 32 bits; E2BIG more
+        than 256 entries; EINVAL a different table after the vCPU has run (kvm_set_cpuid).
+        Mirrors kvm_vcpu_ioctl_set_cpuid2.
         """
         self._check()
         table = tuple(entries)
         for e in table:
             if not isinstance(e, CpuidEntry):
                 raise TypeError(f"set_cpuid2 takes CpuidEntry values, not {type(e).__name__}")
+        table = tuple(CpuidEntry(*[encode_unsigned(getattr(e, n), 32, n) for n in _CPUID_FIELDS]) for e in table)
         if len(table) > KVM_MAX_CPUID_ENTRIES:
             raise oserror(errno.E2BIG, f"{len(table)} CPUID entries > {KVM_MAX_CPUID_ENTRIES}")
         with self._ioctl_lock:
@@ -164,9 +175,14 @@ class VcpuState:
     def get_msrs(self, indices: Iterable[int]) -> list[tuple[int, int]]:
         """KVM_GET_MSRS (api.rst 4.18): (index, value) for each index, up to the first unknown one.
 
-        The kernel returns how many it read; that is ``len`` of the result. Errors: EBADF.
+        The kernel returns how many it read; that is ``len`` of the result. Errors, in order:
+        EBADF; TypeError/EINVAL an index that is not an int of 32 bits; E2BIG 256 indices or
+        more (msr_io's MAX_IO_MSRS).
         """
         self._check()
+        indices = msr_indices(indices)
+        if len(indices) >= MAX_IO_MSRS:
+            raise oserror(errno.E2BIG, f"{len(indices)} MSRs: KVM_GET_MSRS takes fewer than {MAX_IO_MSRS}")
         out = []
         with self._ioctl_lock:
             for index in indices:
@@ -178,51 +194,86 @@ class VcpuState:
     def set_msrs(self, entries: Iterable[tuple[int, int]]) -> int:
         """KVM_SET_MSRS (api.rst 4.19): write (index, value) pairs; returns how many were set.
 
-        Stops at the first MSR the model does not hold (kvm_set_msr refuses it). Errors: EBADF.
+        Stops at the first MSR the model does not hold (kvm_set_msr refuses it). Errors, in
+        order: EBADF; TypeError an entry that is not an (index, value) pair, TypeError/EINVAL
+        an index (u32) or value (u64) that does not fit; E2BIG 256 entries or more.
         """
         self._check()
+        entries = msr_entries(entries)
+        if len(entries) >= MAX_IO_MSRS:
+            raise oserror(errno.E2BIG, f"{len(entries)} MSRs: KVM_SET_MSRS takes fewer than {MAX_IO_MSRS}")
         n = 0
         with self._ioctl_lock:
             for index, value in entries:
-                if index not in self._msrs or not 0 <= value < 1 << 64:
+                if index not in self._msrs:
                     break
                 self._msrs[index] = value
                 n += 1
         return n
 
     def get_mp_state(self) -> int:
-        """KVM_GET_MP_STATE (api.rst 4.38): the vCPU's KVM_MP_STATE_*. Errors: EBADF."""
+        """KVM_GET_MP_STATE (api.rst 4.38): the vCPU's KVM_MP_STATE_*.
+
+        A SIPI left pending by KVM_SET_MP_STATE(SIPI_RECEIVED) is accepted first, as
+        kvm_apic_accept_events does: the vCPU becomes RUNNABLE at ``sipi_vector``:0000
+        (kvm_vcpu_deliver_sipi_vector). Errors: EBADF.
+        """
         self._check()
         with self._ioctl_lock:
-            return self._mp_state
+            sipi, self._sipi_pending = self._sipi_pending and self._mp_state == MpState.INIT_RECEIVED, False
+            if sipi:
+                self._mp_state = int(MpState.RUNNABLE)
+            vector = self._events.sipi_vector & 0xFF
+        if sipi:
+            s = self.get_sregs()  # type: ignore[attr-defined]
+            self.set_sregs(s.replace(cs=s.cs.replace(selector=vector << 8, base=vector << 12)))  # type: ignore[attr-defined]
+            self.set_regs(self.get_regs().replace(rip=0))  # type: ignore[attr-defined]
+        return self._mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
-        """KVM_SET_MP_STATE (api.rst 4.39). Errors: EBADF; EINVAL a state x86 does not have.
+        """KVM_SET_MP_STATE (api.rst 4.39).
 
-        Mirrors kvm_arch_vcpu_ioctl_set_mpstate (without an in-kernel LAPIC model beyond that).
+        Errors, in order: EBADF; TypeError/EINVAL not an int of 32 bits; EINVAL a state x86
+        does not have, or any state but RUNNABLE without an in-kernel irqchip (the others
+        are UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED and AP_RESET_HOLD).
+        SIPI_RECEIVED is kept as INIT_RECEIVED with the SIPI pending (``get_mp_state``).
+        Mirrors kvm_arch_vcpu_ioctl_set_mpstate.
         """
         self._check()
-        if not isinstance(mp_state, int):
-            raise TypeError(f"mp_state must be an int, not {type(mp_state).__name__}")
-        if mp_state not in MpState.__members__.values():
-            raise oserror(errno.EINVAL, f"mp_state {mp_state} is not an x86 KVM_MP_STATE")
+        mp_state = encode_unsigned(mp_state, 32, "mp_state")
+        if mp_state != MpState.RUNNABLE and (mp_state not in _LAPIC_MP_STATES or not self._vm._irqchip):
+            raise oserror(errno.EINVAL, f"mp_state {mp_state} is not RUNNABLE or a state of an in-kernel LAPIC")
         with self._ioctl_lock:
-            self._mp_state = int(mp_state)
+            sipi = mp_state == MpState.SIPI_RECEIVED
+            self._mp_state, self._sipi_pending = int(MpState.INIT_RECEIVED if sipi else mp_state), sipi
 
     def get_tsc_khz(self) -> int:
-        """KVM_GET_TSC_KHZ on the vCPU (api.rst 4.56): the guest TSC frequency. Errors: EBADF."""
-        self._check()
-        return self._tsc_khz
+        """KVM_GET_TSC_KHZ on the vCPU (api.rst 4.56): the guest TSC frequency.
 
-    def set_tsc_khz(self, khz: int) -> None:
-        """KVM_SET_TSC_KHZ on the vCPU (api.rst 4.55). Errors: EBADF; EINVAL for 0.
-
-        The model's guest TSC always runs at the host rate (Unicorn reads the host TSC), so
-        only the host frequency is accepted; others are EINVAL, as on a host without TSC scaling.
+        Errors: EBADF; errno 2**32 - khz for a rate within 4095 of 2**32: the kernel returns
+        the u32 through the ioctl's int, so those rates read as -errno (measured).
         """
         self._check()
-        if khz == 0 or khz != self._tsc_khz:
-            raise oserror(errno.EINVAL, f"TSC frequency {khz} kHz: the model has no TSC scaling")
+        khz = self._tsc_khz
+        if khz > (1 << 32) - 4096:
+            raise oserror((1 << 32) - khz, f"KVM_GET_TSC_KHZ: {khz} kHz comes back as -{(1 << 32) - khz}")
+        return khz
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ on the vCPU (api.rst 4.55), as KVM without TSC scaling
+        (KVM_CAP_TSC_CONTROL 0): 0 means the host rate; a rate within the tolerance
+        (250 ppm) of the host's or above it is taken (above it KVM would catch the guest TSC
+        up; the model's guest TSC runs at the host rate, Unicorn reads the host TSC).
+
+        Errors, in order: EBADF; TypeError/EINVAL not an int of 32 bits; EINVAL a rate below
+        the tolerance, which the kernel records anyway (kvm_set_tsc_khz sets virtual_tsc_khz
+        before set_tsc_khz refuses it; KVM_GET_TSC_KHZ then reads it, measured).
+        """
+        self._check()
+        khz = encode_unsigned(khz, 32, "khz") or host_tsc_khz()
+        self._tsc_khz = khz
+        if khz < host_tsc_khz() * (1_000_000 - TSC_TOLERANCE_PPM) // 1_000_000:
+            raise oserror(errno.EINVAL, f"TSC frequency {khz} kHz is below the host's without TSC scaling")
 
     # --- FPU, XSAVE, XCRs ---------------------------------------------------------------------
 
@@ -247,10 +298,11 @@ class VcpuState:
         if not isinstance(fpu, Fpu):
             raise TypeError(f"set_fpu takes an Fpu, not {type(fpu).__name__}")
         self._check()
+        fpr = _regs(fpu.fpr, 8, "fpr")  # struct kvm_fpu's order
         parts = [(0, _int(fpu.fcw, 16, "fcw")), (2, _int(fpu.fsw, 16, "fsw")), (4, _int(fpu.ftwx, 8, "ftwx")),
                  (6, _int(fpu.last_opcode, 16, "last_opcode")), (8, _int(fpu.last_ip, 64, "last_ip")),
                  (16, _int(fpu.last_dp, 64, "last_dp"))]
-        fpr, xmm = _regs(fpu.fpr, 8, "fpr"), _regs(fpu.xmm, 16, "xmm")
+        xmm = _regs(fpu.xmm, 16, "xmm")
         _int(fpu.mxcsr, 32, "mxcsr")
         with self._ioctl_lock:
             st = self._fpstate
@@ -423,6 +475,8 @@ class VcpuState:
             old = self._events
             self._events = events.replace(
                 exception=exc, exception_has_payload=0, flags=0,
+                sipi_vector=events.sipi_vector if flags & VcpuEventValid.SIPI_VECTOR and self._vm._irqchip  # type: ignore[attr-defined]
+                else old.sipi_vector,
                 interrupt=events.interrupt if flags & VcpuEventValid.SHADOW
                 else events.interrupt.__class__(events.interrupt.injected, events.interrupt.nr,
                                                 events.interrupt.soft, old.interrupt.shadow),
@@ -445,11 +499,13 @@ class VcpuState:
         if not isinstance(debugregs, DebugRegs):
             raise TypeError(f"set_debugregs takes DebugRegs, not {type(debugregs).__name__}")
         self._check()
+        if not isinstance(debugregs.db, tuple):
+            raise TypeError(f"db must be a tuple of 4 ints, not {type(debugregs.db).__name__}")
+        if len(debugregs.db) != 4:
+            raise oserror(errno.EINVAL, f"db has {len(debugregs.db)} registers; the struct holds 4")
         db = tuple(_int(v, 64, f"db[{i}]")[0] for i, v in enumerate(debugregs.db))
         dr6, dr7 = _int(debugregs.dr6, 64, "dr6")[0], _int(debugregs.dr7, 64, "dr7")[0]
         flags = _int(debugregs.flags, 64, "flags")[0]
-        if len(db) != 4:
-            raise oserror(errno.EINVAL, f"db has {len(db)} registers; the struct holds 4")
         if flags:
             raise oserror(errno.EINVAL, f"debugregs flags {flags:#x} must be 0")
         if dr6 >> 32 or dr7 >> 32:
@@ -483,7 +539,9 @@ def _check_fields(value: object, widths: dict[str, int], name: str) -> None:
 
     for f in dataclasses.fields(value):  # type: ignore[arg-type]
         v = getattr(value, f.name)
-        if dataclasses.is_dataclass(v):
+        if dataclasses.is_dataclass(f.default):  # a nested struct: its dataclass only
+            if type(v) is not type(f.default):
+                raise TypeError(f"{name}.{f.name} must be a {type(f.default).__name__}, not {type(v).__name__}")
             _check_fields(v, widths, f"{name}.{f.name}")
         else:
             _int(v, widths.get(f.name, 8), f"{name}.{f.name}")
@@ -497,11 +555,18 @@ def _int(value: object, bits: int, name: str) -> tuple[int, int]:
 
 
 def _regs(values: object, n: int, name: str) -> bytes:
-    """``n`` 16-byte registers as one byte string; TypeError / EINVAL for the wrong shape."""
-    if not isinstance(values, tuple) or not all(isinstance(v, (bytes, bytearray)) for v in values):
-        raise TypeError(f"{name} must be a tuple of bytes")
-    if len(values) != n or any(len(v) != 16 for v in values):
-        raise oserror(errno.EINVAL, f"{name} must be {n} registers of 16 bytes")
+    """``n`` 16-byte registers as one byte string. Checked as the kvm backend fills the struct:
+    TypeError not a tuple, EINVAL not ``n`` of them, then register by register TypeError not
+    bytes, EINVAL not 16 bytes."""
+    if not isinstance(values, tuple):
+        raise TypeError(f"{name} must be a tuple of {n} registers, not {type(values).__name__}")
+    if len(values) != n:
+        raise oserror(errno.EINVAL, f"{name} has {len(values)} registers; the struct holds {n}")
+    for i, v in enumerate(values):
+        if not isinstance(v, (bytes, bytearray)):
+            raise TypeError(f"{name}[{i}] must be bytes, not {type(v).__name__}")
+        if len(v) != 16:
+            raise oserror(errno.EINVAL, f"{name}[{i}] is {len(v)} bytes; the register is 16")
     return b"".join(bytes(v) for v in values)
 
 

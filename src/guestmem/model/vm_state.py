@@ -32,7 +32,7 @@ import fcntl
 import os
 from typing import Any
 
-from ..encoding import encode_fd, encode_unsigned
+from ..encoding import check_int, encode_fd, encode_unsigned
 from ..errors import oserror
 from ..rangemap import RangeMap
 from ..types import DirtyLog, IoExit, MmioExit, bitmap_runs
@@ -47,8 +47,7 @@ _BUS_MMIO, _BUS_PIO, _BUS_CCW = 0, 1, 2
 
 
 def _int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    check_int(value, name)  # the input contract (README): bool is an int, nothing is converted
     return value
 
 
@@ -113,6 +112,7 @@ class VmState:
         Errors, in order: EBADF closed fd; ENXIO without an in-kernel irqchip. Mirrors
         kvm_vm_ioctl_irq_line.
         """
+        self._check()  # type: ignore[attr-defined]  # EBADF before the arguments (and again under the lock)
         irq = encode_unsigned(_int(irq, "irq"), 32, "irq")
         level = encode_unsigned(_int(level, "level"), 32, "level")
         with self._lock:  # type: ignore[attr-defined]
@@ -130,6 +130,7 @@ class VmState:
         EBADF/EINVAL ``resamplefd``; EBUSY the eventfd already bound on this VM. Mirrors
         kvm_irqfd / kvm_irqfd_assign / kvm_irqfd_deassign.
         """
+        self._check()  # type: ignore[attr-defined]
         fd = encode_fd(fd, "fd")
         gsi = encode_unsigned(_int(gsi, "gsi"), 32, "gsi")
         flags = encode_unsigned(_int(flags, "flags"), 32, "flags")
@@ -154,21 +155,22 @@ class VmState:
     def ioeventfd(self, fd: Any, addr: int, len: int, datamatch: int = 0, flags: int = 0) -> None:  # noqa: A002
         """KVM_IOEVENTFD (api.rst 4.59): signal eventfd ``fd`` on a guest write to ``addr``.
 
-        Errors, in order: EBADF closed VM fd; EINVAL flags outside the valid mask. Deassign:
-        EBADF/EINVAL ``fd`` not an open eventfd; ENOENT no registration with that bus,
-        eventfd, address, length and datamatch. Assign: EINVAL ``len`` not 0/1/2/4/8;
-        EINVAL addr + len wraps; EINVAL ``len`` 0 with DATAMATCH; EBADF/EINVAL ``fd``;
-        EEXIST a colliding registration. Mirrors kvm_ioeventfd / kvm_assign_ioeventfd_idx.
+        Errors, in order: EBADF closed VM fd. Deassign (flags outside the valid mask are
+        ignored): EBADF/EINVAL ``fd`` not an open eventfd; ENOENT no registration with that
+        bus, eventfd, address, length and datamatch. Assign: EINVAL ``len`` not 0/1/2/4/8;
+        EINVAL addr + len wraps; EINVAL flags outside the valid mask; EINVAL ``len`` 0 with
+        DATAMATCH; EBADF/EINVAL ``fd``; EEXIST a colliding registration. Mirrors
+        kvm_ioeventfd / kvm_deassign_ioeventfd_idx / kvm_assign_ioeventfd(_idx).
         """
-        fd = encode_fd(fd, "fd")
+        self._check()  # type: ignore[attr-defined]
+        # struct kvm_ioeventfd's order
+        datamatch = encode_unsigned(_int(datamatch, "datamatch"), 64, "datamatch")
         addr = encode_unsigned(_int(addr, "addr"), 64, "addr")
         length = encode_unsigned(_int(len, "len"), 32, "len")
-        datamatch = encode_unsigned(_int(datamatch, "datamatch"), 64, "datamatch")
+        fd = encode_fd(fd, "fd")
         flags = encode_unsigned(_int(flags, "flags"), 32, "flags")
         with self._lock:  # type: ignore[attr-defined]
             self._check()  # type: ignore[attr-defined]
-            if flags & ~KVM_IOEVENTFD_VALID_FLAG_MASK:
-                raise oserror(errno.EINVAL, f"ioeventfd flags {flags:#x} outside {KVM_IOEVENTFD_VALID_FLAG_MASK:#x}")
             bus = (_BUS_PIO if flags & IoeventfdFlag.PIO else
                    _BUS_CCW if flags & IoeventfdFlag.VIRTIO_CCW_NOTIFY else _BUS_MMIO)
             wildcard = not flags & IoeventfdFlag.DATAMATCH
@@ -185,6 +187,8 @@ class VmState:
                 raise oserror(errno.EINVAL, f"ioeventfd len {length} is not 0, 1, 2, 4 or 8")
             if addr + length > _U64:
                 raise oserror(errno.EINVAL, f"ioeventfd [{addr:#x}, +{length}) wraps")
+            if flags & ~KVM_IOEVENTFD_VALID_FLAG_MASK:
+                raise oserror(errno.EINVAL, f"ioeventfd flags {flags:#x} outside {KVM_IOEVENTFD_VALID_FLAG_MASK:#x}")
             if not length and not wildcard:
                 raise oserror(errno.EINVAL, "ioeventfd len 0 cannot match data")
             ev = _eventfd(fd, "fd")
@@ -285,12 +289,15 @@ class VmState:
         EBADF closed fd; EINVAL as_id or id out of range; ENOENT no such slot or no
         KVM_MEM_LOG_DIRTY_PAGES. Mirrors kvm_get_dirty_log_protect.
         """
+        self._check()  # type: ignore[attr-defined]
         slot = encode_unsigned(_int(slot, "slot"), 32, "slot")
+        if npages is not None:
+            npages = encode_unsigned(_int(npages, "npages"), 32, "npages")
         with self._lock:  # type: ignore[attr-defined]
             self._check()  # type: ignore[attr-defined]
             memslot, log = self._slot_for_log(slot)
             runs = [(s, e) for s, e, _ in log]
-            n = memslot.npages if npages is None else encode_unsigned(_int(npages, "npages"), 32, "npages")
+            n = memslot.npages if npages is None else npages
             bits = 0
             for s, e in runs:
                 bits |= ((1 << (e - s)) - 1) << s
@@ -309,6 +316,7 @@ class VmState:
         beyond the slot, or ``num_pages`` not a multiple of 64 short of the slot's end.
         Mirrors kvm_clear_dirty_log_protect.
         """
+        self._check()  # type: ignore[attr-defined]
         slot = encode_unsigned(_int(slot, "slot"), 32, "slot")
         first_page = encode_unsigned(_int(first_page, "first_page"), 64, "first_page")
         num_pages = encode_unsigned(_int(num_pages, "num_pages"), 32, "num_pages")
@@ -337,7 +345,11 @@ class VmState:
             self._reprotect(memslot, cleared)
 
     def _enable_manual_dirty_log(self, options: int) -> None:
-        allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (kvm_vm_ioctl_enable_cap_generic): INITIALLY_SET
+        only together with MANUAL_PROTECT_ENABLE."""
+        allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if options & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            allowed |= KVM_DIRTY_LOG_INITIALLY_SET
         if options & ~allowed:
             raise oserror(errno.EINVAL, f"MANUAL_DIRTY_LOG_PROTECT2 options {options:#x} outside {allowed:#x}")
         self._manual_dirty = options
