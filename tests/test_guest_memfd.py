@@ -21,6 +21,7 @@ from guestmem.uapi import Cap, Falloc, GuestMemfdFlag as GF
 from probe import fill, touch
 
 P = 4096
+MAP_GROWSDOWN = 0x0100
 MMAP, INIT_SHARED = int(GF.MMAP), int(GF.INIT_SHARED)
 PUNCH = Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE
 KEEP = Falloc.KEEP_SIZE
@@ -263,14 +264,32 @@ RX, R = PROT_READ | PROT_EXEC, PROT_READ
     (0, (P, 0, R, MAP_PRIVATE), errno.ENODEV),          # no-MMAP-flag before MAP_PRIVATE
     (MMAP, (P, 0, RX, MAP_PRIVATE), errno.EPERM),       # PROT_EXEC before MAP_PRIVATE
     (MMAP | INIT_SHARED, (P, 0, RX, MAP_PRIVATE), errno.EPERM),
+    (0, (P, 0, R, MAP_SHARED | MAP_GROWSDOWN), errno.EINVAL),  # do_mmap's GROWSDOWN before the method
+    (MMAP | INIT_SHARED, (P, 0, R, MAP_SHARED | MAP_GROWSDOWN), errno.EINVAL),
+    (MMAP, (P, 0, RX, MAP_SHARED | MAP_GROWSDOWN), errno.EPERM),  # PROT_EXEC before GROWSDOWN
 ], ids=["len0-exec", "offset-exec", "exec-nommap", "exec-nommap-private", "nommap-private",
-        "exec-private", "exec-private-init-shared"])
+        "exec-private", "exec-private-init-shared", "growsdown-nommap", "growsdown", "exec-growsdown"])
 def test_mmap_check_order(vm, gmem_flags, args, err):
     require(vm, gmem_flags)
     g = vm.create_guest_memfd(4 * P, gmem_flags)
     raises(err, g.mmap, *args)
     assert g.fstat().st_size == 4 * P  # the file is unharmed
     g.close()
+
+
+@pytest.mark.parametrize("profile, err", [("6.8", errno.ENODEV), ("6.12", errno.ENODEV), ("6.18", errno.EINVAL)])
+def test_mmap_growsdown_before_and_after_guest_memfd_had_mmap(profile, err):
+    """do_mmap refuses a file without an mmap method (ENODEV) before it looks at MAP_GROWSDOWN
+    (EINVAL): until 6.18 guest_memfd's file operations have no mmap, so GROWSDOWN is ENODEV
+    there; from 6.18 the method exists (its own no-MMAP-flag ENODEV comes later), so EINVAL."""
+    import guestmem
+    from guestmem.pytest_plugin import backend_skip_reason
+
+    if backend_skip_reason("model"):
+        pytest.skip(backend_skip_reason("model"))
+    with guestmem.open_system("model", profile=profile) as system:
+        g = system.create_vm().create_guest_memfd(4 * P)
+        raises(err, g.mmap, P, 0, R, MAP_SHARED | MAP_GROWSDOWN)
 
 
 def test_gt12_mmap_without_mmap_flag_is_enodev(vm):

@@ -426,8 +426,8 @@ class GuestMemfd(FileOps, fdtable.FdObject):
         length 0; ENOMEM length beyond the address space; EOVERFLOW offset + length beyond
         the maximum file size (a negative offset too); EOPNOTSUPP MAP_SHARED_VALIDATE with
         flags outside the legacy set; EINVAL unknown map type; EPERM PROT_EXEC (noexec
-        mount); EINVAL MAP_GROWSDOWN; ENODEV without GUEST_MEMFD_FLAG_MMAP (always in 6.8);
-        EINVAL not MAP_SHARED. Touching past EOF, any page without INIT_SHARED, or a
+        mount); ENODEV no mmap method (before 6.18); EINVAL MAP_GROWSDOWN; ENODEV without
+        GUEST_MEMFD_FLAG_MMAP; EINVAL not MAP_SHARED. Touching past EOF, any page without INIT_SHARED, or a
         hwpoisoned page raises SIGBUS.
         """
         with self.vm._lock:
@@ -488,9 +488,11 @@ class GuestMemfd(FileOps, fdtable.FdObject):
             raise oserror(errno.EINVAL, f"mmap type {map_type:#x} is unknown")
         if prot & PROT_EXEC and self.vm._profile.gmem_noexec:
             raise oserror(errno.EPERM, "guest_memfd lives on a noexec mount: PROT_EXEC refused")
+        if not self.vm._profile.gmem_mmap:  # do_mmap: the file has no mmap method before 6.18
+            raise oserror(errno.ENODEV, "guest_memfd has no mmap method on this kernel")
         if flags & _MAP_GROWSDOWN:
             raise oserror(errno.EINVAL, "MAP_GROWSDOWN on a file mapping")
-        if not self.vm._profile.gmem_mmap or not self.flags & GuestMemfdFlag.MMAP:
+        if not self.flags & GuestMemfdFlag.MMAP:  # kvm_gmem_mmap
             raise oserror(errno.ENODEV, "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
         if map_type == MAP_PRIVATE:
             raise oserror(errno.EINVAL, "guest_memfd mappings must be MAP_SHARED")
