@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 
@@ -467,6 +468,27 @@ def test_fallocate_mode_at_the_edges_of_its_32_bits(vm, mode, err):
     raises(err, g.fallocate, mode, 0, P)
 
 
+@pytest.mark.parametrize("offset, length, err", [
+    (0, (1 << 63) - 1, errno.EINVAL),  # ends exactly at LLONG_MAX: past vfs_fallocate, then unaligned
+    (P, (1 << 63) - P, errno.EFBIG),   # ends at 2**63: the loff_t sum overflows
+    (0, (1 << 64) - 1, errno.EINVAL),  # len is a loff_t: these bits are -1, len <= 0
+])
+def test_fallocate_range_edges_of_loff_t(vm, offset, length, err):
+    g = vm.create_guest_memfd(4 * P)
+    raises(err, g.fallocate, PUNCH, offset, length)
+    g.close()
+
+
+def test_model_allocation_is_counted_per_page(model_system):
+    """guestmem extension: ``GuestMemfd.stats()['pages_allocated']`` follows allocate and punch."""
+    g = model_system.create_vm().create_guest_memfd(8 * P)
+    g.allocate(P, 3 * P)
+    assert g.stats()["pages_allocated"] == 3
+    g.punch_hole(2 * P, P)
+    assert g.stats()["pages_allocated"] == 2
+    g.close()
+
+
 def test_model_error_messages_name_the_rule(model_system):
     """guestmem.errors: the message after the strerror names what was refused (model side;
     the kvm side can only repeat its arguments)."""
@@ -481,11 +503,16 @@ def test_model_error_messages_name_the_rule(model_system):
         (lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "prot_exec"),
         (lambda: g.mmap(1 << 48), "address space"), (lambda: g.mmap(2 * P, (1 << 63) - P), "file size"),
         (lambda: vm.create_guest_memfd(P, 1 << 40), "flags"), (lambda: vm.create_guest_memfd(1), "size"),
+        (lambda: g.lseek(0, 5), "whence"), (lambda: g.pread(1, -1), "negative"),
+        (lambda: g.inject_hwpoison(P + 1), "offset"),
     ]
     for call, word in cases:
         with pytest.raises(OSError) as info:
             call()
         assert word in str(info.value).split(": ", 1)[1].lower(), info.value
+    with pytest.raises(OSError) as info:
+        g.mmap(P, 0, PROT_READ | PROT_EXEC)
+    assert re.search(r"\bPROT_EXEC\b", str(info.value)), info.value  # the uapi name, as spelled
     vm.close()
 
 

@@ -421,6 +421,9 @@ def test_write_population_starts_at_file_position_zero(nxt):
     gmem = nxt.create_vm(0).create_guest_memfd(4 * P, MMAP | INIT_SHARED)
     m = gmem.mmap()
     assert gmem.write(b"\x5a" * P) == P and gmem.lseek(0, 1) == P
+    raises(errno.EINVAL, gmem.lseek, -2 * P, 1)  # default_llseek: a negative position is EINVAL
+    raises(errno.EINVAL, gmem.lseek, -5 * P, 2)
+    assert gmem.lseek(0, 1) == P and gmem.lseek(-P, 2) == 3 * P
     assert m.read(0, P) == b"\x5a" * P and m.read(P, P) == b"\0" * P
     m.close()
 

@@ -80,6 +80,18 @@ def test_split_on_shared_merge_when_private_again(sw_vm):
     assert (g.stats()["folios"], g.stats()["merges"]) == ({"4K": 0, "2M": 2}, 2)
 
 
+def test_allocate_charges_whole_folios_before_any_touch(sw_vm):
+    """A HugeTLB guest_memfd allocates whole folios at fallocate: the file holds them (and
+    counts their pages) before anything touches them, and a punch gives them back."""
+    g = sw_vm.create_guest_memfd(2 * M2, huge_flags(M2))
+    assert g.stats()["pages_allocated"] == 0
+    g.allocate(M2, M2)
+    st = g.stats()
+    assert (st["pages_allocated"], st["folios"]) == (512, {"4K": 0, "2M": 1})
+    g.punch_hole(M2, M2)
+    assert g.stats()["pages_allocated"] == 0
+
+
 def test_punch_merges_then_frees_and_is_eagain_while_pinned(sw_vm):
     g = sw_vm.create_guest_memfd(2 * M2, MMAP | huge_flags(M2))
     g.allocate(0, 2 * M2)
