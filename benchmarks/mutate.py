@@ -52,7 +52,7 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         "tests/test_model_profile_68.py", "tests/test_guest_memfd.py", "tests/test_model_fdtable.py",
         "tests/test_guest_memfd_guest.py", "tests/test_model_mixed_blocks.py",
         "tests/test_inplace_conversion.py", "tests/test_profiles.py", "tests/test_parity_vm.py",
-        "tests/test_vcpu_conformance.py", "tests/test_input_contract.py",
+        "tests/test_vcpu_conformance.py", "tests/test_input_contract.py", "tests/test_fork.py",
     ]),
     "memslot": ("guestmem/model/memslot.py", [
         "tests/test_model_mixed_blocks.py", "tests/test_model_private.py", "tests/test_memslots.py",

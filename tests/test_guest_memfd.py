@@ -510,9 +510,16 @@ def test_model_error_messages_name_the_rule(model_system):
         with pytest.raises(OSError) as info:
             call()
         assert word in str(info.value).split(": ", 1)[1].lower(), info.value
+    # uapi names and the object's own name are spelled as in the kernel, as whole words
+    for call, name in [(lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "PROT_EXEC"),
+                       (lambda: g.mmap(P, 0, PROT_READ, MAP_SHARED | MAP_GROWSDOWN), "MAP_GROWSDOWN")]:
+        with pytest.raises(OSError) as info:
+            call()
+        assert re.search(rf"\b{name}\b", str(info.value)), info.value
+    g.close()
     with pytest.raises(OSError) as info:
-        g.mmap(P, 0, PROT_READ | PROT_EXEC)
-    assert re.search(r"\bPROT_EXEC\b", str(info.value)), info.value  # the uapi name, as spelled
+        g.fstat()
+    assert info.value.errno == errno.EBADF and re.search(r"\bguest_memfd\b", str(info.value)), info.value
     vm.close()
 
 

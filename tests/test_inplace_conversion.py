@@ -428,6 +428,18 @@ def test_write_population_starts_at_file_position_zero(nxt):
     m.close()
 
 
+def test_hugetlb_file_size_must_be_a_multiple_of_its_folios(nxt):
+    """HugeTLB series: a guest_memfd of 2 MiB folios whose size is not a multiple of 2 MiB is
+    EINVAL (the message names the folio size)."""
+    p = guestmem.model.profile.PROFILES["next"]
+    flags = p.gmem_hugetlb_flag | (21 << p.gmem_huge_shift)
+    vm = nxt.create_vm(SW)
+    err = raises(errno.EINVAL, vm.create_guest_memfd, M2 + P, flags)
+    assert "0x200000" in str(err), err
+    vm.create_guest_memfd(2 * M2, flags).close()
+    vm.close()
+
+
 def test_write_population_is_refused_before_the_series(system):
     gmem = system.create_vm(0).create_guest_memfd(P, MMAP | INIT_SHARED)
     raises(errno.EINVAL, gmem.write, b"\0" * P)

@@ -152,6 +152,33 @@ def test_healing_one_poisoned_page_keeps_its_poisoned_neighbour_sigbus(model_sys
     vm.close()
 
 
+def test_poison_reaches_the_mappings_left_after_one_is_unmapped(model_system):
+    """Every live mapping of the file shows each new error, however many others were unmapped
+    before: after m1's munmap, pages 0 and then 1 are poisoned, and m2 SIGBUSes at both."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(4 * PAGE, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    m1, m2 = g.mmap(), g.mmap()
+    m1.close()
+    g.inject_hwpoison(0)
+    g.inject_hwpoison(PAGE)
+    assert [probe.touch(m2, i * PAGE) for i in range(3)] == ["SIGBUS", "SIGBUS", 0]
+    m2.close()
+    g.close()
+    vm.close()
+
+
+def test_mapping_past_the_end_of_a_poisoned_file(model_system):
+    """mmap beyond EOF is allowed (touching it SIGBUSes), also for a file with a poisoned page."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(4 * PAGE, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    g.inject_hwpoison(0)
+    m = g.mmap(PAGE, 4 * PAGE)
+    assert probe.touch(m, 0) == "SIGBUS"
+    m.close()
+    g.close()
+    vm.close()
+
+
 def test_punching_a_poisoned_page_of_a_private_only_file_keeps_host_mappings_sigbus(model_system):
     """Without INIT_SHARED no page is host-visible (spec 3.3): recovering a poisoned page by a
     punch does not make it appear in an existing mapping."""

@@ -66,6 +66,22 @@ def test_empty_map_reads_default_everywhere():
     assert m.ranges(3, 3) == [] and len(m) == 0
 
 
+def test_equality_needs_the_same_default_and_runs():
+    assert RangeMap(default=None) != RangeMap(default=False)  # no runs, other default
+    a, b = RangeMap(default=0), RangeMap(default=0)
+    a.set(1, 3, 7)
+    assert a != b
+    b.set(1, 3, 7)
+    assert a == b
+
+
+def test_empty_query_ranges_are_empty():
+    m = RangeMap(default=0)
+    m.set(2, 6, 1)
+    assert m.ranges(4, 4) == [] and m.ranges(0, 0) == [] and list(m.stored(4, 4)) == []
+    assert "0x2" in repr(m) and "0x6" in repr(m)  # the runs, in hex
+
+
 def test_set_merges_equal_neighbours():
     m: RangeMap[int] = RangeMap()
     m.set(0, 10, 8)
