@@ -875,3 +875,15 @@ def test_ioeventfd_flags_outside_the_mask_are_refused_only_when_assigning(system
         assert _errno_of(vm.ioeventfd, efd, 0x1000, 4, 0, 4) == errno.ENOENT
     finally:
         os.close(efd)
+
+
+def test_get_memory_attributes_needs_no_open_system(system):
+    """kvm's shadow reader asked the System whether the kernel has memory attributes, so after
+    System.close() it failed with EBADF, though the VM ioctls need no /dev/kvm fd."""
+    has_attributes = system.check_extension(Cap.MEMORY_ATTRIBUTES)
+    vm = system.create_vm()
+    system.close()
+    if has_attributes:
+        assert vm.get_memory_attributes(0, P) == [(0, P, 0)]
+    else:
+        assert _errno_of(vm.get_memory_attributes, 0, P) == errno.ENOTTY

@@ -47,6 +47,9 @@ class Vm(VmState, FdObject):
         self.system = system
         self.type = type
         self._fd = fd
+        # Whether the kernel has KVM_SET_MEMORY_ATTRIBUTES (/dev/kvm's cap; a VM's own is 0
+        # without private memory), read now: the VM outlives a closed System.
+        self._kernel_has_attributes = bool(system.check_extension(uapi.Cap.MEMORY_ATTRIBUTES))
         self.vcpus: list[Any] = []
         self._vcpu_setup: Any = None  # (kvm_run size, supported CPUID), set by System.create_vm
         self.dirty_ring_bytes = 0

@@ -113,7 +113,7 @@ class VmState:
         self._check()  # type: ignore[attr-defined]
         address, size = encode_unsigned(_int(address, "address"), 64, "address"), encode_unsigned(_int(size, "size"), 64, "size")
         # /dev/kvm's value says whether the kernel has the ioctl (a VM's is 0 without private memory).
-        if not self.system.check_extension(uapi.Cap.MEMORY_ATTRIBUTES):  # type: ignore[attr-defined]
+        if not self._kernel_has_attributes:  # type: ignore[attr-defined]
             raise oserror(errno.ENOTTY, "this kernel has no memory attributes (KVM_CAP_MEMORY_ATTRIBUTES is 0)")
         if size == 0 or address + size > _U64:
             raise oserror(errno.EINVAL, f"attribute range [{address:#x}, +{size:#x}) is empty or wraps")
