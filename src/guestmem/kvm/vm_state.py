@@ -239,7 +239,8 @@ class VmState:
         :raises OSError: EBADF if closed; then in the kernel's order ENXIO with a dirty ring;
             EINVAL an as_id/id out of range; EINVAL ``first_page`` not a multiple of 64;
             ENOENT a slot without a dirty bitmap; EINVAL a range beyond the slot or
-            ``num_pages`` not a multiple of 64 short of the slot's end; EFAULT a short bitmap.
+            ``num_pages`` not a multiple of 64 short of the slot's end; EFAULT a bitmap with
+            fewer than ``num_pages`` bits.
         """
         fd = self._check()  # type: ignore[attr-defined]
         slot = encode_unsigned(_int(slot, "slot"), 32, "slot")
@@ -249,13 +250,16 @@ class VmState:
             bitmap = b"\xff" * bitmap_bytes(num_pages)
         if not isinstance(bitmap, (bytes, bytearray)):
             raise TypeError(f"bitmap must be bytes, not {type(bitmap).__name__}")
-        if len(bitmap) < (num_pages + 7) // 8:
-            raise oserror(errno.EFAULT, f"bitmap of {len(bitmap)} bytes is short for {num_pages} pages")
-        buf = (ctypes.c_uint8 * max(len(bitmap), 8)).from_buffer_copy(bytes(bitmap).ljust(8, b"\0"))
+        # The kernel copies whole u64 words after its checks: a bitmap with a bit for every page
+        # is padded with zeros to that; a shorter one is passed as NULL, so the copy faults
+        # (EFAULT) where the kernel's checks put it, last.
+        size = max(len(bitmap), bitmap_bytes(num_pages), 8)
+        buf = (ctypes.c_uint8 * size).from_buffer_copy(bytes(bitmap).ljust(size, b"\0"))
+        short = len(bitmap) < (num_pages + 7) // 8
         s = uapi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
-                                     dirty_bitmap=ctypes.addressof(buf))
+                                     dirty_bitmap=0 if short else ctypes.addressof(buf))
         ioctl(fd, uapi.KVM_CLEAR_DIRTY_LOG, "KVM_CLEAR_DIRTY_LOG", s,
-              f"slot={slot:#x}, first_page={first_page:#x}, num_pages={num_pages}")
+              f"slot={slot:#x}, first_page={first_page:#x}, num_pages={num_pages}, bitmap of {len(bitmap)} bytes")
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS (api.rst 4.128): re-protect the pages of every ring entry

@@ -313,7 +313,8 @@ class VmState:
 
         Errors, in order: EBADF closed fd; EINVAL as_id or id out of range; EINVAL
         ``first_page`` not a multiple of 64; ENOENT no such slot or no logging; EINVAL a range
-        beyond the slot, or ``num_pages`` not a multiple of 64 short of the slot's end.
+        beyond the slot, or ``num_pages`` not a multiple of 64 short of the slot's end; EFAULT
+        a bitmap with fewer than ``num_pages`` bits.
         Mirrors kvm_clear_dirty_log_protect.
         """
         self._check()  # type: ignore[attr-defined]
@@ -324,8 +325,6 @@ class VmState:
             bitmap = b"\xff" * ((num_pages + 63) // 64 * 8)
         if not isinstance(bitmap, (bytes, bytearray)):
             raise TypeError(f"bitmap must be bytes, not {type(bitmap).__name__}")
-        if len(bitmap) < (num_pages + 7) // 8:
-            raise oserror(errno.EFAULT, f"bitmap of {len(bitmap)} bytes is short for {num_pages} pages")
         with self._lock:  # type: ignore[attr-defined]
             self._check()  # type: ignore[attr-defined]
             as_id, id_ = slot >> 16, slot & 0xFFFF
@@ -337,6 +336,8 @@ class VmState:
             n = memslot.npages
             if first_page > n or num_pages > n - first_page or (num_pages < n - first_page and num_pages & 63):
                 raise oserror(errno.EINVAL, f"pages [{first_page}, +{num_pages}) do not fit slot of {n} pages")
+            if len(bitmap) < (num_pages + 7) // 8:  # copy_from_user, after the checks
+                raise oserror(errno.EFAULT, f"bitmap of {len(bitmap)} bytes is short for {num_pages} pages")
             cleared = []
             for s, e in bitmap_runs(bytes(bitmap), num_pages):
                 for ds, de, _ in log.stored(first_page + s, first_page + e):
