@@ -903,3 +903,12 @@ def test_clear_dirty_log_short_bitmap_is_efault_after_the_kernels_checks(system)
     assert _errno_of(vm.clear_dirty_log, 0, 0, 16, b"\xff") == errno.EFAULT
     vm.clear_dirty_log(0, 0, 16, b"\xff\xff")  # a bit for each page: padded to a word
     vm.clear_dirty_log(0, 0, 0, b"")
+
+
+def test_set_lapic_on_a_closed_vcpu_is_ebadf_before_the_page_size(system):
+    """kvm checked the page's size (EINVAL) before the closed vCPU (EBADF, as the model)."""
+    vcpu = system.create_vm().create_vcpu(0)
+    vcpu.close()
+    assert _errno_of(vcpu.set_lapic, LapicState(bytes(1023))) == errno.EBADF
+    with pytest.raises(TypeError):
+        vcpu.set_lapic(LapicState("x" * 1024))

@@ -330,10 +330,10 @@ class VcpuState:
         :raises OSError: EBADF if closed; EINVAL for a page that is not 1024 bytes; EINVAL
             without an in-kernel irqchip (measured); EINVAL for an APIC ID the kernel refuses.
         """
-        if not isinstance(lapic, LapicState):
-            raise TypeError(f"set_lapic takes a LapicState, not {type(lapic).__name__}")
-        _check_bytes(lapic.regs, uapi.KVM_APIC_REG_SIZE, "regs")
+        if not isinstance(lapic, LapicState) or not isinstance(lapic.regs, (bytes, bytearray)):
+            raise TypeError(f"set_lapic takes a LapicState with bytes, not {type(lapic).__name__}")
         fd = self._check()
+        _check_bytes(lapic.regs, uapi.KVM_APIC_REG_SIZE, "regs")
         s = uapi.kvm_lapic_state.from_buffer_copy(bytes(lapic.regs))
         ioctl(fd, uapi.KVM_SET_LAPIC, "KVM_SET_LAPIC", s)
 
