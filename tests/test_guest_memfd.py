@@ -479,6 +479,29 @@ def test_fallocate_range_edges_of_loff_t(vm, offset, length, err):
     g.close()
 
 
+@pytest.mark.parametrize("offset, length", [(0, P + 1), (1, P), (P - 1, P + 1), ((1 << 64) - 1, P)],
+                         ids=["len-unaligned", "offset-unaligned", "both-unaligned", "offset-u64-max"])
+def test_fallocate_unaligned_or_negative_is_einval(vm, offset, length):
+    """kvm_gmem_fallocate: offset and len must both be page aligned (EINVAL), even where their
+    bitwise and is aligned; an offset whose loff_t is -1 is EINVAL in vfs_fallocate."""
+    g = vm.create_guest_memfd(4 * P)
+    raises(errno.EINVAL, g.fallocate, KEEP, offset, length)
+    g.close()
+
+
+@pytest.mark.parametrize("length", [P, P + 1, 2 * P - 1])
+def test_mmap_offset_at_the_maximum_file_size(vm, length):
+    """file_mmap_ok: the mapping, rounded up to pages, must end within MAX_LFS_FILESIZE; the
+    last offset that fits maps (beyond EOF, which is allowed), one page more is EOVERFLOW."""
+    require(vm, MMAP | INIT_SHARED)
+    g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    pages = -(-length // P)
+    last = (((1 << 63) - 1 - pages * P) >> 12) << 12
+    g.mmap(length, last).close()
+    raises(errno.EOVERFLOW, g.mmap, length, last + P)
+    g.close()
+
+
 def test_model_allocation_is_counted_per_page(model_system):
     """guestmem extension: ``GuestMemfd.stats()['pages_allocated']`` follows allocate and punch."""
     g = model_system.create_vm().create_guest_memfd(8 * P)

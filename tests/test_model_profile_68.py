@@ -70,6 +70,13 @@ def test_default_vm_cannot_bind_but_sw_vm_can(sys68):
     (Falloc.NO_HIDE_STALE | KEEP, errno.EOPNOTSUPP),     # passes the VFS, gmem refuses
     (Falloc.PUNCH_HOLE, errno.EOPNOTSUPP),
     (0, errno.EOPNOTSUPP),
+    # each 6.8 rule alone: what passes the VFS meets guest_memfd's KEEP_SIZE/PUNCH_HOLE rule
+    (Falloc.COLLAPSE_RANGE, errno.EOPNOTSUPP), (Falloc.INSERT_RANGE, errno.EOPNOTSUPP),
+    (Falloc.UNSHARE_RANGE | KEEP, errno.EOPNOTSUPP),
+    (Falloc.COLLAPSE_RANGE | Falloc.PUNCH_HOLE | KEEP, errno.EINVAL),  # collapse only alone
+    # and their order: PUNCH|ZERO exclusive, then PUNCH needs KEEP, then collapse/insert/unshare
+    (Falloc.UNSHARE_RANGE | Falloc.ZERO_RANGE | Falloc.PUNCH_HOLE | KEEP, errno.EOPNOTSUPP),
+    (Falloc.PUNCH_HOLE | Falloc.COLLAPSE_RANGE, errno.EOPNOTSUPP),
 ])
 def test_fallocate_uses_68_vfs_errnos(sys68, mode, err):
     g = sys68.create_vm(SW).create_guest_memfd(4 * P)
