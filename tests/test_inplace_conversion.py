@@ -424,6 +424,8 @@ def test_write_population_starts_at_file_position_zero(nxt):
     raises(errno.EINVAL, gmem.lseek, -2 * P, 1)  # default_llseek: a negative position is EINVAL
     raises(errno.EINVAL, gmem.lseek, -5 * P, 2)
     assert gmem.lseek(0, 1) == P and gmem.lseek(-P, 2) == 3 * P
+    assert gmem.write(b"\x6b" * P) == P and gmem.lseek(0, 1) == 4 * P  # each write advances it
+    assert m.read(3 * P, P) == b"\x6b" * P
     assert m.read(0, P) == b"\x5a" * P and m.read(P, P) == b"\0" * P
     m.close()
 
