@@ -46,6 +46,7 @@ SIZES = {
     "kvm_dirty_gfn": 16,
     "kvm_stats_header": 24,
     "kvm_stats_desc": 16,
+    "kvm_sync_regs": 520,
 }
 
 
@@ -94,6 +95,7 @@ OFFSETS = {
     "kvm_stats_header": {"flags": 0, "name_size": 4, "num_desc": 8, "id_offset": 12, "desc_offset": 16,
                          "data_offset": 20},
     "kvm_stats_desc": {"flags": 0, "exponent": 4, "size": 6, "offset": 8, "bucket_size": 12},
+    "kvm_sync_regs": {"regs": 0, "sregs": 144, "events": 456},
     "kvm_run": {"request_interrupt_window": 0, "immediate_exit": 1, "padding1": 2, "exit_reason": 8,
                 "ready_for_interrupt_injection": 12, "if_flag": 13, "flags": 14, "cr8": 16, "apic_base": 24,
                 "exit": 32, "kvm_valid_regs": 288, "kvm_dirty_regs": 296, "s": 304},
@@ -195,6 +197,8 @@ def test_constants_match_spec() -> None:
     assert (uapi.Cap.USER_MEMORY2, uapi.Cap.MEMORY_FAULT_INFO, uapi.Cap.MEMORY_ATTRIBUTES) == (231, 232, 233)
     assert (uapi.Cap.GUEST_MEMFD, uapi.Cap.VM_TYPES, uapi.Cap.PRE_FAULT_MEMORY, uapi.Cap.GUEST_MEMFD_FLAGS) == (234, 235, 236, 244)
     assert (uapi.Cap.NR_MEMSLOTS, uapi.Cap.EXIT_HYPERCALL, uapi.Cap.MULTI_ADDRESS_SPACE) == (10, 201, 118)
+    assert (int(uapi.SyncRegs.REGS), int(uapi.SyncRegs.SREGS), int(uapi.SyncRegs.EVENTS)) == (1, 2, 4)
+    assert uapi.KVM_SYNC_X86_VALID_FIELDS == 7
     assert uapi.MemFlag.GUEST_MEMFD == 4 and uapi.MemFlag.READONLY == 2 and uapi.MemFlag.LOG_DIRTY_PAGES == 1
     assert uapi.GuestMemfdFlag.MMAP == 1 and uapi.GuestMemfdFlag.INIT_SHARED == 2
     assert uapi.MemoryAttribute.PRIVATE == 8 and uapi.MemoryExitFlag.PRIVATE == 8

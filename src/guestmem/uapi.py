@@ -486,6 +486,24 @@ class VcpuEventValid(enum.IntFlag):
     TRIPLE_FAULT = 1 << 5
 
 
+class kvm_sync_regs(ctypes.Structure):
+    """x86 ``kvm_run.s.regs`` (KVM_CAP_SYNC_REGS): registers KVM_RUN stores (``kvm_valid_regs``)
+    and loads (``kvm_dirty_regs``) without a separate ioctl."""
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+class SyncRegs(enum.IntFlag):
+    """``kvm_run.kvm_valid_regs`` / ``kvm_dirty_regs`` bits (KVM_SYNC_X86_*)."""
+
+    REGS = 1 << 0
+    SREGS = 1 << 1
+    EVENTS = 1 << 2
+
+
+KVM_SYNC_X86_VALID_FIELDS = int(SyncRegs.REGS | SyncRegs.SREGS | SyncRegs.EVENTS)
+
+
 class kvm_irq_level(ctypes.Structure):
     """``irq`` shares its u32 with ``status`` (KVM_IRQ_LINE_STATUS writes the status back)."""
 

@@ -40,9 +40,10 @@ from typing import Any, Callable
 from .. import hostmem, uapi
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
-from ..types import HypercallExit, IntrExit, IoExit, MmioExit
-from .structs import (get_cpuid, get_regs, get_sregs, msr_entries, put_cpuid, put_exit, put_msr_list, put_regs,
-                      put_sregs, put_u32, s32, s64, struct_at)
+from ..types import DebugRegs, Fpu, HypercallExit, IntrExit, IoExit, LapicState, MmioExit, VcpuEvents, Xsave
+from .structs import (get_bytes, get_cpuid, get_regs, get_sregs, get_value, get_xcrs, msr_entries, put_bytes,
+                      put_cpuid, put_exit, put_msr_list, put_regs, put_sregs, put_u32, put_value, put_xcrs, s32, s64,
+                      struct_at)
 
 # Operation numbers of interpose.c
 IOCTL, MMAP, MUNMAP, FALLOCATE, FSTAT, READ, WRITE, PREAD, PWRITE, LSEEK, FTRUNCATE, CLOSE, DUP, DUP3 = range(1, 15)
@@ -118,6 +119,9 @@ class Server:
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
                 uapi.KVM_GET_DIRTY_LOG: _get_dirty_log,
                 uapi.KVM_CLEAR_DIRTY_LOG: _clear_dirty_log,
+                uapi.KVM_IRQ_LINE: _irq_line,
+                uapi.KVM_IRQFD: _irqfd,
+                uapi.KVM_IOEVENTFD: _ioeventfd,
             },
             "gmem": {},
             "vcpu": {
@@ -136,6 +140,21 @@ class Server:
                 uapi.KVM_SET_TSC_KHZ: lambda f, arg: f.obj.set_tsc_khz(arg) or 0,
                 uapi.KVM_PRE_FAULT_MEMORY: _pre_fault_memory,
                 uapi.KVM_SET_SIGNAL_MASK: _set_signal_mask,
+                uapi.KVM_GET_FPU: lambda f, arg: put_value(arg, uapi.kvm_fpu, f.obj.get_fpu()),
+                uapi.KVM_SET_FPU: lambda f, arg: f.obj.set_fpu(get_value(arg, uapi.kvm_fpu, Fpu)) or 0,
+                uapi.KVM_GET_VCPU_EVENTS: lambda f, arg: put_value(arg, uapi.kvm_vcpu_events, f.obj.get_vcpu_events()),
+                uapi.KVM_SET_VCPU_EVENTS:
+                    lambda f, arg: f.obj.set_vcpu_events(get_value(arg, uapi.kvm_vcpu_events, VcpuEvents)) or 0,
+                uapi.KVM_GET_DEBUGREGS: lambda f, arg: put_value(arg, uapi.kvm_debugregs, f.obj.get_debugregs()),
+                uapi.KVM_SET_DEBUGREGS:
+                    lambda f, arg: f.obj.set_debugregs(get_value(arg, uapi.kvm_debugregs, DebugRegs)) or 0,
+                uapi.KVM_GET_LAPIC: lambda f, arg: put_bytes(arg, f.obj.get_lapic().regs),
+                uapi.KVM_SET_LAPIC: lambda f, arg: f.obj.set_lapic(LapicState(get_bytes(arg, uapi.KVM_APIC_REG_SIZE))) or 0,
+                uapi.KVM_GET_XSAVE: lambda f, arg: put_bytes(arg, f.obj.get_xsave().region),
+                uapi.KVM_GET_XSAVE2: lambda f, arg: put_bytes(arg, f.obj.get_xsave2().region),
+                uapi.KVM_SET_XSAVE: lambda f, arg: f.obj.set_xsave(Xsave(get_bytes(arg, _XSAVE_BYTES))) or 0,
+                uapi.KVM_GET_XCRS: lambda f, arg: put_xcrs(arg, f.obj.get_xcrs()),
+                uapi.KVM_SET_XCRS: _set_xcrs,
             },
         }
 
@@ -235,6 +254,25 @@ class Server:
     # --- KVM_RUN -------------------------------------------------------------------------------
 
     def _run(self, f: _File, arg: int) -> int:
+        """KVM_RUN: the sync-regs area in, the pending exit's answer in, run, the exit out.
+
+        As kvm_arch_vcpu_ioctl_run: EINVAL for kvm_valid_regs/kvm_dirty_regs bits outside
+        KVM_SYNC_X86_VALID_FIELDS; the dirty parts of ``kvm_run.s.regs`` are loaded (each bit
+        cleared once loaded) before the pending I/O completes; on the way out, success or
+        not, the parts ``kvm_valid_regs`` asks for are stored."""
+        vcpu, run = f.obj, f.run.run
+        try:
+            if (run.kvm_valid_regs | run.kvm_dirty_regs) & ~uapi.KVM_SYNC_X86_VALID_FIELDS:
+                raise oserror(errno.EINVAL, f"kvm_run sync regs: valid {run.kvm_valid_regs:#x} dirty "
+                                            f"{run.kvm_dirty_regs:#x} outside {uapi.KVM_SYNC_X86_VALID_FIELDS:#x}")
+            if run.kvm_dirty_regs:
+                load_sync_regs(vcpu, run)
+            return self._complete_and_run(f)
+        finally:
+            if run.kvm_valid_regs:
+                store_sync_regs(vcpu, run)
+
+    def _complete_and_run(self, f: _File) -> int:
         vcpu, page = f.obj, f.run
         run = page.run
         p, page.pending = page.pending, None
@@ -461,6 +499,60 @@ def _set_signal_mask(f: _File, addr: int) -> int:
     bits = int.from_bytes(ctypes.string_at(addr + 4, n), "little")
     f.sigmask = {sig for sig in range(1, 65) if bits >> (sig - 1) & 1 and sig in signal.valid_signals()}
     return 0
+
+
+_SYNC_OFFSET = uapi.kvm_run.s.offset  # kvm_run.s.regs: struct kvm_sync_regs
+_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # the model's KVM_CAP_XSAVE2: the legacy 4 KiB area
+
+
+def _set_xcrs(f: _File, addr: int) -> int:
+    xcrs, flags = get_xcrs(addr)
+    f.obj.set_xcrs(xcrs, flags)
+    return 0
+
+
+def _irq_line(f: _File, addr: int) -> int:
+    s = struct_at(uapi.kvm_irq_level, addr)
+    f.obj.irq_line(s.irq, s.level)
+    return 0
+
+
+def _irqfd(f: _File, addr: int) -> int:
+    s = struct_at(uapi.kvm_irqfd, addr)
+    f.obj.irqfd(s32(s.fd), s.gsi, s.flags, s32(s.resamplefd))
+    return 0
+
+
+def _ioeventfd(f: _File, addr: int) -> int:
+    s = struct_at(uapi.kvm_ioeventfd, addr)
+    f.obj.ioeventfd(s.fd, s.addr, s.len, s.datamatch, s.flags)
+    return 0
+
+
+def load_sync_regs(vcpu: Any, run: Any) -> None:
+    """kvm_run.s.regs -> the vCPU for each ``kvm_dirty_regs`` bit (regs, sregs, events, in
+    that order), clearing each bit once loaded (sync_regs)."""
+    sync = struct_at(uapi.kvm_sync_regs, ctypes.addressof(run) + _SYNC_OFFSET)
+    if run.kvm_dirty_regs & uapi.SyncRegs.REGS:
+        vcpu.set_regs(get_regs(ctypes.addressof(sync.regs)))
+        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.REGS)
+    if run.kvm_dirty_regs & uapi.SyncRegs.SREGS:
+        vcpu.set_sregs(get_sregs(ctypes.addressof(sync.sregs)))
+        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.SREGS)
+    if run.kvm_dirty_regs & uapi.SyncRegs.EVENTS:
+        vcpu.set_vcpu_events(get_value(ctypes.addressof(sync.events), uapi.kvm_vcpu_events, VcpuEvents))
+        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.EVENTS)
+
+
+def store_sync_regs(vcpu: Any, run: Any) -> None:
+    """The vCPU -> kvm_run.s.regs for each ``kvm_valid_regs`` bit (store_regs)."""
+    sync = struct_at(uapi.kvm_sync_regs, ctypes.addressof(run) + _SYNC_OFFSET)
+    if run.kvm_valid_regs & uapi.SyncRegs.REGS:
+        put_regs(ctypes.addressof(sync.regs), vcpu.get_regs())
+    if run.kvm_valid_regs & uapi.SyncRegs.SREGS:
+        put_sregs(ctypes.addressof(sync.sregs), vcpu.get_sregs())
+    if run.kvm_valid_regs & uapi.SyncRegs.EVENTS:
+        put_value(ctypes.addressof(sync.events), uapi.kvm_vcpu_events, vcpu.get_vcpu_events())
 
 
 def _pre_fault_memory(f: _File, addr: int) -> int:

@@ -13,7 +13,8 @@ from typing import Any
 
 from .. import uapi
 from ..errors import oserror
-from ..types import (CpuidEntry, DTable, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
+from ..structcodec import struct_to_value, value_to_struct
+from ..types import (CpuidEntry, DTable, Xcr, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
                      IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs, ShutdownExit, UnknownExit)
 
 PIO_OFFSET = uapi.PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: the PIO data follows kvm_run
@@ -81,6 +82,49 @@ def put_sregs(addr: int, sr: Sregs) -> int:
         setattr(s, n, getattr(sr, n))
     for i, v in enumerate(sr.interrupt_bitmap):
         s.interrupt_bitmap[i] = v
+    return 0
+
+
+def get_value(addr: int, struct: type, cls: type) -> Any:
+    """The ``types`` dataclass ``cls`` decoded from the ``struct`` at ``addr``."""
+    return struct_to_value(cls, struct_at(struct, addr))
+
+
+def put_value(addr: int, struct: type, value: Any) -> int:
+    """Encode dataclass ``value`` into the ``struct`` at ``addr`` (zeroed first: reserved bytes are 0)."""
+    s = struct_at(struct, addr)
+    ctypes.memset(addr, 0, ctypes.sizeof(struct))
+    value_to_struct(value, s, struct.__name__)
+    return 0
+
+
+def get_bytes(addr: int, size: int) -> bytes:
+    if not addr:
+        raise oserror(errno.EFAULT, "NULL buffer pointer")
+    return ctypes.string_at(addr, size)
+
+
+def put_bytes(addr: int, data: bytes) -> int:
+    if not addr:
+        raise oserror(errno.EFAULT, "NULL buffer pointer")
+    ctypes.memmove(addr, bytes(data), len(data))
+    return 0
+
+
+def get_xcrs(addr: int) -> tuple[list[Xcr], int]:
+    """kvm_xcrs: the entries (at most KVM_MAX_XCRS are read; the model checks nr_xcrs) and flags."""
+    s = struct_at(uapi.kvm_xcrs, addr)
+    if s.nr_xcrs > uapi.KVM_MAX_XCRS:
+        raise oserror(errno.EINVAL, f"kvm_xcrs.nr_xcrs {s.nr_xcrs} > KVM_MAX_XCRS ({uapi.KVM_MAX_XCRS})")
+    return [Xcr(x.xcr, x.value) for x in s.xcrs[:s.nr_xcrs]], s.flags
+
+
+def put_xcrs(addr: int, xcrs: tuple[Xcr, ...]) -> int:
+    s = struct_at(uapi.kvm_xcrs, addr)
+    ctypes.memset(addr, 0, ctypes.sizeof(uapi.kvm_xcrs))
+    s.nr_xcrs = len(xcrs)
+    for dst, x in zip(s.xcrs, xcrs):
+        dst.xcr, dst.value = x.xcr, x.value
     return 0
 
 

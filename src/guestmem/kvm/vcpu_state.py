@@ -11,84 +11,18 @@ through ``struct_to_value`` / ``value_to_struct``.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import mmap
 import struct
-from typing import TYPE_CHECKING, Any, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .. import uapi
 from ..encoding import encode_unsigned, msr_entries, msr_indices
 from ..errors import oserror
-from ..types import (CpuidEntry, DebugRegs, DirtyGfn, ExceptionEvent, Fpu, InterruptEvent, LapicState, NmiEvent,
-                     SmiEvent, TripleFaultEvent, VcpuEvents, Xcr, Xsave)
+from ..structcodec import check_bytes, encode_field, struct_to_value, value_to_struct
+from ..types import CpuidEntry, DebugRegs, DirtyGfn, Fpu, LapicState, VcpuEvents, Xcr, Xsave
 from ._ioctl import int_arg, ioctl, ioctl_u32
 from .stats import StatsFd
-
-_T = TypeVar("_T")
-# Nested struct members of kvm_vcpu_events and the dataclass each becomes.
-_NESTED: dict[str, type] = {"exception": ExceptionEvent, "interrupt": InterruptEvent, "nmi": NmiEvent,
-                            "smi": SmiEvent, "triple_fault": TripleFaultEvent}
-
-
-def struct_to_value(cls: type[_T], s: ctypes.Structure) -> _T:
-    """The ``types`` dataclass ``cls`` from struct ``s``, field by field (same names).
-
-    Nested structs become their ``_NESTED`` dataclass; arrays of byte arrays become tuples of
-    bytes, arrays of integers tuples of ints.
-    """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        v = getattr(s, f.name)
-        if isinstance(v, ctypes.Structure):
-            v = struct_to_value(_NESTED[f.name], v)
-        elif isinstance(v, ctypes.Array):
-            v = tuple(bytes(x) if isinstance(x, ctypes.Array) else int(x) for x in v)
-        out[f.name] = v
-    return cls(**out)
-
-
-def value_to_struct(value: Any, s: ctypes.Structure, what: str) -> ctypes.Structure:
-    """Fill struct ``s`` from dataclass ``value`` (the inverse of ``struct_to_value``).
-
-    :raises TypeError: a field of the wrong Python type (int for integers, bytes for registers).
-    :raises OSError: EINVAL for an integer that does not fit its field or a byte string or
-        tuple of the wrong length.
-    """
-    ctypes_of: dict[str, Any] = {f[0]: f[1] for f in type(s)._fields_}
-    for f in dataclasses.fields(value):
-        v, name, ctype = getattr(value, f.name), f"{what}.{f.name}", ctypes_of[f.name]
-        if issubclass(ctype, ctypes.Structure):  # a nested struct: its dataclass only
-            if type(v) is not _NESTED[f.name]:
-                raise TypeError(f"{name} must be a {_NESTED[f.name].__name__}, not {type(v).__name__}")
-            value_to_struct(v, getattr(s, f.name), name)
-        elif issubclass(ctype, ctypes.Array):
-            arr = getattr(s, f.name)
-            if not isinstance(v, tuple) or len(v) != len(arr):
-                raise TypeError(f"{name} must be a tuple of {len(arr)} values") if not isinstance(v, tuple) \
-                    else oserror(errno.EINVAL, f"{name} has {len(v)} elements; the struct holds {len(arr)}")
-            for i, item in enumerate(v):
-                if isinstance(arr[i], ctypes.Array):
-                    _check_bytes(item, len(arr[i]), f"{name}[{i}]")
-                    ctypes.memmove(ctypes.addressof(arr[i]), bytes(item), len(item))
-                else:
-                    arr[i] = _encode_int(item, ctypes.sizeof(ctype._type_) * 8, f"{name}[{i}]")
-        else:
-            setattr(s, f.name, _encode_int(v, ctypes.sizeof(ctype) * 8, name))
-    return s
-
-
-def _encode_int(v: Any, bits: int, name: str) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    return encode_unsigned(v, bits, name)
-
-
-def _check_bytes(v: Any, size: int, name: str) -> None:
-    if not isinstance(v, (bytes, bytearray)):
-        raise TypeError(f"{name} must be bytes, not {type(v).__name__}")
-    if len(v) != size:
-        raise oserror(errno.EINVAL, f"{name} is {len(v)} bytes; the field holds {size}")
 
 _CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
 
@@ -305,11 +239,11 @@ class VcpuState:
         fd = self._check()
         s = uapi.kvm_xcrs()
         s.nr_xcrs = encode_unsigned(len(table), 32, "nr_xcrs")
-        s.flags = _encode_int(flags, 32, "flags")
+        s.flags = encode_field(flags, 32, "flags")
         if len(table) > uapi.KVM_MAX_XCRS:  # the array holds 16: the kernel's EINVAL, said here
             raise oserror(errno.EINVAL, f"{len(table)} XCRs > KVM_MAX_XCRS ({uapi.KVM_MAX_XCRS})")
         for dst, x in zip(s.xcrs, table):
-            dst.xcr, dst.value = _encode_int(x.xcr, 32, "xcr"), _encode_int(x.value, 64, "value")
+            dst.xcr, dst.value = encode_field(x.xcr, 32, "xcr"), encode_field(x.value, 64, "value")
         ioctl(fd, uapi.KVM_SET_XCRS, "KVM_SET_XCRS", s, f"nr_xcrs={len(table)}, flags={s.flags:#x}")
 
     # --- LAPIC, events, debug registers -------------------------------------------------------
@@ -333,7 +267,7 @@ class VcpuState:
         if not isinstance(lapic, LapicState) or not isinstance(lapic.regs, (bytes, bytearray)):
             raise TypeError(f"set_lapic takes a LapicState with bytes, not {type(lapic).__name__}")
         fd = self._check()
-        _check_bytes(lapic.regs, uapi.KVM_APIC_REG_SIZE, "regs")
+        check_bytes(lapic.regs, uapi.KVM_APIC_REG_SIZE, "regs")
         s = uapi.kvm_lapic_state.from_buffer_copy(bytes(lapic.regs))
         ioctl(fd, uapi.KVM_SET_LAPIC, "KVM_SET_LAPIC", s)
 
