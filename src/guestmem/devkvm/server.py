@@ -41,7 +41,8 @@ from .. import hostmem, uapi
 from ..errors import oserror
 from ..hostmem import MAP_SHARED, PROT_READ, PROT_WRITE
 from ..types import DebugRegs, Fpu, HypercallExit, IntrExit, IoExit, LapicState, MmioExit, VcpuEvents, Xsave
-from .structs import (get_bytes, get_cpuid, get_regs, get_sregs, get_value, get_xcrs, msr_entries, put_bytes,
+from . import handlers
+from .structs import (get_bytes, get_cpuid, get_regs, get_sregs, get_value, put_bytes,
                       put_cpuid, put_exit, put_msr_list, put_regs, put_sregs, put_u32, put_value, put_xcrs, s32, s64,
                       struct_at)
 
@@ -109,19 +110,19 @@ class Server:
             "vm": {
                 uapi.KVM_CHECK_EXTENSION: lambda f, arg: f.obj.check_extension(arg),
                 uapi.KVM_CREATE_VCPU: self._create_vcpu,
-                uapi.KVM_SET_USER_MEMORY_REGION: _set_user_memory_region,
+                uapi.KVM_SET_USER_MEMORY_REGION: handlers.set_user_memory_region,
                 uapi.KVM_SET_USER_MEMORY_REGION2: _set_user_memory_region2,
                 uapi.KVM_CREATE_GUEST_MEMFD: self._create_guest_memfd,
-                uapi.KVM_SET_MEMORY_ATTRIBUTES: _set_memory_attributes,
-                uapi.KVM_ENABLE_CAP: _enable_cap,
+                uapi.KVM_SET_MEMORY_ATTRIBUTES: handlers.set_memory_attributes,
+                uapi.KVM_ENABLE_CAP: handlers.enable_cap,
                 uapi.KVM_CREATE_IRQCHIP: lambda f, arg: f.obj.create_irqchip() or 0,
                 uapi.KVM_SET_NR_MMU_PAGES: lambda f, arg: f.obj.set_nr_mmu_pages(arg) or 0,
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
-                uapi.KVM_GET_DIRTY_LOG: _get_dirty_log,
-                uapi.KVM_CLEAR_DIRTY_LOG: _clear_dirty_log,
-                uapi.KVM_IRQ_LINE: _irq_line,
-                uapi.KVM_IRQFD: _irqfd,
-                uapi.KVM_IOEVENTFD: _ioeventfd,
+                uapi.KVM_GET_DIRTY_LOG: handlers.get_dirty_log,
+                uapi.KVM_CLEAR_DIRTY_LOG: handlers.clear_dirty_log,
+                uapi.KVM_IRQ_LINE: handlers.irq_line,
+                uapi.KVM_IRQFD: handlers.irqfd,
+                uapi.KVM_IOEVENTFD: handlers.ioeventfd,
             },
             "gmem": {},
             "vcpu": {
@@ -132,14 +133,14 @@ class Server:
                 uapi.KVM_SET_SREGS: lambda f, arg: f.obj.set_sregs(get_sregs(arg)) or 0,
                 uapi.KVM_GET_CPUID2: lambda f, arg: put_cpuid(arg, f.obj.get_cpuid2()),
                 uapi.KVM_SET_CPUID2: lambda f, arg: f.obj.set_cpuid2(get_cpuid(arg)) or 0,
-                uapi.KVM_GET_MSRS: _get_msrs,
-                uapi.KVM_SET_MSRS: _set_msrs,
+                uapi.KVM_GET_MSRS: handlers.get_msrs,
+                uapi.KVM_SET_MSRS: handlers.set_msrs,
                 uapi.KVM_GET_MP_STATE: lambda f, arg: put_u32(arg, f.obj.get_mp_state()),
                 uapi.KVM_SET_MP_STATE: lambda f, arg: f.obj.set_mp_state(struct_at(uapi.kvm_mp_state, arg).mp_state) or 0,
                 uapi.KVM_GET_TSC_KHZ: lambda f, arg: f.obj.get_tsc_khz(),
                 uapi.KVM_SET_TSC_KHZ: lambda f, arg: f.obj.set_tsc_khz(arg) or 0,
-                uapi.KVM_PRE_FAULT_MEMORY: _pre_fault_memory,
-                uapi.KVM_SET_SIGNAL_MASK: _set_signal_mask,
+                uapi.KVM_PRE_FAULT_MEMORY: handlers.pre_fault_memory,
+                uapi.KVM_SET_SIGNAL_MASK: handlers.set_signal_mask,
                 uapi.KVM_GET_FPU: lambda f, arg: put_value(arg, uapi.kvm_fpu, f.obj.get_fpu()),
                 uapi.KVM_SET_FPU: lambda f, arg: f.obj.set_fpu(get_value(arg, uapi.kvm_fpu, Fpu)) or 0,
                 uapi.KVM_GET_VCPU_EVENTS: lambda f, arg: put_value(arg, uapi.kvm_vcpu_events, f.obj.get_vcpu_events()),
@@ -152,9 +153,9 @@ class Server:
                 uapi.KVM_SET_LAPIC: lambda f, arg: f.obj.set_lapic(LapicState(get_bytes(arg, uapi.KVM_APIC_REG_SIZE))) or 0,
                 uapi.KVM_GET_XSAVE: lambda f, arg: put_bytes(arg, f.obj.get_xsave().region),
                 uapi.KVM_GET_XSAVE2: lambda f, arg: put_bytes(arg, f.obj.get_xsave2().region),
-                uapi.KVM_SET_XSAVE: lambda f, arg: f.obj.set_xsave(Xsave(get_bytes(arg, _XSAVE_BYTES))) or 0,
+                uapi.KVM_SET_XSAVE: lambda f, arg: f.obj.set_xsave(Xsave(get_bytes(arg, handlers.XSAVE_BYTES))) or 0,
                 uapi.KVM_GET_XCRS: lambda f, arg: put_xcrs(arg, f.obj.get_xcrs()),
-                uapi.KVM_SET_XCRS: _set_xcrs,
+                uapi.KVM_SET_XCRS: handlers.set_xcrs,
             },
         }
 
@@ -266,11 +267,11 @@ class Server:
                 raise oserror(errno.EINVAL, f"kvm_run sync regs: valid {run.kvm_valid_regs:#x} dirty "
                                             f"{run.kvm_dirty_regs:#x} outside {uapi.KVM_SYNC_X86_VALID_FIELDS:#x}")
             if run.kvm_dirty_regs:
-                load_sync_regs(vcpu, run)
+                handlers.load_sync_regs(vcpu, run)
             return self._complete_and_run(f)
         finally:
             if run.kvm_valid_regs:
-                store_sync_regs(vcpu, run)
+                handlers.store_sync_regs(vcpu, run)
 
     def _complete_and_run(self, f: _File) -> int:
         vcpu, page = f.obj, f.run
@@ -403,7 +404,7 @@ class Server:
                           f"({(time.perf_counter() - t0) * 1e6:.1f} us)\n")
 
 
-# --- ioctl handlers that take a struct --------------------------------------------------------
+# --- fds inside structs --------------------------------------------------------------------------
 
 
 def _obj_fd(obj: Any) -> int | None:
@@ -411,24 +412,6 @@ def _obj_fd(obj: Any) -> int | None:
         return obj.fileno()
     except OSError:
         return None
-
-
-def _get_msrs(f: _File, addr: int) -> int:
-    entries = msr_entries(addr)
-    got = f.obj.get_msrs([e.index for e in entries])
-    for e, (_, value) in zip(entries, got):
-        e.data = value
-    return len(got)
-
-
-def _set_msrs(f: _File, addr: int) -> int:
-    return f.obj.set_msrs([(e.index, e.data) for e in msr_entries(addr)])
-
-
-def _set_user_memory_region(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_userspace_memory_region, addr)
-    f.obj.set_user_memory_region(s.slot, s.flags, s.guest_phys_addr, s.memory_size, s.userspace_addr)
-    return 0
 
 
 def _set_user_memory_region2(f: _File, addr: int) -> int:
@@ -449,119 +432,6 @@ def _model_fd(fd: int) -> int:
         return fd
     own = _obj_fd(f.obj)
     return fd if own is None else own
-
-
-def _set_memory_attributes(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_memory_attributes, addr)
-    f.obj.set_memory_attributes(s.address, s.size, s.attributes, s.flags)
-    return 0
-
-
-def _enable_cap(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_enable_cap, addr)
-    f.obj.enable_cap(s.cap, *s.args, flags=s.flags)
-    return 0
-
-
-def _get_dirty_log(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_dirty_log, addr)
-    log = f.obj.get_dirty_log(s.slot)
-    if not s.dirty_bitmap:
-        raise oserror(errno.EFAULT, "kvm_dirty_log.dirty_bitmap is NULL")
-    ctypes.memmove(s.dirty_bitmap, log.bitmap, len(log.bitmap))
-    return 0
-
-
-def _clear_dirty_log(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_clear_dirty_log, addr)
-    if not s.dirty_bitmap:
-        raise oserror(errno.EFAULT, "kvm_clear_dirty_log.dirty_bitmap is NULL")
-    bitmap = ctypes.string_at(s.dirty_bitmap, (s.num_pages + 63) // 64 * 8)
-    f.obj.clear_dirty_log(s.slot, s.first_page, s.num_pages, bitmap)
-    return 0
-
-
-_KERNEL_SIGSET_BYTES = 8
-
-
-def _set_signal_mask(f: _File, addr: int) -> int:
-    """KVM_SET_SIGNAL_MASK (api.rst 4.15): the signals blocked while KVM_RUN runs; NULL clears.
-
-    A served ioctl of the drop-in itself: the mask is the program thread's, applied around
-    each KVM_RUN (kvm_sigset_activate). EINVAL unless len is the kernel's sigset size (8).
-    """
-    if not addr:
-        f.sigmask = None
-        return 0
-    n = struct_at(ctypes.c_uint32, addr).value
-    if n != _KERNEL_SIGSET_BYTES:
-        raise oserror(errno.EINVAL, f"kvm_signal_mask.len {n} != {_KERNEL_SIGSET_BYTES}")
-    bits = int.from_bytes(ctypes.string_at(addr + 4, n), "little")
-    f.sigmask = {sig for sig in range(1, 65) if bits >> (sig - 1) & 1 and sig in signal.valid_signals()}
-    return 0
-
-
-_SYNC_OFFSET = uapi.kvm_run.s.offset  # kvm_run.s.regs: struct kvm_sync_regs
-_XSAVE_BYTES = ctypes.sizeof(uapi.kvm_xsave)  # the model's KVM_CAP_XSAVE2: the legacy 4 KiB area
-
-
-def _set_xcrs(f: _File, addr: int) -> int:
-    xcrs, flags = get_xcrs(addr)
-    f.obj.set_xcrs(xcrs, flags)
-    return 0
-
-
-def _irq_line(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_irq_level, addr)
-    f.obj.irq_line(s.irq, s.level)
-    return 0
-
-
-def _irqfd(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_irqfd, addr)
-    f.obj.irqfd(s32(s.fd), s.gsi, s.flags, s32(s.resamplefd))
-    return 0
-
-
-def _ioeventfd(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_ioeventfd, addr)
-    f.obj.ioeventfd(s.fd, s.addr, s.len, s.datamatch, s.flags)
-    return 0
-
-
-def load_sync_regs(vcpu: Any, run: Any) -> None:
-    """kvm_run.s.regs -> the vCPU for each ``kvm_dirty_regs`` bit (regs, sregs, events, in
-    that order), clearing each bit once loaded (sync_regs)."""
-    sync = struct_at(uapi.kvm_sync_regs, ctypes.addressof(run) + _SYNC_OFFSET)
-    if run.kvm_dirty_regs & uapi.SyncRegs.REGS:
-        vcpu.set_regs(get_regs(ctypes.addressof(sync.regs)))
-        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.REGS)
-    if run.kvm_dirty_regs & uapi.SyncRegs.SREGS:
-        vcpu.set_sregs(get_sregs(ctypes.addressof(sync.sregs)))
-        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.SREGS)
-    if run.kvm_dirty_regs & uapi.SyncRegs.EVENTS:
-        vcpu.set_vcpu_events(get_value(ctypes.addressof(sync.events), uapi.kvm_vcpu_events, VcpuEvents))
-        run.kvm_dirty_regs &= ~int(uapi.SyncRegs.EVENTS)
-
-
-def store_sync_regs(vcpu: Any, run: Any) -> None:
-    """The vCPU -> kvm_run.s.regs for each ``kvm_valid_regs`` bit (store_regs)."""
-    sync = struct_at(uapi.kvm_sync_regs, ctypes.addressof(run) + _SYNC_OFFSET)
-    if run.kvm_valid_regs & uapi.SyncRegs.REGS:
-        put_regs(ctypes.addressof(sync.regs), vcpu.get_regs())
-    if run.kvm_valid_regs & uapi.SyncRegs.SREGS:
-        put_sregs(ctypes.addressof(sync.sregs), vcpu.get_sregs())
-    if run.kvm_valid_regs & uapi.SyncRegs.EVENTS:
-        put_value(ctypes.addressof(sync.events), uapi.kvm_vcpu_events, vcpu.get_vcpu_events())
-
-
-def _pre_fault_memory(f: _File, addr: int) -> int:
-    s = struct_at(uapi.kvm_pre_fault_memory, addr)
-    try:
-        s.gpa, s.size = f.obj.pre_fault_memory(s.gpa, s.size, s.flags)
-    except OSError:
-        raise
-    return 0
 
 
 def _mremap_fixed(old: int, length: int, new: int) -> int:
