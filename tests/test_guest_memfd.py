@@ -17,12 +17,14 @@ import time
 import pytest
 
 from guestmem.hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE
-from guestmem.uapi import Cap, Falloc, GuestMemfdFlag as GF
+from guestmem.uapi import TASK_SIZE_MAX, Cap, Falloc, GuestMemfdFlag as GF
 
 from probe import fill, touch
 
 P = 4096
 MAP_GROWSDOWN = 0x0100
+MAP_HUGETLB = 0x40000
+MMAP_MAX_LEN = TASK_SIZE_MAX - 0x10000  # get_unmapped_area: TASK_SIZE - mmap_min_addr (64 KiB)
 MMAP, INIT_SHARED = int(GF.MMAP), int(GF.INIT_SHARED)
 PUNCH = Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE
 KEEP = Falloc.KEEP_SIZE
@@ -268,8 +270,15 @@ RX, R = PROT_READ | PROT_EXEC, PROT_READ
     (0, (P, 0, R, MAP_SHARED | MAP_GROWSDOWN), errno.EINVAL),  # do_mmap's GROWSDOWN before the method
     (MMAP | INIT_SHARED, (P, 0, R, MAP_SHARED | MAP_GROWSDOWN), errno.EINVAL),
     (MMAP, (P, 0, RX, MAP_SHARED | MAP_GROWSDOWN), errno.EPERM),  # PROT_EXEC before GROWSDOWN
+    # ksys_mmap_pgoff refuses MAP_HUGETLB on a file that is not hugetlbfs, before do_mmap
+    (MMAP | INIT_SHARED, (P, 0, R, MAP_SHARED | MAP_HUGETLB), errno.EINVAL),
+    (0, (0, 0, RX, MAP_PRIVATE | MAP_HUGETLB), errno.EINVAL),
+    # do_mmap rounds the length up to pages and finds no room for it (ENOMEM) before
+    # file_mmap_ok's EOVERFLOW: one byte more than the address space allows is a page more
+    (MMAP | INIT_SHARED, (MMAP_MAX_LEN + 1, (1 << 63) - MMAP_MAX_LEN, R, MAP_SHARED), errno.ENOMEM),
 ], ids=["len0-exec", "offset-exec", "exec-nommap", "exec-nommap-private", "nommap-private",
-        "exec-private", "exec-private-init-shared", "growsdown-nommap", "growsdown", "exec-growsdown"])
+        "exec-private", "exec-private-init-shared", "growsdown-nommap", "growsdown", "exec-growsdown",
+        "hugetlb", "hugetlb-len0-exec-private", "len-rounded-up-enomem-before-eoverflow"])
 def test_mmap_check_order(vm, gmem_flags, args, err):
     require(vm, gmem_flags)
     g = vm.create_guest_memfd(4 * P, gmem_flags)
@@ -360,6 +369,8 @@ def test_gt15_invalid_punch_hole(vm, flags, offset, length):
     (Falloc.INSERT_RANGE | KEEP, 0, P, errno.EOPNOTSUPP),
     (Falloc.ZERO_RANGE | PUNCH, 0, P, errno.EOPNOTSUPP),
     (KEEP, (1 << 63) - P, 2 * P, errno.EFBIG),    # VFS: offset+len overflows
+    (Falloc.PUNCH_HOLE, (1 << 63) - P, 2 * P, errno.EOPNOTSUPP),      # VFS: the mode before the sum
+    (Falloc.COLLAPSE_RANGE, (1 << 63) - P, 2 * P, errno.EFBIG),       # a VFS-valid mode: then the sum
     (0, 0, P, errno.EOPNOTSUPP),                  # gmem: no KEEP_SIZE
     (Falloc.ZERO_RANGE, 0, P, errno.EOPNOTSUPP),
     (Falloc.COLLAPSE_RANGE, 0, P, errno.EOPNOTSUPP),
@@ -503,12 +514,14 @@ def test_mmap_offset_at_the_maximum_file_size(vm, length):
 
 
 def test_model_allocation_is_counted_per_page(model_system):
-    """guestmem extension: ``GuestMemfd.stats()['pages_allocated']`` follows allocate and punch."""
+    """guestmem extension: ``GuestMemfd.stats()['pages_allocated']`` follows allocate and punch,
+    and ``folios`` counts the same pages: an ordinary guest_memfd's folios are single 4 KiB
+    pages (kvm_gmem_get_folio, order 0), allocated by fallocate before any touch."""
     g = model_system.create_vm().create_guest_memfd(8 * P)
     g.allocate(P, 3 * P)
-    assert g.stats()["pages_allocated"] == 3
+    assert (g.stats()["pages_allocated"], g.stats()["folios"]) == (3, {"4K": 3})
     g.punch_hole(2 * P, P)
-    assert g.stats()["pages_allocated"] == 2
+    assert (g.stats()["pages_allocated"], g.stats()["folios"]) == (2, {"4K": 2})
     g.close()
 
 
@@ -517,6 +530,7 @@ def test_model_error_messages_name_the_rule(model_system):
     the kvm side can only repeat its arguments)."""
     vm = model_system.create_vm()
     g = vm.create_guest_memfd(4 * P, MMAP | INIT_SHARED)
+    no_mmap = vm.create_guest_memfd(P)
     cases = [
         (lambda: g.read(1), "read"), (lambda: g.write(b"x"), "write"),
         (lambda: g.pread(1, 0), "seek"), (lambda: g.pwrite(b"x", 0), "seek"), (lambda: g.lseek(0, 0), "seek"),
@@ -535,11 +549,13 @@ def test_model_error_messages_name_the_rule(model_system):
         assert word in str(info.value).split(": ", 1)[1].lower(), info.value
     # uapi names and the object's own name are spelled as in the kernel, as whole words
     for call, name in [(lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "PROT_EXEC"),
-                       (lambda: g.mmap(P, 0, PROT_READ, MAP_SHARED | MAP_GROWSDOWN), "MAP_GROWSDOWN")]:
+                       (lambda: g.mmap(P, 0, PROT_READ, MAP_SHARED | MAP_GROWSDOWN), "MAP_GROWSDOWN"),
+                       (lambda: no_mmap.mmap(P), "guest_memfd"), (lambda: no_mmap.mmap(P), "GUEST_MEMFD_FLAG_MMAP")]:
         with pytest.raises(OSError) as info:
             call()
         assert re.search(rf"\b{name}\b", str(info.value)), info.value
     g.close()
+    no_mmap.close()
     with pytest.raises(OSError) as info:
         g.fstat()
     assert info.value.errno == errno.EBADF and re.search(r"\bguest_memfd\b", str(info.value)), info.value

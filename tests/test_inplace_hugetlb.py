@@ -107,6 +107,21 @@ def test_punch_merges_then_frees_and_is_eagain_while_pinned(sw_vm):
     assert (st["folios"], st["merges"], st["pages_allocated"], st["pages_shared"]) == ({"4K": 0, "2M": 0}, 1, 0, 1)
 
 
+def test_punch_is_eagain_only_for_the_folio_holding_the_pin(sw_vm):
+    """The same rule with the pin in the second folio: punching the first folio (pin after it)
+    frees it, punching the second (offset past 0) is EAGAIN at the pinned page."""
+    g = sw_vm.create_guest_memfd(2 * M2, MMAP | huge_flags(M2))
+    g.allocate(0, 2 * M2)
+    g.set_memory_attributes(M2 + P, P, 0)
+    pin = g.pin(M2 + P, P)
+    g.punch_hole(0, M2)
+    err = raises(errno.EAGAIN, g.punch_hole, M2, M2)
+    assert f"page {M2 + P:#x}" in str(err)
+    assert g.stats()["folios"] == {"4K": 512, "2M": 0}
+    pin.release()
+    g.close()
+
+
 def test_conversion_of_unallocated_folios_counts_no_split(sw_vm):
     g = sw_vm.create_guest_memfd(G1, huge_flags(G1))
     g.set_memory_attributes(0, P, 0)

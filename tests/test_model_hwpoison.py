@@ -17,6 +17,7 @@ import pytest
 import probe
 from model_guests import GMEM, PAGE, PRIVATE, SW, Machine
 
+from guestmem import hostmem
 from guestmem.guest import PORT_SYNC
 from guestmem.types import IoExit, MemoryFaultExit
 from guestmem.uapi import Errno, GuestMemfdFlag
@@ -214,5 +215,35 @@ def test_allocation_failure_is_reported_as_the_kernel_would(model_system, monkey
     monkeypatch.undo()
     g.allocate(0, 2 * PAGE)
     assert vm.stats()["gmem"]["pages_allocated"] == 2
+    g.close()
+    vm.close()
+
+
+def test_poison_past_a_mapping_leaves_the_memory_after_it_alone(model_system):
+    """A memory error in a file page that a mapping does not cover changes nothing outside that
+    mapping: under a one-page mapping of page 0, poisoning page 1 and then page 0 leaves the
+    process's memory right after the mapping as it was (it must not become the file's SIGBUS
+    page, nor fail), while the mapping itself SIGBUSes at page 0."""
+    vm = model_system.create_vm(0)
+    g = vm.create_guest_memfd(2 * PAGE, GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED)
+    tries = []
+    for _ in range(16):  # the kernel places mappings top down: m usually lands right below `after`
+        after = hostmem.map_anonymous(PAGE)
+        m = g.mmap(PAGE, 0)
+        if m.address + m.length == after.address:
+            break
+        tries += [after, m]  # keep them, so the next pair lands elsewhere
+    else:
+        pytest.fail("no mapping of the file was placed right below an anonymous page in 16 tries")
+    for t in tries:
+        t.close()
+    after.fill(0, PAGE, 0x66)
+    m.fill(0, PAGE, 0x55)
+    g.inject_hwpoison(PAGE)
+    assert (probe.touch(m, 0), probe.touch(after, 0)) == (0x55, 0x66)
+    g.inject_hwpoison(0)
+    assert (probe.touch(m, 0), probe.touch(after, 0)) == ("SIGBUS", 0x66)
+    after.close()
+    m.close()
     g.close()
     vm.close()
