@@ -24,6 +24,7 @@ from probe import fill, touch
 P = 4096
 MAP_GROWSDOWN = 0x0100
 MAP_HUGETLB = 0x40000
+MAP_SYNC = 0x80000
 MMAP_MAX_LEN = TASK_SIZE_MAX - 0x10000  # get_unmapped_area: TASK_SIZE - mmap_min_addr (64 KiB)
 MMAP, INIT_SHARED = int(GF.MMAP), int(GF.INIT_SHARED)
 PUNCH = Falloc.PUNCH_HOLE | Falloc.KEEP_SIZE
@@ -510,6 +511,24 @@ def test_mmap_offset_at_the_maximum_file_size(vm, length):
     last = (((1 << 63) - 1 - pages * P) >> 12) << 12
     g.mmap(length, last).close()
     raises(errno.EOVERFLOW, g.mmap, length, last + P)
+    g.close()
+
+
+@pytest.mark.parametrize("gmem_flags, prot, mflags", [
+    (MMAP | INIT_SHARED, R, MAP_SHARED),         # file_mmap_ok's EOVERFLOW
+    (MMAP | INIT_SHARED, R, 0x3 | MAP_SYNC),     # MAP_SHARED_VALIDATE's EOPNOTSUPP
+    (0, RX, MAP_SHARED),                         # the noexec mount's EPERM
+    (0, R, MAP_SHARED),                          # kvm_gmem_mmap's ENODEV
+    (MMAP, R, MAP_PRIVATE),                      # kvm_gmem_mmap's EINVAL
+], ids=["eoverflow", "validate", "exec", "nommap", "private"])
+def test_mmap_without_room_is_enomem_before_the_files_checks(vm, gmem_flags, prot, mflags):
+    """do_mmap finds the mapping a place (get_unmapped_area, ENOMEM if there is none) before
+    it checks the file: a length just inside the address space limit, that no live process
+    has room for, is ENOMEM even where the file would refuse the mapping (measured here)."""
+    require(vm, gmem_flags)
+    g = vm.create_guest_memfd(4 * P, gmem_flags)
+    raises(errno.ENOMEM, g.mmap, MMAP_MAX_LEN, (1 << 63) - MMAP_MAX_LEN, prot, mflags)
+    raises(errno.ENOMEM, g.mmap, MMAP_MAX_LEN - P, (1 << 63) - MMAP_MAX_LEN + P, prot, mflags)
     g.close()
 
 

@@ -100,6 +100,23 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int, address: int 
     return addr
 
 
+def room_for(length: int, low: int, high: int) -> bool:
+    """Whether [low, high) of the address space has a gap of ``length`` bytes between the
+    process's mappings now (/proc/self/maps; read, not probed with a mapping, so the
+    layout stays as it was)."""
+    end = low
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            lo, _, hi = line.partition(b" ")[0].partition(b"-")
+            start, stop = int(lo, 16), int(hi, 16)
+            if start >= high:
+                break
+            if min(start, high) - end >= length:
+                return True
+            end = max(end, stop)
+    return high - end >= length
+
+
 def munmap(address: int, length: int) -> None:
     if libc.munmap(address, length) != 0:
         err = ctypes.get_errno()

@@ -423,7 +423,8 @@ class GuestMemfd(FileOps, fdtable.FdObject):
 
         Arguments are encoded by ``hostmem.gmem_mmap_args`` (both backends). Errors, in the
         kernel's order: EBADF closed; EINVAL offset unaligned; EINVAL MAP_HUGETLB; EINVAL
-        length 0; ENOMEM length beyond the address space; EOVERFLOW offset + length beyond
+        length 0; ENOMEM length beyond the address space, or no room for it (before every later
+        error); EOVERFLOW offset + length beyond
         the maximum file size (a negative offset too); EOPNOTSUPP MAP_SHARED_VALIDATE with
         flags outside the legacy set; EINVAL unknown map type; EPERM PROT_EXEC (noexec
         mount); ENODEV no mmap method (before 6.18); EINVAL MAP_GROWSDOWN; ENODEV without
@@ -478,6 +479,18 @@ class GuestMemfd(FileOps, fdtable.FdObject):
         pages = (length + PAGE_SIZE - 1) >> PAGE_SHIFT
         if pages << PAGE_SHIFT > _MMAP_MAX_LEN:
             raise oserror(errno.ENOMEM, f"mmap length {length:#x} exceeds the user address space")
+        try:
+            self._do_mmap_file_checks(length, pages, offset, prot, flags)
+        except OSError:
+            # do_mmap places the mapping (get_unmapped_area) before it checks the file: with no
+            # room for the length, ENOMEM wins. Looked up on this error path only; a mapping
+            # that passes the checks meets the same ENOMEM when the host maps it.
+            if not hostmem.room_for(pages << PAGE_SHIFT, TASK_SIZE_MAX - _MMAP_MAX_LEN, TASK_SIZE_MAX):
+                raise oserror(errno.ENOMEM, f"mmap length {length:#x}: no room in the address space") from None
+            raise
+
+    def _do_mmap_file_checks(self, length: int, pages: int, offset: int, prot: int, flags: int) -> None:
+        """do_mmap's checks after the mapping has a place, then kvm_gmem_mmap's."""
         pgoff = (offset & _U64) >> PAGE_SHIFT
         if pgoff > (_S64_MAX - (pages << PAGE_SHIFT)) >> PAGE_SHIFT:  # file_mmap_ok
             raise oserror(errno.EOVERFLOW, f"mmap [{offset:#x}, +{length:#x}) exceeds the maximum file size")
