@@ -153,6 +153,17 @@ def test_stats_count_the_same_things_on_both_backends(vm) -> None:
     assert (st["memslots"], st["memslot_pages"], st["guest_memfds"]) == (1, 8, 0)
 
 
+def test_a_mapping_keeps_its_guest_memfd_counted_after_close(vm) -> None:
+    """The file lives while a mapping holds it (the kernel's reference through the VMA), so
+    ``guest_memfds`` counts it until the mapping goes too, on both backends."""
+    gmem = vm.create_guest_memfd(4 * P, int(GuestMemfdFlag.MMAP | GuestMemfdFlag.INIT_SHARED))
+    m = gmem.mmap()
+    gmem.close()
+    assert vm.stats()["guest_memfds"] == 1
+    m.close()
+    assert vm.stats()["guest_memfds"] == 0
+
+
 @pytest.mark.parametrize("cap", [Cap.MANUAL_DIRTY_LOG_PROTECT2, Cap.EXIT_HYPERCALL, Cap.DISABLE_QUIRKS2])
 def test_enable_cap_with_flags_is_einval(vm, cap) -> None:
     """kvm_vm_ioctl_enable_cap (x86) refuses any flags before it looks at the cap, and the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 from .. import hostmem
@@ -48,6 +49,13 @@ class GuestMemfd(FdObject):
         self.size = size
         self.flags = flags
         self._fd = fd
+        self._mappings: "weakref.WeakSet[Mapping]" = weakref.WeakSet()  # each holds the file
+
+    @property
+    def released(self) -> bool:
+        """guestmem extension: the file is gone (fd closed and every mapping of it unmapped),
+        as the model's file is once its last reference goes."""
+        return self.closed and not any(not m.closed for m in list(self._mappings))
 
     def __repr__(self) -> str:
         return f"<kvm.GuestMemfd size={self.size:#x} flags={self.flags:#x} fd={self._fd}>"
@@ -118,7 +126,9 @@ class GuestMemfd(FdObject):
         if length is None:
             length = self.size
         length, offset, prot, flags = hostmem.gmem_mmap_args(length, offset, prot, flags)
-        return hostmem.map_file(length, prot, flags, fd, offset)
+        mapping = hostmem.map_file(length, prot, flags, fd, offset)
+        self._mappings.add(mapping)
+        return mapping
 
     def set_memory_attributes(self, offset: int, size: int, attributes: int, flags: int = 0,
                               reserved: object = None) -> None:

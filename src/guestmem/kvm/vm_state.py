@@ -136,7 +136,7 @@ class VmState:
                 "memslots": len(self._regions),
                 "memslot_pages": sum(r.npages for r in self._regions.values()),
                 "attribute_ranges": len(self._attr_shadow),
-                "guest_memfds": sum(1 for g in list(self._gmem_files.values()) if not g.closed),
+                "guest_memfds": sum(1 for g in list(self._gmem_files.values()) if not g.released),
             }
         if self.closed:  # type: ignore[attr-defined]
             return out  # closed by another thread meanwhile: the shadow is still a consistent answer

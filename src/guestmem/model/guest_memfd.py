@@ -135,6 +135,11 @@ class GuestMemfd(FileOps, fdtable.FdObject):
         self._refs = 1  # the fd; each live user mapping adds one
         self._fd: int | None = fdtable.fd_install(self, cloexec=False)
 
+    @property
+    def released(self) -> bool:
+        """guestmem extension: the file is gone (its last reference, fd or mapping or pin, dropped)."""
+        return self._released
+
     def __repr__(self) -> str:
         state = "released" if self._released else f"fd={self._fd}"
         return f"<model GuestMemfd size={self.size:#x} flags={self.flags:#x} {state}>"
