@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import guestmem
 from guestmem.hostmem import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ, PROT_WRITE
 from guestmem.uapi import TASK_SIZE_MAX, Cap, Falloc, GuestMemfdFlag as GF
 
@@ -561,6 +562,7 @@ def test_model_error_messages_name_the_rule(model_system):
         (lambda: vm.create_guest_memfd(P, 1 << 40), "flags"), (lambda: vm.create_guest_memfd(1), "size"),
         (lambda: g.lseek(0, 5), "whence"), (lambda: g.pread(1, -1), "negative"),
         (lambda: g.inject_hwpoison(P + 1), "offset"),
+        (lambda: g.fallocate(KEEP, (1 << 63) - P, 2 * P), "file size"),
     ]
     for call, word in cases:
         with pytest.raises(OSError) as info:
@@ -569,7 +571,8 @@ def test_model_error_messages_name_the_rule(model_system):
     # uapi names and the object's own name are spelled as in the kernel, as whole words
     for call, name in [(lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "PROT_EXEC"),
                        (lambda: g.mmap(P, 0, PROT_READ, MAP_SHARED | MAP_GROWSDOWN), "MAP_GROWSDOWN"),
-                       (lambda: no_mmap.mmap(P), "guest_memfd"), (lambda: no_mmap.mmap(P), "GUEST_MEMFD_FLAG_MMAP")]:
+                       (lambda: no_mmap.mmap(P), "guest_memfd"), (lambda: no_mmap.mmap(P), "GUEST_MEMFD_FLAG_MMAP"),
+                       (lambda: g.read(1), "guest_memfd")]:
         with pytest.raises(OSError) as info:
             call()
         assert re.search(rf"\b{name}\b", str(info.value)), info.value
@@ -579,6 +582,11 @@ def test_model_error_messages_name_the_rule(model_system):
         g.fstat()
     assert info.value.errno == errno.EBADF and re.search(r"\bguest_memfd\b", str(info.value)), info.value
     vm.close()
+    with guestmem.open_system("model", profile="6.8") as s68:  # the 6.8 VFS rules' own messages
+        g68 = s68.create_vm(0).create_guest_memfd(P)
+        with pytest.raises(OSError) as info:
+            g68.fallocate(0x100 | KEEP, 0, P)
+        assert info.value.errno == errno.EOPNOTSUPP and "mode" in str(info.value).split(": ", 1)[1], info.value
 
 
 def test_map_sync_is_ignored_with_map_shared_and_refused_with_validate(vm):

@@ -76,6 +76,7 @@ def _calls(system, vm, gmem, bad):
         ("offset", lambda: gmem.mmap(P, bad)),
         ("prot", lambda: gmem.mmap(P, 0, bad)),
         ("n", lambda: gmem.read(bad)),
+        ("n", lambda: gmem.pread(bad, 0)),
         ("offset", lambda: gmem.pread(1, bad)),
         ("offset", lambda: gmem.pwrite(b"x", bad)),
         ("whence", lambda: gmem.lseek(0, bad)),
