@@ -64,6 +64,12 @@ class Cap(enum.IntEnum):
     BINARY_STATS_FD = 203
     XSAVE2 = 208
     DIRTY_LOG_RING_ACQ_REL = 223
+    COALESCED_MMIO = 15
+    SET_GUEST_DEBUG = 23
+    SET_BOOT_CPU_ID = 34
+    ADJUST_CLOCK = 39
+    SYNC_REGS = 74
+    COALESCED_PIO = 162
 
 
 class VmType(enum.IntEnum):
