@@ -572,7 +572,8 @@ def test_model_error_messages_name_the_rule(model_system):
     for call, name in [(lambda: g.mmap(P, 0, PROT_READ | PROT_EXEC), "PROT_EXEC"),
                        (lambda: g.mmap(P, 0, PROT_READ, MAP_SHARED | MAP_GROWSDOWN), "MAP_GROWSDOWN"),
                        (lambda: no_mmap.mmap(P), "guest_memfd"), (lambda: no_mmap.mmap(P), "GUEST_MEMFD_FLAG_MMAP"),
-                       (lambda: g.read(1), "guest_memfd")]:
+                       (lambda: g.read(1), "guest_memfd"),
+                       (lambda: no_mmap.mmap(P, 0, PROT_READ | PROT_EXEC), "guest_memfd")]:  # its mount
         with pytest.raises(OSError) as info:
             call()
         assert re.search(rf"\b{name}\b", str(info.value)), info.value
