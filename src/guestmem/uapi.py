@@ -70,6 +70,10 @@ class Cap(enum.IntEnum):
     ADJUST_CLOCK = 39
     SYNC_REGS = 74
     COALESCED_PIO = 162
+    X86_DISABLE_EXITS = 143
+    ENFORCE_PV_FEATURE_CPUID = 190
+    EXIT_ON_EMULATION_FAILURE = 204
+    X86_APIC_BUS_CYCLES_NS = 237
 
 
 class VmType(enum.IntEnum):

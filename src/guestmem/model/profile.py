@@ -101,13 +101,15 @@ HOST_VM_CAPS: dict[int, int] = {129: 11}
 
 UNCLAIMED_CAPS = frozenset({int(Cap.DIRTY_LOG_RING), int(Cap.DIRTY_LOG_RING_ACQ_REL), int(Cap.COALESCED_MMIO),
                             int(Cap.COALESCED_PIO), int(Cap.SET_GUEST_DEBUG), int(Cap.SET_BOOT_CPU_ID),
-                            int(Cap.ADJUST_CLOCK)})
+                            int(Cap.ADJUST_CLOCK), int(Cap.X86_DISABLE_EXITS), int(Cap.ENFORCE_PV_FEATURE_CPUID),
+                            int(Cap.EXIT_ON_EMULATION_FAILURE), int(Cap.X86_APIC_BUS_CYCLES_NS)})
 """Caps the host has that the model answers 0 because it does not implement the feature, so it
 never claims it: KVM_CAP_DIRTY_LOG_RING and _ACQ_REL (the model logs dirty pages in bitmaps only,
 ``model.vm_state``); coalesced MMIO/PIO, KVM_SET_GUEST_DEBUG, KVM_SET_BOOT_CPU_ID and the
-kvmclock ioctls (KVM_CAP_ADJUST_CLOCK), which neither the model's API nor the drop-in serves, so
-a program that checks the cap first (the kernel's selftests do) skips instead of failing on an
-unknown ioctl. The differential and host-cap tests compare every other cap with /dev/kvm."""
+kvmclock ioctls (KVM_CAP_ADJUST_CLOCK), and the KVM_ENABLE_CAP caps its ``enable_cap`` refuses
+(X86_DISABLE_EXITS, ENFORCE_PV_FEATURE_CPUID, EXIT_ON_EMULATION_FAILURE, X86_APIC_BUS_CYCLES_NS):
+neither the model's API nor the drop-in serves them, so a program that checks the cap first
+(the kernel's selftests do) skips instead of failing on an unknown ioctl or a refused cap. The differential and host-cap tests compare every other cap with /dev/kvm."""
 
 PRIVATE_MEM_VM_TYPES = frozenset({int(VmType.SW_PROTECTED), GUESTMEM_TDX_LIKE_VM})
 _MMAP = int(GuestMemfdFlag.MMAP)
