@@ -16,7 +16,7 @@ import errno
 import mmap as _mmap
 import os
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 from .encoding import bytes_arg, check_int, encode_signed
 from .errors import oserror, refuse_copy
@@ -100,20 +100,26 @@ def mmap(length: int, prot: int, flags: int, fd: int, offset: int, address: int 
     return addr
 
 
-def room_for(length: int, low: int, high: int) -> bool:
-    """Whether [low, high) of the address space has a gap of ``length`` bytes between the
-    process's mappings now (/proc/self/maps; read, not probed with a mapping, so the
-    layout stays as it was)."""
-    end = low
+def process_mappings() -> Iterator[tuple[int, int, bytes]]:
+    """This process's mappings now, in address order: ``(start, end, perms)`` per line of
+    /proc/self/maps (``perms`` as the kernel prints it, e.g. b"rw-s")."""
     with open("/proc/self/maps", "rb") as maps:
         for line in maps:
-            lo, _, hi = line.partition(b" ")[0].partition(b"-")
-            start, stop = int(lo, 16), int(hi, 16)
-            if start >= high:
-                break
-            if min(start, high) - end >= length:
-                return True
-            end = max(end, stop)
+            rng, perms = line.split(b" ", 2)[:2]
+            lo, _, hi = rng.partition(b"-")
+            yield int(lo, 16), int(hi, 16), perms
+
+
+def room_for(length: int, low: int, high: int) -> bool:
+    """Whether [low, high) of the address space has a gap of ``length`` bytes between the
+    process's mappings now (read, not probed with a mapping, so the layout stays as it was)."""
+    end = low
+    for start, stop, _ in process_mappings():
+        if start >= high:
+            break
+        if min(start, high) - end >= length:
+            return True
+        end = max(end, stop)
     return high - end >= length
 
 

@@ -71,12 +71,9 @@ def _mremap_alias(src: int, size: int, dst: int = 0) -> int:
 
 def _shared_vma(address: int, length: int) -> bool:
     """Whether [address, address+length) lies inside one shared mapping of this process."""
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            rng, perms = line.split(b" ", 2)[:2]
-            lo, hi = (int(x, 16) for x in rng.split(b"-"))
-            if lo <= address < hi:
-                return address + length <= hi and perms[3:4] == b"s"
+    for lo, hi, perms in hostmem.process_mappings():
+        if lo <= address < hi:
+            return address + length <= hi and perms[3:4] == b"s"
     return False
 
 
