@@ -145,8 +145,5 @@ def store_sync_regs(vcpu: Any, run: Any) -> None:
 
 def pre_fault_memory(f: _File, addr: int) -> int:
     s = struct_at(uapi.kvm_pre_fault_memory, addr)
-    try:
-        s.gpa, s.size = f.obj.pre_fault_memory(s.gpa, s.size, s.flags)
-    except OSError:
-        raise
+    s.gpa, s.size = f.obj.pre_fault_memory(s.gpa, s.size, s.flags)
     return 0
