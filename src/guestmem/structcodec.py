@@ -1,4 +1,5 @@
-"""uapi structs <-> ``guestmem.types`` dataclasses, field by field (same names).
+"""uapi structs <-> ``guestmem.types`` dataclasses, field by field (same names), and the
+dedicated codecs of kvm_regs and kvm_sregs (the structs every exit path reads).
 
 The kvm backend encodes its arguments with these and decodes the kernel's answers; the
 drop-in /dev/kvm (``devkvm``) does the mirror image on the structs a C program passes. One
@@ -12,11 +13,13 @@ import dataclasses
 import errno
 from typing import Any, TypeVar
 
-from .encoding import encode_unsigned
+from . import uapi
+from .encoding import check_sregs_types, check_type, encode_unsigned
 from .errors import oserror
-from .types import ExceptionEvent, InterruptEvent, NmiEvent, SmiEvent, TripleFaultEvent
+from .types import DTable, ExceptionEvent, InterruptEvent, NmiEvent, Regs, Segment, SmiEvent, Sregs, TripleFaultEvent
 
-__all__ = ["struct_to_value", "value_to_struct", "encode_field", "check_bytes"]
+__all__ = ["struct_to_value", "value_to_struct", "encode_field", "check_bytes", "regs_from_struct", "regs_to_struct",
+           "sregs_from_struct", "sregs_to_struct"]
 
 _T = TypeVar("_T")
 # Nested struct members of kvm_vcpu_events and the dataclass each becomes.
@@ -84,3 +87,65 @@ def check_bytes(v: Any, size: int, name: str) -> None:
         raise TypeError(f"{name} must be bytes, not {type(v).__name__}")
     if len(v) != size:
         raise oserror(errno.EINVAL, f"{name} is {len(v)} bytes; the field holds {size}")
+
+
+# --- kvm_regs and kvm_sregs -----------------------------------------------------------------------
+
+_REG_NAMES = tuple(name for name, _ in uapi.kvm_regs._fields_)
+_SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_SEG_FIELDS = tuple(name for name, _ in uapi.kvm_segment._fields_ if name != "padding")
+
+
+def regs_from_struct(s: uapi.kvm_regs) -> Regs:
+    return Regs(**{name: getattr(s, name) for name in _REG_NAMES})
+
+
+def regs_to_struct(regs: Regs, s: uapi.kvm_regs | None = None, validate: bool = True) -> uapi.kvm_regs:
+    """Fill ``s`` (a new kvm_regs by default) from ``regs``: TypeError for a non-``Regs`` or a
+    non-int register, EINVAL for one that does not fit 64 bits. ``validate=False`` is for
+    values the model produced (the drop-in's KVM_GET_REGS): checking 18 registers it already
+    holds as u64 costs ~1.1 of the drop-in's 2.4 µs per call (``guestmem bench dropin``)."""
+    s = uapi.kvm_regs() if s is None else s
+    if not validate:
+        for name in _REG_NAMES:
+            setattr(s, name, getattr(regs, name))
+        return s
+    check_type(regs, Regs, "regs")
+    for name in _REG_NAMES:
+        setattr(s, name, encode_unsigned(getattr(regs, name), 64, name))
+    return s
+
+
+def sregs_from_struct(s: uapi.kvm_sregs) -> Sregs:
+    segs = {n: Segment(**{f: getattr(getattr(s, n), f) for f in _SEG_FIELDS}) for n in _SEG_NAMES}
+    return Sregs(
+        **segs,
+        gdt=DTable(base=s.gdt.base, limit=s.gdt.limit),
+        idt=DTable(base=s.idt.base, limit=s.idt.limit),
+        cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
+        interrupt_bitmap=tuple(s.interrupt_bitmap),
+    )
+
+
+def sregs_to_struct(sregs: Sregs, s: uapi.kvm_sregs | None = None) -> uapi.kvm_sregs:
+    """Fill ``s`` (a new, zeroed kvm_sregs by default; padding is left as it is) from ``sregs``:
+    TypeError for wrong types, EINVAL for a field that does not fit or an interrupt bitmap of
+    the wrong length."""
+    check_sregs_types(sregs)
+    s = uapi.kvm_sregs() if s is None else s
+    for n in _SEG_NAMES:
+        seg, out = getattr(sregs, n), getattr(s, n)
+        for f, ctype in uapi.kvm_segment._fields_:
+            if f != "padding":
+                setattr(out, f, encode_unsigned(getattr(seg, f), ctypes.sizeof(ctype) * 8, f"{n}.{f}"))
+    for n in ("gdt", "idt"):
+        table, out = getattr(sregs, n), getattr(s, n)
+        out.base = encode_unsigned(table.base, 64, f"{n}.base")
+        out.limit = encode_unsigned(table.limit, 16, f"{n}.limit")
+    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        setattr(s, n, encode_unsigned(getattr(sregs, n), 64, n))
+    if len(sregs.interrupt_bitmap) != len(s.interrupt_bitmap):
+        raise oserror(errno.EINVAL, f"interrupt_bitmap needs {len(s.interrupt_bitmap)} words")
+    for i, word in enumerate(sregs.interrupt_bitmap):
+        s.interrupt_bitmap[i] = encode_unsigned(word, 64, f"interrupt_bitmap[{i}]")
+    return s

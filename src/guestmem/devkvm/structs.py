@@ -13,18 +13,24 @@ from typing import Any
 
 from .. import uapi
 from ..errors import oserror
-from ..structcodec import struct_to_value, value_to_struct
-from ..types import (CpuidEntry, DTable, Xcr, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit,
-                     IoExit, MemoryFaultExit, MmioExit, Regs, Segment, Sregs, ShutdownExit, UnknownExit)
+from ..structcodec import (regs_from_struct, regs_to_struct, sregs_from_struct, sregs_to_struct, struct_to_value,
+                           value_to_struct)
+from ..types import (CpuidEntry, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
+                     MemoryFaultExit, MmioExit, Regs, Sregs, ShutdownExit, UnknownExit, Xcr)
 
 PIO_OFFSET = uapi.PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE: the PIO data follows kvm_run
 
 
+def user_pointer(addr: int, what: str) -> int:
+    """``addr``, a pointer the program passed; EFAULT for NULL (copy_from_user/copy_to_user)."""
+    if not addr:
+        raise oserror(errno.EFAULT, f"NULL {what} pointer")
+    return addr
+
+
 def struct_at(cls: type, addr: int) -> Any:
     """The ``cls`` struct at ``addr``, in place; EFAULT for NULL."""
-    if not addr:
-        raise oserror(errno.EFAULT, f"NULL {cls.__name__} pointer")
-    return cls.from_address(addr)
+    return cls.from_address(user_pointer(addr, cls.__name__))
 
 
 def s32(v: int) -> int:
@@ -44,44 +50,23 @@ def put_u32(addr: int, value: int) -> int:
     return 0
 
 
-_REG_NAMES = [n for n, _ in uapi.kvm_regs._fields_]
-_SEG_NAMES = [n for n, _ in uapi.kvm_segment._fields_ if n != "padding"]
-_SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-
-
 def get_regs(addr: int) -> Regs:
-    s = struct_at(uapi.kvm_regs, addr)
-    return Regs(*[getattr(s, n) for n in _REG_NAMES])
+    return regs_from_struct(struct_at(uapi.kvm_regs, addr))
 
 
 def put_regs(addr: int, regs: Regs) -> int:
-    s = struct_at(uapi.kvm_regs, addr)
-    for n in _REG_NAMES:
-        setattr(s, n, getattr(regs, n))
+    regs_to_struct(regs, struct_at(uapi.kvm_regs, addr), validate=False)  # the model's own values
     return 0
 
 
 def get_sregs(addr: int) -> Sregs:
-    s = struct_at(uapi.kvm_sregs, addr)
-    segs = {n: Segment(*[getattr(getattr(s, n), f) for f in _SEG_NAMES]) for n in _SEGS}
-    return Sregs(**segs, gdt=DTable(s.gdt.base, s.gdt.limit), idt=DTable(s.idt.base, s.idt.limit),
-                 cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
-                 interrupt_bitmap=tuple(s.interrupt_bitmap))
+    return sregs_from_struct(struct_at(uapi.kvm_sregs, addr))
 
 
 def put_sregs(addr: int, sr: Sregs) -> int:
     s = struct_at(uapi.kvm_sregs, addr)
     ctypes.memset(addr, 0, ctypes.sizeof(uapi.kvm_sregs))
-    for n in _SEGS:
-        seg, src = getattr(s, n), getattr(sr, n)
-        for f in _SEG_NAMES:
-            setattr(seg, f, getattr(src, f))
-    for n in ("gdt", "idt"):
-        getattr(s, n).base, getattr(s, n).limit = getattr(sr, n).base, getattr(sr, n).limit
-    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-        setattr(s, n, getattr(sr, n))
-    for i, v in enumerate(sr.interrupt_bitmap):
-        s.interrupt_bitmap[i] = v
+    sregs_to_struct(sr, s)
     return 0
 
 
@@ -99,15 +84,11 @@ def put_value(addr: int, struct: type, value: Any) -> int:
 
 
 def get_bytes(addr: int, size: int) -> bytes:
-    if not addr:
-        raise oserror(errno.EFAULT, "NULL buffer pointer")
-    return ctypes.string_at(addr, size)
+    return ctypes.string_at(user_pointer(addr, "buffer"), size)
 
 
 def put_bytes(addr: int, data: bytes) -> int:
-    if not addr:
-        raise oserror(errno.EFAULT, "NULL buffer pointer")
-    ctypes.memmove(addr, bytes(data), len(data))
+    ctypes.memmove(user_pointer(addr, "buffer"), bytes(data), len(data))
     return 0
 
 

@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 from .. import hostmem, uapi
 from ..errors import oserror
 from ..types import (
-    DTable, Exit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
-    MemoryFaultExit, MmioExit, Regs, Segment, ShutdownExit, Sregs, UnknownExit,
+    Exit, FailEntryExit, HltExit, HypercallExit, InternalErrorExit, IntrExit, IoExit,
+    MemoryFaultExit, MmioExit, Regs, ShutdownExit, Sregs, UnknownExit,
 )
-from ..encoding import check_sregs_types, check_type, encode_unsigned
+from ..encoding import encode_unsigned
+from ..structcodec import regs_from_struct, regs_to_struct, sregs_from_struct, sregs_to_struct
 from ._fd import FdObject
 from ._ioctl import closed_error, int_arg, ioctl
 from .vcpu_state import VcpuState
@@ -167,57 +168,6 @@ def _supported_cpuid(system_fd: int) -> ctypes.Array:
             nent *= 2
 
 
-# --- the one conversion of each struct ----------------------------------------------------------
-
-_REG_NAMES = tuple(name for name, _ in uapi.kvm_regs._fields_)
-_SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-_SEG_FIELDS = tuple(name for name, _ in uapi.kvm_segment._fields_ if name != "padding")
-
-
-def _regs_from_struct(s: uapi.kvm_regs) -> Regs:
-    return Regs(**{name: getattr(s, name) for name in _REG_NAMES})
-
-
-def _regs_to_struct(regs: Regs) -> uapi.kvm_regs:
-    check_type(regs, Regs, "regs")
-    s = uapi.kvm_regs()
-    for name in _REG_NAMES:
-        setattr(s, name, encode_unsigned(getattr(regs, name), 64, name))
-    return s
-
-
-def _sregs_from_struct(s: uapi.kvm_sregs) -> Sregs:
-    segs = {n: Segment(**{f: getattr(getattr(s, n), f) for f in _SEG_FIELDS}) for n in _SEG_NAMES}
-    return Sregs(
-        **segs,
-        gdt=DTable(base=s.gdt.base, limit=s.gdt.limit),
-        idt=DTable(base=s.idt.base, limit=s.idt.limit),
-        cr0=s.cr0, cr2=s.cr2, cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
-        interrupt_bitmap=tuple(s.interrupt_bitmap),
-    )
-
-
-def _sregs_to_struct(sregs: Sregs) -> uapi.kvm_sregs:
-    check_sregs_types(sregs)
-    s = uapi.kvm_sregs()
-    for n in _SEG_NAMES:
-        seg, out = getattr(sregs, n), getattr(s, n)
-        for f, ctype in uapi.kvm_segment._fields_:
-            if f != "padding":
-                setattr(out, f, encode_unsigned(getattr(seg, f), ctypes.sizeof(ctype) * 8, f"{n}.{f}"))
-    for n in ("gdt", "idt"):
-        table, out = getattr(sregs, n), getattr(s, n)
-        out.base = encode_unsigned(table.base, 64, f"{n}.base")
-        out.limit = encode_unsigned(table.limit, 16, f"{n}.limit")
-    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-        setattr(s, n, encode_unsigned(getattr(sregs, n), 64, n))
-    if len(sregs.interrupt_bitmap) != len(s.interrupt_bitmap):
-        raise oserror(errno.EINVAL, f"interrupt_bitmap needs {len(s.interrupt_bitmap)} words")
-    for i, word in enumerate(sregs.interrupt_bitmap):
-        s.interrupt_bitmap[i] = encode_unsigned(word, 64, f"interrupt_bitmap[{i}]")
-    return s
-
-
 def _decode_exit(page: memoryview, raw: tuple[int, bytes, int]) -> Exit:
     """Decode the exit in kvm_run after a successful KVM_RUN (``raw`` is ``_RAW`` of it)."""
     reason = raw[0]
@@ -309,7 +259,7 @@ class Vcpu(VcpuState, FdObject):
         """
         s = uapi.kvm_regs()
         ioctl(self._check(), uapi.KVM_GET_REGS, "KVM_GET_REGS", s)
-        return _regs_from_struct(s)
+        return regs_from_struct(s)
 
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS (api.rst 4.12).
@@ -317,7 +267,7 @@ class Vcpu(VcpuState, FdObject):
         :raises OSError: EBADF if closed; EINVAL for a value that does not fit in a u64.
         """
         fd = self._check()
-        ioctl(fd, uapi.KVM_SET_REGS, "KVM_SET_REGS", _regs_to_struct(regs))
+        ioctl(fd, uapi.KVM_SET_REGS, "KVM_SET_REGS", regs_to_struct(regs))
 
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS (api.rst 4.13): segments, descriptor tables, control registers, EFER.
@@ -326,7 +276,7 @@ class Vcpu(VcpuState, FdObject):
         """
         s = uapi.kvm_sregs()
         ioctl(self._check(), uapi.KVM_GET_SREGS, "KVM_GET_SREGS", s)
-        return _sregs_from_struct(s)
+        return sregs_from_struct(s)
 
     def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS (api.rst 4.14).
@@ -336,7 +286,7 @@ class Vcpu(VcpuState, FdObject):
             that does not fit its field.
         """
         fd = self._check()
-        ioctl(fd, uapi.KVM_SET_SREGS, "KVM_SET_SREGS", _sregs_to_struct(sregs))
+        ioctl(fd, uapi.KVM_SET_SREGS, "KVM_SET_SREGS", sregs_to_struct(sregs))
 
     # --- running -----------------------------------------------------------------------------
 
